@@ -1,0 +1,51 @@
+# A GPU user picks another build, e.g. make install TORCH="torch==2.13.0 --index-url ..."
+TORCH ?= torch==2.13.0
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install data train sweep report test lint format sync clean clean-logs
+
+help: ## show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with torch ($(TORCH)) and the project
+
+data: $(STAMP) ## fetch and MD5-check MNIST into data/
+	$(PY) -m actlab.data
+
+train: $(STAMP) ## one training run with the default config (ARGS="..." adds overrides)
+	$(PY) train.py $(ARGS)
+
+sweep: $(STAMP) ## the main job: relu vs leaky vs none, then the comparison table
+	$(PY) train.py -m model.act=relu,leaky,none $(ARGS)
+
+report: $(STAMP) ## tables and plots of the newest sweep (SWEEP=logs/multiruns/... to choose)
+	$(PY) -m actlab.report $(SWEEP)
+
+test: $(STAMP) ## run the test suite
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP) ## ruff check and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP) ## ruff fix and format
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+sync: $(STAMP) ## upload offline W&B runs (needs WANDB_API_KEY or wandb login)
+	$(PY) -m wandb sync --sync-all logs
+
+clean: ## remove the venv and caches (keeps data/ and logs/)
+	rm -rf .venv .pytest_cache .ruff_cache src/*.egg-info
+
+clean-logs: ## delete all runs under logs/
+	find logs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""actlab: what does an activation function do to a network's training?"""

