@@ -10,6 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.regression import R2Score
+
+from actlab.errors import UserError
+
+# task -> (loss, name of the eval metric logged as <stage>/<name> and <stage>/<name>_best)
+TASKS = {"classification": (F.cross_entropy, "acc"), "regression": (F.mse_loss, "r2")}
 
 
 def build_mlp(
@@ -38,6 +44,9 @@ def build_mlp(
 class MLPClassifier(L.LightningModule):
     """An MLP classifier whose activation comes from the `model.act` config group.
 
+    `task="regression"` trains the same network on real-valued targets with the mean-squared
+    error (`num_classes` is then the number of targets) and reports R^2 instead of accuracy.
+
     Training metrics are accumulated on the device and read once per epoch (plus every
     `log_every_n_steps`), so a small model is not slowed down by a host sync per step.
     """
@@ -51,14 +60,22 @@ class MLPClassifier(L.LightningModule):
         dropout: float = 0.0,
         in_features: int = 784,
         num_classes: int = 10,
+        task: str = "classification",
     ) -> None:
         super().__init__()
+        if task not in TASKS:
+            raise UserError(f"model.task={task!r} is unknown; choose one of {', '.join(TASKS)}.")
+        self.loss_fn, self.metric = TASKS[task]
+        self.classify = task == "classification"
         self.net = build_mlp(in_features, list(hidden_sizes), num_classes, act, dropout)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.register_buffer("_train_sums", torch.zeros(3), persistent=False)  # loss, correct, n
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        acc = dict(num_classes=num_classes, average="micro", validate_args=False)
-        self.val_acc, self.test_acc = MulticlassAccuracy(**acc), MulticlassAccuracy(**acc)
+        if self.classify:
+            acc = dict(num_classes=num_classes, average="micro", validate_args=False)
+            self.val_acc, self.test_acc = MulticlassAccuracy(**acc), MulticlassAccuracy(**acc)
+        else:  # the eval metric keeps the `*_acc` attributes; it is logged under its own name
+            self.val_acc, self.test_acc = R2Score(), R2Score()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # a resumed run keeps its best
 
@@ -70,13 +87,14 @@ class MLPClassifier(L.LightningModule):
     ) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.loss_fn(logits, y)
         with torch.no_grad():
-            correct = (logits.argmax(1) == y).sum()
+            correct = (logits.argmax(1) == y).sum() if self.classify else loss.new_zeros(())
             step = torch.stack([loss * len(y), correct.to(loss.dtype), loss.new_tensor(len(y))])
             self._train_sums += step
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log_dict({"train/loss": loss, "train/acc": correct / len(y)})
+            logs = {"train/loss": loss, "train/acc": correct / len(y)}
+            self.log_dict(logs if self.classify else {"train/loss": loss})
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -84,14 +102,15 @@ class MLPClassifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         loss_sum, correct, n = self._train_sums
-        self.log_dict(
-            {"train/loss_epoch": loss_sum / n, "train/acc_epoch": correct / n}, sync_dist=True
-        )
+        logs = {"train/loss_epoch": loss_sum / n, "train/acc_epoch": correct / n}
+        if not self.classify:
+            logs.pop("train/acc_epoch")
+        self.log_dict(logs, sync_dist=True)
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         x, y = batch
         logits = self(x)
-        getattr(self, f"{stage}_loss").update(F.cross_entropy(logits, y), weight=len(y))
+        getattr(self, f"{stage}_loss").update(self.loss_fn(logits, y), weight=len(y))
         getattr(self, f"{stage}_acc").update(logits, y)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -103,7 +122,7 @@ class MLPClassifier(L.LightningModule):
     def _log_eval(self, stage: str) -> torch.Tensor:
         loss, acc = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
         value = acc.compute()
-        self.log_dict({f"{stage}/loss": loss.compute(), f"{stage}/acc": value})
+        self.log_dict({f"{stage}/loss": loss.compute(), f"{stage}/{self.metric}": value})
         loss.reset()
         acc.reset()
         return value
@@ -114,7 +133,7 @@ class MLPClassifier(L.LightningModule):
             self.val_acc_best.update(acc)
         # Before the first real epoch (sanity check) there is no best yet: log the current value.
         best = self.val_acc_best.compute() if self.val_acc_best.update_called else acc
-        self.log("val/acc_best", best)
+        self.log(f"val/{self.metric}_best", best)
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")

@@ -1,18 +1,25 @@
-"""Tables (and, with `make report`, plots) from the job folders of a sweep."""
+"""Tables and plots from the job folders of a sweep: `make report` / `python -m actlab.report`."""
 
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from actlab.results import RESULTS, read_results
 
 log = logging.getLogger(__name__)
+
+# Overrides that tell repeats of one configuration apart rather than configurations.
+REPEAT_KEYS = ("seed",)
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -35,6 +42,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                 "seed": res["config"].get("seed"),
                 "test/acc": metrics.get("test/acc"),
                 "val/acc_best": metrics.get("val/acc_best"),
+                "dead/mean": metrics.get("dead/mean"),
                 "epochs": res.get("epochs"),
                 "seconds": res.get("seconds"),
             }
@@ -75,6 +83,320 @@ class SweepSummary(Callback):
             print(f"\n{len(failed)} job(s) did not finish: {', '.join(failed)}")
 
 
+# ---------------------------------------------------------------------------------------------
+# The comparison report: one row per configuration, statistics over its seeds, and plots.
+
+
+@dataclass
+class Job:
+    folder: Path
+    status: str
+    overrides: dict[str, str]  # the job's command-line overrides, repeats (seed) excluded
+    act: str | None
+    slope: float | None
+    seed: Any
+    metrics: dict[str, float]
+    seconds_per_epoch: float | None
+    error: str | None
+    history: Any = None  # pandas DataFrame: one row per epoch, or None without metrics.csv
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+
+@dataclass
+class Configuration:
+    key: tuple[tuple[str, str], ...]
+    act: str | None
+    slope: float | None
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.key]
+        return ", ".join(parts) or "(defaults)"
+
+
+def _overrides(job: Path) -> dict[str, str]:
+    path = job / ".hydra" / "overrides.yaml"
+    items = yaml.safe_load(path.read_text()) if path.exists() else []
+    return dict(o.split("=", 1) for o in items or [] if "=" in o)
+
+
+def epoch_history(csv_path: Path) -> Any:
+    """metrics.csv (one row per logging call) reduced to one row per epoch: its last values."""
+    import pandas as pd
+
+    if not csv_path.exists():
+        return None
+    df = pd.read_csv(csv_path)
+    if "epoch" not in df or df.empty:
+        return None
+    return df.groupby("epoch").last()
+
+
+def load_jobs(sweep_dir: Path) -> list[Job]:
+    jobs = []
+    for folder in job_dirs(sweep_dir):
+        res = read_results(folder) or {"status": "no results", "config": {}}
+        overrides = _overrides(folder)
+        cfg = res.get("config", {})
+        act = cfg.get("act") or overrides.get("model.act")
+        slope = cfg.get("negative_slope")
+        if slope is None and "model.act.negative_slope" in overrides:
+            slope = float(overrides["model.act.negative_slope"])
+        jobs.append(
+            Job(
+                folder=folder,
+                status=res["status"],
+                overrides={k: v for k, v in overrides.items() if k not in REPEAT_KEYS},
+                act=act,
+                slope=slope,
+                seed=cfg.get("seed", overrides.get("seed")),
+                metrics=res.get("metrics", {}),
+                seconds_per_epoch=res.get("seconds_per_epoch"),
+                error=res.get("error"),
+                history=epoch_history(folder / "csv" / "metrics.csv"),
+            )
+        )
+    return jobs
+
+
+def group(jobs: list[Job]) -> list[Configuration]:
+    """Jobs that differ only in their seed form one configuration; keys equal in all jobs are
+    left out of the label."""
+    keys = sorted({k for j in jobs for k in j.overrides})
+    varying = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+    configs: dict[tuple, Configuration] = {}
+    for j in jobs:
+        key = tuple((k, j.overrides.get(k, "-")) for k in varying)
+        configs.setdefault(key, Configuration(key, j.act, j.slope)).jobs.append(j)
+    return list(configs.values())
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); std is None for fewer than two values."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def task_metric(jobs: list[Job]) -> str:
+    """`acc` for classification sweeps, `r2` for regression ones (what the jobs logged)."""
+    return "r2" if any("test/r2" in j.metrics or "val/r2" in j.metrics for j in jobs) else "acc"
+
+
+def summarize(configs: list[Configuration], metric: str = "acc") -> list[dict[str, Any]]:
+    """One row per configuration: (mean, std) over its finished seeds of each measured quantity."""
+    columns = {
+        f"test {metric}": lambda j: j.metrics.get(f"test/{metric}"),
+        f"best val {metric}": lambda j: j.metrics.get(f"val/{metric}_best"),
+        "final train loss": lambda j: j.metrics.get("train/loss_epoch"),
+        "dead fraction": lambda j: j.metrics.get("dead/mean"),
+        "s/epoch": lambda j: j.seconds_per_epoch,
+    }
+    rows = []
+    for c in configs:
+        done = [j for j in c.jobs if j.finished]
+        row: dict[str, Any] = {"configuration": c.label, "act": c.act, "slope": c.slope}
+        for name, get in columns.items():
+            row[name] = mean_std([get(j) for j in done])
+        row["seeds"] = len(done)
+        row["not finished"] = len(c.jobs) - len(done)
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, tuple):
+        mean, std = v
+        if mean is None:
+            return "-"
+        return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no jobs)"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib, written as PNG next to report.md)
+
+
+def _curve(jobs: list[Job], column: str) -> tuple[Any, Any, Any] | None:
+    """Epochs, mean and std over the jobs of one per-epoch column (None if no job logged it)."""
+    import pandas as pd
+
+    series = [
+        j.history[column].dropna() for j in jobs if j.history is not None and column in j.history
+    ]
+    series = [s for s in series if not s.empty]
+    if not series:
+        return None
+    frame = pd.concat(series, axis=1)
+    return frame.index.to_numpy(), frame.mean(axis=1).to_numpy(), frame.std(axis=1).to_numpy()
+
+
+def _band(ax: Any, jobs: list[Job], column: str, label: str, color: Any) -> bool:
+    curve = _curve(jobs, column)
+    if curve is None:
+        return False
+    x, mean, std = curve
+    ax.plot(x + 1, mean, label=label, color=color, marker="o", markersize=3)
+    if len(jobs) > 1:
+        ax.fill_between(x + 1, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+    return True
+
+
+def _legend(ax: Any, n: int) -> None:
+    ax.legend(fontsize="small", ncol=2 if n > 6 else 1, frameon=False)
+
+
+def plot_curves(configs: list[Configuration], metric: str, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.cm.viridis if len(configs) > 6 else plt.cm.tab10
+    for i, c in enumerate(configs):
+        color = colors(i / max(len(configs) - 1, 1)) if len(configs) > 6 else colors(i)
+        done = [j for j in c.jobs if j.finished] or c.jobs
+        _band(a1, done, f"val/{metric}", c.label, color)
+        _band(a2, done, "train/loss_epoch", c.label, color)
+    a1.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"Validation {metric}")
+    a2.set(xlabel="epoch", ylabel="training loss (epoch mean)", title="Training loss")
+    a2.set_yscale("log")
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+        _legend(ax, len(configs))
+    fig.suptitle("Mean over seeds, band: ± 1 std", fontsize="small")
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_slope(rows: list[dict[str, Any]], metric: str, out: Path) -> Path | None:
+    """Test metric against Leaky ReLU's negative slope (symlog x: slope 0 shows)."""
+    import matplotlib.pyplot as plt
+
+    points = sorted(
+        (r["slope"], *r[f"test {metric}"])
+        for r in rows
+        if r["slope"] is not None and r[f"test {metric}"][0] is not None
+    )
+    if len({p[0] for p in points}) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    x = [p[0] for p in points]
+    y = [p[1] for p in points]
+    err = [p[2] or 0.0 for p in points]
+    ax.errorbar(x, y, yerr=err, marker="o", capsize=3)
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set(
+        xlabel="negative slope (symlog; 0 = ReLU, 1 = identity)",
+        ylabel=f"test {metric}",
+        title=f"Test {metric} vs Leaky ReLU negative slope",
+    )
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = out / "slope.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_dead(configs: list[Configuration], out: Path) -> Path | None:
+    """Dead fraction per epoch, one panel per hidden layer, one line per configuration."""
+    import matplotlib.pyplot as plt
+
+    layers = sorted(
+        {
+            col
+            for c in configs
+            for j in c.jobs
+            if j.history is not None
+            for col in j.history.columns
+            if col.startswith("dead/layer")
+        },
+        key=lambda s: int(s.removeprefix("dead/layer")),
+    )
+    if not layers:
+        return None
+    ncols = min(len(layers), 3)
+    nrows = -(-len(layers) // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False, sharey=True
+    )
+    colors = plt.cm.viridis if len(configs) > 6 else plt.cm.tab10
+    for k, col in enumerate(layers):
+        ax = axes[k // ncols][k % ncols]
+        for i, c in enumerate(configs):
+            color = colors(i / max(len(configs) - 1, 1)) if len(configs) > 6 else colors(i)
+            _band(ax, [j for j in c.jobs if j.finished] or c.jobs, col, c.label, color)
+        ax.set(xlabel="epoch", title=f"hidden layer {col.removeprefix('dead/layer')}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("dead fraction (no val sample > 0)")
+    for k in range(len(layers), nrows * ncols):
+        axes[k // ncols][k % ncols].axis("off")
+    _legend(axes[0][0], len(configs))
+    fig.tight_layout()
+    path = out / "dead.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(sweep_dir: Path) -> str:
+    """report.md and the PNG plots into the sweep folder; returns the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sweep_dir = Path(sweep_dir)
+    jobs = load_jobs(sweep_dir)
+    configs = group(jobs)
+    metric = task_metric(jobs)
+    rows = summarize(configs, metric)
+    table = markdown_table(rows)
+    plots = [
+        plot_curves(configs, metric, sweep_dir),
+        plot_slope(rows, metric, sweep_dir),
+        plot_dead(configs, sweep_dir),
+    ]
+    lines = [
+        f"# Sweep {sweep_dir.name}",
+        "",
+        f"{len(jobs)} jobs, {len(configs)} configurations. Each cell: mean ± sample std over the "
+        "finished seeds; dead fraction = share of hidden units whose pre-activation is <= 0 on "
+        "every validation sample, at the last epoch, averaged over layers.",
+        "",
+    ]
+    unfinished = [j for j in jobs if not j.finished]
+    if unfinished:
+        table += f"\n\n## Jobs that did not finish ({len(unfinished)})\n\n" + "\n".join(
+            f"- `{j.folder.relative_to(sweep_dir).as_posix()}`: {j.status}"
+            + (f" ({j.error})" if j.error else "")
+            for j in unfinished
+        )
+    lines += [table, ""] + [f"![{p.stem}]({p.name})" for p in plots if p is not None]
+    (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return table
+
+
 def latest_sweep(log_dir: Path = Path("logs/multiruns")) -> Path:
     sweeps = sorted(p for p in log_dir.glob("*") if p.is_dir())
     if not sweeps:
@@ -85,7 +407,10 @@ def latest_sweep(log_dir: Path = Path("logs/multiruns")) -> Path:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     sweep_dir = Path(argv[0]) if argv else latest_sweep()
-    print(format_table(collect(sweep_dir)))
+    if not job_dirs(sweep_dir):
+        sys.exit(f"error: {sweep_dir} holds no job folders (.hydra/); name a sweep folder.")
+    print(write_report(sweep_dir))
+    print(f"\nwrote {sweep_dir / 'report.md'} and its plots")
 
 
 if __name__ == "__main__":
