@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 # Overrides that tell repeats of one configuration apart rather than configurations.
 REPEAT_KEYS = ("seed",)
+# Overrides shown as the `act` and `slope` columns rather than as their own.
+ACT_KEYS = ("model.act", "model.act.negative_slope")
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -107,15 +109,15 @@ class Job:
 
 @dataclass
 class Configuration:
-    key: tuple[tuple[str, str], ...]
     act: str | None
     slope: float | None
+    extra: dict[str, str]  # the other overrides that vary across the sweep
     jobs: list[Job] = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        parts = [f"{k}={v}" for k, v in self.key]
-        return ", ".join(parts) or "(defaults)"
+        name = " ".join(str(v) for v in (self.act, self.slope) if v is not None)
+        return ", ".join([name or "(defaults)", *(f"{k}={v}" for k, v in self.extra.items())])
 
 
 def _overrides(job: Path) -> dict[str, str]:
@@ -170,8 +172,9 @@ def group(jobs: list[Job]) -> list[Configuration]:
     varying = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
     configs: dict[tuple, Configuration] = {}
     for j in jobs:
-        key = tuple((k, j.overrides.get(k, "-")) for k in varying)
-        configs.setdefault(key, Configuration(key, j.act, j.slope)).jobs.append(j)
+        key = tuple(j.overrides.get(k, "-") for k in varying)
+        extra = {k: j.overrides.get(k, "-") for k in varying if k not in ACT_KEYS}
+        configs.setdefault(key, Configuration(j.act, j.slope, extra)).jobs.append(j)
     return list(configs.values())
 
 
@@ -200,7 +203,7 @@ def summarize(configs: list[Configuration], metric: str = "acc") -> list[dict[st
     rows = []
     for c in configs:
         done = [j for j in c.jobs if j.finished]
-        row: dict[str, Any] = {"configuration": c.label, "act": c.act, "slope": c.slope}
+        row: dict[str, Any] = {"act": c.act, "slope": c.slope, **c.extra}
         for name, get in columns.items():
             row[name] = mean_std([get(j) for j in done])
         row["seeds"] = len(done)
@@ -254,7 +257,10 @@ def _band(ax: Any, jobs: list[Job], column: str, label: str, color: Any) -> bool
     if curve is None:
         return False
     x, mean, std = curve
+    from matplotlib.ticker import MaxNLocator
+
     ax.plot(x + 1, mean, label=label, color=color, marker="o", markersize=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(jobs) > 1:
         ax.fill_between(x + 1, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
     return True
@@ -274,7 +280,8 @@ def plot_curves(configs: list[Configuration], metric: str, out: Path) -> Path:
         done = [j for j in c.jobs if j.finished] or c.jobs
         _band(a1, done, f"val/{metric}", c.label, color)
         _band(a2, done, "train/loss_epoch", c.label, color)
-    a1.set(xlabel="epoch", ylabel=f"validation {metric}", title=f"Validation {metric}")
+    name = {"acc": "accuracy", "r2": "R²"}.get(metric, metric)
+    a1.set(xlabel="epoch", ylabel=f"validation {name}", title=f"Validation {name}")
     a2.set(xlabel="epoch", ylabel="training loss (epoch mean)", title="Training loss")
     a2.set_yscale("log")
     for ax in (a1, a2):
@@ -303,7 +310,8 @@ def plot_slope(rows: list[dict[str, Any]], metric: str, out: Path) -> Path | Non
     x = [p[0] for p in points]
     y = [p[1] for p in points]
     err = [p[2] or 0.0 for p in points]
-    ax.errorbar(x, y, yerr=err, marker="o", capsize=3)
+    ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label="mean ± std over seeds")
+    ax.legend(fontsize="small", frameon=False)
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set(
         xlabel="negative slope (symlog; 0 = ReLU, 1 = identity)",

@@ -1,0 +1,103 @@
+"""The dead-unit measurement on a network whose dead and rare units are known by construction."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from actlab.diagnostics import UnitStats
+from actlab.model import build_mlp
+from actlab.results import read_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hand_built(act: type[nn.Module]) -> nn.Sequential:
+    """4 inputs -> 5 -> 3 -> 2. Layer 1: units 0-2 never positive (bias -1, -0.5, and exactly 0),
+    unit 3 follows input 0, unit 4 input 1. Layer 2: unit 0 never positive, unit 1 follows
+    layer-1 unit 4, unit 2 always on."""
+    net = build_mlp(4, [5, 3], 2, act)
+    lin1, lin2 = net[0], net[2]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        lin1.bias[:3] = torch.tensor([-1.0, -0.5, 0.0])
+        lin1.weight[3, 0] = 1.0
+        lin1.weight[4, 1] = 1.0
+        lin2.bias[:] = torch.tensor([-1.0, 0.0, 1.0])
+        lin2.weight[1, 4] = 1.0
+    return net
+
+
+def inputs() -> torch.Tensor:
+    """200 samples: input 0 positive on exactly one (0.5% < 1%), input 1 on the first 100."""
+    x = torch.zeros(200, 4)
+    x[:, 0] = -1.0
+    x[0, 0] = 1.0
+    x[:100, 1] = 1.0
+    x[100:, 1] = -1.0
+    return x
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.LeakyReLU])
+def test_dead_and_rare_units_are_counted_exactly(act: type[nn.Module]) -> None:
+    net = hand_built(act)
+    stats = UnitStats(net).attach()
+    with torch.no_grad():
+        for batch in inputs().split(64):  # counts must add up over uneven batches
+            net(batch)
+    stats.detach()
+    got = {k: v.item() for k, v in stats.tensors().items()}
+
+    assert got["dead/layer1"] == pytest.approx(3 / 5)
+    assert got["rare/layer1"] == pytest.approx(4 / 5)  # the 3 dead + unit 3 (1 of 200 samples)
+    assert got["dead/layer2"] == pytest.approx(1 / 3)
+    assert got["rare/layer2"] == pytest.approx(1 / 3)
+    assert got["dead/mean"] == pytest.approx((3 / 5 + 1 / 3) / 2)
+    # Mean activation of layer 1: the activation's outputs over all samples and units.
+    with torch.no_grad():
+        expected = net[1](net[0](inputs())).mean().item()
+    assert got["act_mean/layer1"] == pytest.approx(expected)
+    if act is nn.ReLU:
+        assert expected == pytest.approx(101 / (200 * 5))
+
+
+def test_hooks_are_removed_after_detach() -> None:
+    net = hand_built(nn.ReLU)
+    stats = UnitStats(net).attach()
+    stats.detach()
+    net(inputs())
+    assert stats.n == 0
+    assert stats.tensors() == {}
+
+
+@pytest.mark.slow
+def test_training_logs_diagnostics_each_epoch_and_records_them(tmp_path: Path) -> None:
+    """A real run: dead/* per validation epoch (not the sanity check) in the CSV and results.json,
+    grad norms only at the logging interval."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "data=synthetic",
+        "logger=csv",
+        "model.hidden_sizes=[32,16]",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=10",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    metrics = read_results(run_dir)["metrics"]
+    for key in ("dead/layer1", "dead/layer2", "dead/mean", "rare/layer1", "act_mean/layer2"):
+        assert 0.0 <= metrics[key] <= (1.0 if not key.startswith("act") else float("inf"))
+    df = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    assert df["dead/layer2"].notna().sum() == 2  # two epochs, no sanity-check row
+    steps = df.loc[df["grad_norm/layer1"].notna(), "step"].tolist()
+    per_epoch = -(-(2000 - 200) // 64)  # synthetic: 2000 images, 200 of them for validation
+    assert steps == [s for s in range(2 * per_epoch) if (s + 1) % 10 == 0]
+    assert {"grad_norm/layer2", "grad_norm/output"} <= set(df.columns)
