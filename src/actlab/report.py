@@ -101,6 +101,7 @@ class Job:
     seconds_per_epoch: float | None
     error: str | None
     history: Any = None  # pandas DataFrame: one row per epoch, or None without metrics.csv
+    num: int | None = None  # Hydra's job number in the sweep
 
     @property
     def finished(self) -> bool:
@@ -160,9 +161,11 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
                 seconds_per_epoch=res.get("seconds_per_epoch"),
                 error=res.get("error"),
                 history=epoch_history(folder / "csv" / "metrics.csv"),
+                num=res.get("job", {}).get("num"),
             )
         )
-    return jobs
+    # The sweep's own order (relu, leaky, none as the user listed them), not the folders' names.
+    return sorted(jobs, key=lambda j: (j.num is None, j.num or 0))
 
 
 def group(jobs: list[Job]) -> list[Configuration]:
