@@ -104,3 +104,13 @@ def test_plots_are_written(sweep: Path) -> None:
 def test_folder_without_jobs_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no job folders"):
         report.main([str(tmp_path)])
+
+
+def test_default_sweep_is_the_one_started_last_not_the_last_name(tmp_path: Path) -> None:
+    import os
+
+    for name, started in (("zzz_old", 1_000), ("aaa_new", 2_000)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "multirun.yaml").write_text("{}")
+        os.utime(tmp_path / name / "multirun.yaml", (started, started))
+    assert report.latest_sweep(tmp_path).name == "aaa_new"

@@ -409,10 +409,16 @@ def write_report(sweep_dir: Path) -> str:
 
 
 def latest_sweep(log_dir: Path = Path("logs/multiruns")) -> Path:
-    sweeps = sorted(p for p in log_dir.glob("*") if p.is_dir())
+    """The sweep started last (its multirun.yaml is written at the start), whatever its name."""
+    sweeps = [p for p in log_dir.glob("*") if p.is_dir()]
     if not sweeps:
         sys.exit(f"error: no sweep under {log_dir}/; run `make sweep` first or name a folder.")
-    return sweeps[-1]
+    return max(sweeps, key=lambda p: ((p / "multirun.yaml").exists(), _started(p)))
+
+
+def _started(sweep: Path) -> float:
+    marker = sweep / "multirun.yaml"
+    return (marker if marker.exists() else sweep).stat().st_mtime
 
 
 def main(argv: list[str] | None = None) -> None:
