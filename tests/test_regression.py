@@ -37,7 +37,7 @@ def test_leaky_regression_fits_a_linear_net_does_not_and_diagnostics_are_logged(
         "experiment=leaky_regression",
         "model.act=leaky,none",
         "logger=csv",
-        "trainer.max_epochs=15",
+        "trainer.max_epochs=10",
         "trainer.log_every_n_steps=20",
         "callbacks.progress_bar=null",
         "+trainer.enable_progress_bar=false",
@@ -58,8 +58,8 @@ def test_leaky_regression_fits_a_linear_net_does_not_and_diagnostics_are_logged(
     for key in ("dead/layer1", "dead/layer2", "dead/mean", "rare/layer1", "rare/layer2"):
         assert 0.0 <= res["leaky"]["metrics"][key] <= 1.0
     df = pd.read_csv(jobs["leaky"] / "csv" / "metrics.csv")
-    assert df["dead/layer2"].notna().sum() == 15  # one per epoch, no sanity-check row
+    assert df["dead/layer2"].notna().sum() == 10  # one per epoch, no sanity-check row
     per_epoch = -(-(4000 - 500) // 64)  # data=regression: 4000 samples, 500 for validation
     steps = df.loc[df["grad_norm/layer1"].notna(), "step"].tolist()
-    assert steps == [s for s in range(15 * per_epoch) if (s + 1) % 20 == 0]
+    assert steps == [s for s in range(10 * per_epoch) if (s + 1) % 20 == 0]
     assert {"grad_norm/layer2", "grad_norm/output", "act_mean/layer1"} <= set(df.columns)

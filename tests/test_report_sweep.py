@@ -1,6 +1,7 @@
 """`actlab.report` on a hand-made sweep folder: two seeds per configuration and one failed job."""
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -107,8 +108,6 @@ def test_folder_without_jobs_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_default_sweep_is_the_one_started_last_not_the_last_name(tmp_path: Path) -> None:
-    import os
-
     for name, started in (("zzz_old", 1_000), ("aaa_new", 2_000)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "multirun.yaml").write_text("{}")
