@@ -270,7 +270,7 @@ def _band(ax: Any, jobs: list[Job], column: str, label: str, color: Any) -> bool
 
 
 def _legend(ax: Any, n: int) -> None:
-    ax.legend(fontsize="small", ncol=2 if n > 6 else 1, frameon=False)
+    ax.legend(fontsize="small", ncol=2 if n > 6 else 1, framealpha=0.85)
 
 
 def plot_curves(configs: list[Configuration], metric: str, out: Path) -> Path:
