@@ -133,7 +133,12 @@ def epoch_history(csv_path: Path) -> Any:
 
     if not csv_path.exists():
         return None
-    df = pd.read_csv(csv_path)
+    try:
+        df = pd.read_csv(csv_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError):
+        # A running job's logger rewrites the file when new keys appear: no curve for it yet.
+        log.warning("could not read %s (still being written?)", csv_path)
+        return None
     if "epoch" not in df or df.empty:
         return None
     return df.groupby("epoch").last()
