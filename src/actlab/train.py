@@ -17,11 +17,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
+from actlab import ROOT
 from actlab import loggers as actlab_loggers
 from actlab.errors import UserError
 from actlab.results import RESULTS, describe, logged_config, provenance, write_json
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+CONFIG_DIR = str(ROOT / "configs")
 log = logging.getLogger(__name__)
 
 
