@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 
-def hidden_layers(net: nn.Module) -> list[tuple[nn.Linear, nn.Module]]:
-    """(Linear, activation) pairs of the hidden layers of a `build_mlp` network, in order.
+def hidden_activations(net: nn.Module) -> list[nn.Module]:
+    """The activation module after each hidden Linear of a `build_mlp` network, in order.
 
-    The read-out Linear feeds no activation and is left out.
+    Its input is that layer's pre-activation. The read-out Linear feeds no activation.
     """
     mods = list(net.children())
     return [
-        (m, mods[i + 1])
+        mods[i + 1]
         for i, m in enumerate(mods[:-1])
         if isinstance(m, nn.Linear) and not isinstance(mods[i + 1], nn.Linear)
     ]
@@ -26,18 +26,18 @@ class UnitStats:
     """Per-unit counts over the samples seen by forward hooks on the hidden activations.
 
     A hook sees the activation's input (the pre-activation) and output. Everything stays on
-    the device: nothing is read back until `summary`, so the hooks add no host sync per batch.
+    the device: nothing is read back until `tensors`, so the hooks add no host sync per batch.
     """
 
     def __init__(self, net: nn.Module) -> None:
-        self.layers = hidden_layers(net)
+        self.layers = hidden_activations(net)
         self.active: list[torch.Tensor | None] = [None] * len(self.layers)
         self.act_sum: list[torch.Tensor | None] = [None] * len(self.layers)
         self.n = 0
         self._handles: list[Any] = []
 
     def attach(self) -> UnitStats:
-        for i, (_, act) in enumerate(self.layers):
+        for i, act in enumerate(self.layers):
             self._handles.append(act.register_forward_hook(self._hook(i)))
         return self
 
