@@ -84,13 +84,12 @@ class DeadUnitMonitor(L.Callback):
     """Dead and rarely active units per hidden layer, measured during the regular validation pass.
 
     Also logs the gradient norm of each layer (hidden layers, then the read-out as `output`) on
-    the training steps where the trainer writes its logs. The last epoch's values are kept in
-    `last` (floats) and reach `trainer.callback_metrics`, hence results.json.
+    the training steps where the trainer writes its logs. The last epoch's values stay in
+    `trainer.callback_metrics`, which `actlab.train` records in results.json.
     """
 
     def __init__(self, grad_norms: bool = True) -> None:
         self.grad_norms = grad_norms
-        self.last: dict[str, float] = {}
         self._stats: UnitStats | None = None
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -111,9 +110,7 @@ class DeadUnitMonitor(L.Callback):
                 torch.tensor(float(stats.n), device=pl_module.device), reduce_op="sum"
             )
         )
-        values = stats.tensors()
-        pl_module.log_dict(values)
-        self.last = {k: v.item() for k, v in values.items()}
+        pl_module.log_dict(stats.tensors())
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
