@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from actlab.errors import UserError
+from actlab.validation import check_split
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,19 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Serialise `prepare` across the jobs of a sweep that start at the same time."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(
+            f"cannot write to the data folder {directory} ({e.strerror}): "
+            "point paths.data_dir at a folder you can write to."
+        ) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,15 +129,20 @@ class IDXSource:
         bad = []
         for fname, expected in self.files.values():
             path = folder / fname
-            if not path.exists():
+            try:
+                if md5(path) != expected:
+                    bad.append(f"{fname} (MD5 mismatch: truncated or corrupted)")
+            except FileNotFoundError:
                 bad.append(f"{fname} (absent)")
-            elif md5(path) != expected:
-                bad.append(f"{fname} (MD5 mismatch)")
+            except OSError as e:
+                bad.append(f"{fname} (unreadable: {e.strerror})")
         return bad
 
     def prepare(self, data_dir: str | Path) -> str:
         """Make the verified files available; returns a sentence saying which source was used."""
         folder = self.folder(data_dir)
+        if not self._missing(folder):  # verified files need no lock: the folder may be read-only
+            return f"{self.name}: verified IDX files already in {folder}"
         with _locked(folder):
             bad = self._missing(folder)
             if not bad:
@@ -349,12 +361,7 @@ class MNISTDataModule(L.LightningDataModule):
             return
         x_tr, y_tr, x_te, y_te = self.source.load(self.data_dir)
         n = len(x_tr)
-        n_train = self.train_size if self.train_size is not None else n - self.val_size
-        if self.val_size < 1 or n_train < 1 or n_train + self.val_size > n:
-            raise UserError(
-                f"data.val_size={self.val_size} and data.train_size={self.train_size} do not fit "
-                f"the {n} training images: choose sizes with train + val <= {n}."
-            )
+        n_train = check_split(n, self.val_size, self.train_size)
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         x, y = self._tensors(x_tr, y_tr, device)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))

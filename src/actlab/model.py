@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from actlab.errors import Diverged
 
 
 def build_mlp(
@@ -79,10 +82,25 @@ class MLPClassifier(L.LightningModule):
             self.log_dict({"train/loss": loss, "train/acc": correct / len(y)})
         return loss
 
+    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self._stop_if_diverged()
+
+    def _stop_if_diverged(self) -> None:
+        # The epoch's loss sum turns NaN/inf with the first bad step and stays so; reading it at
+        # the logging interval costs one host sync there, none on the other steps.
+        loss_sum = self._train_sums[0].item()
+        if not math.isfinite(loss_sum):
+            raise Diverged(
+                f"the training loss became {loss_sum} by step {self.global_step} (epoch "
+                f"{self.current_epoch}): lower optimizer.lr or change the model."
+            )
+
     def on_train_epoch_start(self) -> None:
         self._train_sums.zero_()
 
     def on_train_epoch_end(self) -> None:
+        self._stop_if_diverged()
         loss_sum, correct, n = self._train_sums
         self.log_dict(
             {"train/loss_epoch": loss_sum / n, "train/acc_epoch": correct / n}, sync_dist=True
