@@ -35,9 +35,7 @@ def checkpoint_arg(args: list[str]) -> Path | None:
         value = value[1:-1]
     path = Path(value)
     if not path.is_file():
-        raise UserError(
-            f"no checkpoint at {path}: give the path of a .ckpt file in a run's checkpoints/."
-        )
+        raise UserError(f"no checkpoint at {path}: give a .ckpt file from a run's checkpoints/.")
     return path
 
 
@@ -47,14 +45,18 @@ def run_dir(ckpt: Path) -> Path | None:
     return folder if (folder / ".hydra" / "config.yaml").is_file() else None
 
 
-def trained_config(ckpt: Path) -> DictConfig:
-    """The config a checkpoint's run was trained with (unresolved, as Hydra saved it)."""
+def require_run_dir(ckpt: Path) -> Path:
     folder = run_dir(ckpt)
     if folder is None:
         raise UserError(
             f"{ckpt} is not in a run folder's checkpoints/ (no .hydra/config.yaml two levels up): "
-            "evaluate a checkpoint where training left it."
+            "use a checkpoint where training left it."
         )
+    return folder
+
+
+def trained_config(folder: Path) -> DictConfig:
+    """The config a run was trained with (unresolved, as Hydra saved it)."""
     return OmegaConf.load(folder / ".hydra" / "config.yaml")
 
 
