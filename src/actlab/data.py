@@ -388,7 +388,9 @@ class MNISTDataModule(L.LightningDataModule):
         return TensorBatches(*split, batch_size, shuffle, self.split_seed, rank, world, epoch)
 
     def train_dataloader(self) -> TensorBatches:
-        return self._batches(self.train, self.batch_size, shuffle=True)
+        # As Lightning does for a DataLoader: overfit_batches means the same batches every epoch.
+        overfit = bool(self.trainer and self.trainer.overfit_batches)
+        return self._batches(self.train, self.batch_size, shuffle=not overfit)
 
     def val_dataloader(self) -> TensorBatches:
         return self._batches(self.val, self.eval_batch_size, shuffle=False)

@@ -83,24 +83,24 @@ class MLPClassifier(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
-        if self.global_step % self.trainer.log_every_n_steps == 0:
-            self._stop_if_diverged()
-
-    def _stop_if_diverged(self) -> None:
-        # The epoch's loss sum turns NaN/inf with the first bad step and stays so; reading it at
-        # the logging interval costs one host sync there, none on the other steps.
-        loss_sum = self._train_sums[0].item()
-        if not math.isfinite(loss_sum):
-            raise Diverged(
-                f"the training loss became {loss_sum} by step {self.global_step} (epoch "
-                f"{self.current_epoch}): lower optimizer.lr or change the model."
-            )
+        # The epoch's loss sum turns NaN/inf with the first bad step and stays so. Reading it at
+        # the logging interval and on the epoch's last batch (before validation and checkpoints)
+        # costs one host sync there, none on the other steps.
+        last = batch_idx + 1 >= self.trainer.num_training_batches
+        if last or self.global_step % self.trainer.log_every_n_steps == 0:
+            loss_sum = self._train_sums[0].item()
+            bad = not math.isfinite(loss_sum)
+            # Under DDP every rank must stop together, or the others wait forever.
+            if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+                raise Diverged(
+                    f"the training loss became {loss_sum} by step {self.global_step} (epoch "
+                    f"{self.current_epoch}): lower optimizer.lr or change the model."
+                )
 
     def on_train_epoch_start(self) -> None:
         self._train_sums.zero_()
 
     def on_train_epoch_end(self) -> None:
-        self._stop_if_diverged()
         loss_sum, correct, n = self._train_sums
         self.log_dict(
             {"train/loss_epoch": loss_sum / n, "train/acc_epoch": correct / n}, sync_dist=True
