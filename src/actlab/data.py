@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,9 +288,10 @@ class SyntheticSource:
 class TensorBatches:
     """Minibatches of tensors that already sit on their device, one index op per batch.
 
-    Shuffles with a fresh permutation each epoch, seeded by (seed, epoch): a resumed run, which
-    starts counting at its `start_epoch`, sees the same order as an uninterrupted one. Under DDP
-    every rank takes its own equal-sized shard of the same permutation.
+    Shuffles with a fresh permutation each epoch, seeded by (seed, epoch), counting from
+    `start_epoch`, or asking `current_epoch()` when given: a resumed run then sees the same order as
+    an uninterrupted one. Under DDP every rank takes its own equal-sized shard of the same
+    permutation.
     """
 
     def __init__(
@@ -303,11 +304,12 @@ class TensorBatches:
         rank: int = 0,
         world_size: int = 1,
         start_epoch: int = 0,
+        current_epoch: Callable[[], int] | None = None,
     ) -> None:
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = start_epoch
+        self.epoch, self.current_epoch = start_epoch, current_epoch
         self.n = len(x) // world_size if world_size > 1 else len(x)
 
     def __len__(self) -> int:
@@ -315,6 +317,8 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.shuffle:
+            if self.current_epoch is not None:
+                self.epoch = self.current_epoch()
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(len(self.x), generator=g)
             self.epoch += 1
@@ -384,8 +388,19 @@ class MNISTDataModule(L.LightningDataModule):
         self, split: tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool
     ) -> TensorBatches:
         t = self.trainer
-        rank, world, epoch = (t.global_rank, t.world_size, t.current_epoch) if t else (0, 1, 0)
-        return TensorBatches(*split, batch_size, shuffle, self.split_seed, rank, world, epoch)
+        if t is None:
+            return TensorBatches(*split, batch_size, shuffle, self.split_seed)
+        # The trainer's epoch, read as each epoch starts: when a run resumes, this loader is made
+        # before the trainer has moved past the checkpoint's epoch.
+        return TensorBatches(
+            *split,
+            batch_size,
+            shuffle,
+            self.split_seed,
+            t.global_rank,
+            t.world_size,
+            current_epoch=lambda: t.current_epoch,
+        )
 
     def train_dataloader(self) -> TensorBatches:
         # As Lightning does for a DataLoader: overfit_batches means the same batches every epoch.

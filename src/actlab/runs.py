@@ -6,6 +6,7 @@ A run folder (a single run, or one job of a sweep) holds `.hydra/` (config.yaml,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +20,12 @@ def _key(override: str) -> str:
     return override.lstrip("~+").split("=", 1)[0]
 
 
+def _unquote(value: str) -> str:
+    if len(value) > 1 and value[0] in "'\"" and value[-1] == value[0]:
+        return value[1:-1]
+    return value
+
+
 def quote(value: str) -> str:
     """A value Hydra reads as one string, whatever it holds (job folders contain `=` and `,`)."""
     q = '"' if "'" in value else "'"
@@ -30,10 +37,7 @@ def checkpoint_arg(args: list[str]) -> Path | None:
     values = [a[len(CKPT_ARG) :] for a in args if a.startswith(CKPT_ARG)]
     if not values or values[-1] in ("", "null"):
         return None
-    value = values[-1]
-    if len(value) > 1 and value[0] in "'\"" and value[-1] == value[0]:
-        value = value[1:-1]
-    path = Path(value)
+    path = Path(_unquote(values[-1]))
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: give a .ckpt file from a run's checkpoints/.")
     return path
@@ -79,3 +83,25 @@ def resume_args(args: list[str]) -> list[str]:
     earlier = [o for o in saved if _key(o) not in given | {"ckpt_path"}]
     here = [] if "hydra.run.dir" in given else [f"hydra.run.dir={quote(str(folder))}"]
     return [*earlier, *args, *here]
+
+
+def check_output_dirs(args: list[str]) -> None:
+    """Fail in one line, before Hydra tries, where the run folder cannot be made.
+
+    Looks at the folders the command line names (hydra.run.dir, hydra.sweep.dir, paths.log_dir;
+    logs/ by default): the nearest one that exists must be a folder this user can write to.
+    """
+    given = {_key(a): _unquote(a.split("=", 1)[1]) for a in args if "=" in a}
+    names = ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir")
+    folders = [given[n] for n in names if n in given] or ["logs"]
+    for folder in folders:
+        if "${" in folder:
+            continue
+        existing = Path(folder).absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(
+                f"cannot create the run folder under {folder}: {existing} is not a folder you can "
+                "write to. Fix its permissions or point paths.log_dir at another folder."
+            )

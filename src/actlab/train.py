@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from actlab import loggers as actlab_loggers
 from actlab.errors import Diverged, UserError
 from actlab.results import RESULTS, describe, logged_config, provenance, write_json
-from actlab.runs import resume_args
+from actlab.runs import check_output_dirs, resume_args
 from actlab.validation import validate
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -145,6 +145,7 @@ def main() -> None:
     """`python train.py [overrides]`; `ckpt_path=<run>/checkpoints/last.ckpt` resumes that run."""
     try:
         sys.argv[1:] = resume_args(sys.argv[1:])
+        check_output_dirs(sys.argv[1:])
     except UserError as e:
         sys.exit(f"error: {e}")
     run()
