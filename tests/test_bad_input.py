@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
@@ -22,6 +23,7 @@ from actlab.loggers import wandb_logger
 from actlab.results import write_json
 from actlab.runs import check_output_dirs
 from actlab.train import CONFIG_DIR
+from actlab.train import main as train_main
 from actlab.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,12 +168,12 @@ def test_full_disk_leaves_the_old_results_whole(
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
 
 
-def test_unwritable_log_folder(tmp_path: Path) -> None:
+def test_log_folder_check(tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(UserError, match="not a folder you can write to"):
-        check_output_dirs([f"paths.log_dir={blocker}/logs"])
-    check_output_dirs([f"paths.log_dir={tmp_path}/logs"])
+        check_output_dirs([f"hydra.sweep.dir={blocker}/sweep"])
+    check_output_dirs([f"paths.log_dir={tmp_path}/not/yet/made"])
 
 
 def test_wandb_online_without_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,13 +195,34 @@ def cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: 
     )
 
 
-def test_user_error_is_one_line_and_a_failed_record(tmp_path: Path) -> None:
-    proc = cli(tmp_path, "data=synthetic", "logger=csv", "data.batch_size=0")
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: invalid config: data.batch_size")
-    assert "Traceback" not in proc.stderr
+def exit_message(monkeypatch: pytest.MonkeyPatch, *args: str) -> str:
+    """What `python train.py ARGS` exits with, run in this process (sys.exit(message))."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    try:
+        with pytest.raises(SystemExit) as e:
+            train_main()
+    finally:
+        GlobalHydra.instance().clear()
+    return e.value.code
+
+
+def test_user_error_is_one_line_and_a_failed_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["data=synthetic", "logger=csv", "data.batch_size=0", f"paths.log_dir={tmp_path}/logs"]
+    message = exit_message(monkeypatch, *args)  # Python prints it: one line, exit status 1
+    assert message == "error: invalid config: data.batch_size=0 must be an integer >= 1"
     (results,) = (tmp_path / "logs" / "runs").glob("*/results.json")
     assert json.loads(results.read_text())["status"] == "failed"
+
+
+def test_unwritable_log_folder_stops_before_hydra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    message = exit_message(monkeypatch, "data=synthetic", f"paths.log_dir={blocker}")
+    assert message.startswith(f"error: cannot create the run folder under {blocker}")
 
 
 def test_wandb_key_without_network_fails_fast_and_clearly(tmp_path: Path) -> None:

@@ -1,21 +1,30 @@
-"""The researcher's daily loop, run as a user runs it: interrupt, resume, evaluate, sweep, debug."""
+"""The researcher's daily loop, run as a user runs it: interrupt, resume, evaluate, sweep, debug.
+
+Ctrl-C and the resumed W&B run need processes of their own; the other commands run in this
+process through the same entry points (`main()` with sys.argv), to pay Lightning's import once.
+"""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
 
+from actlab.eval import main as eval_main
 from actlab.runs import resume_args
+from actlab.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small synthetic data, no progress bar: the whole path in seconds, offline. Add a logger.
@@ -28,6 +37,9 @@ QUICK = [
     "callbacks.model_summary=null",
     "++trainer.enable_progress_bar=false",
 ]
+
+
+LINEAR = ["model.hidden_sizes=[]"]
 
 
 def command(script: str, *args: str) -> list[str]:
@@ -54,6 +66,19 @@ def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+def here(*args: str, main: Callable[[], None] = train_main) -> str:
+    """`python train.py ARGS` (or eval.py with main=eval_main) in this process; returns stdout."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["script.py", *args])
+        out = io.StringIO()
+        mp.setattr(sys, "stdout", out)
+        try:
+            main()
+        finally:
+            GlobalHydra.instance().clear()
+    return out.getvalue()
+
+
 def results(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
 
@@ -65,9 +90,12 @@ def metric_rows(folder: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A run stopped with Ctrl-C (SIGINT) after its first epochs, logging to W&B offline."""
+    """A run stopped with Ctrl-C (SIGINT) after its first epochs, logging to W&B offline.
+
+    Its model is linear (`model.hidden_sizes=[]`): that must train, stop and resume too.
+    """
     tmp = tmp_path_factory.mktemp("interrupted")
-    args = [*QUICK, "logger=wandb", "trainer.max_epochs=1000", f"paths.log_dir={tmp}/logs"]
+    args = [*QUICK, *LINEAR, "logger=wandb", "trainer.max_epochs=1000", f"paths.log_dir={tmp}/logs"]
     proc = subprocess.Popen(
         command("train.py", *args),
         cwd=tmp,
@@ -146,32 +174,35 @@ def test_resume_continues_the_same_wandb_run(interrupted: dict, resumed: dict) -
 
 
 def test_resumed_run_equals_an_uninterrupted_one(interrupted: dict, resumed: dict) -> None:
-    """Same epochs, same optimizer state, same batches: the same numbers as never stopping."""
+    """Same epochs, same optimizer state, same batches: the same numbers as never stopping.
+
+    The uninterrupted run is profiled (debug=profiler): profiling must not change the numbers.
+    """
     tmp = interrupted["tmp"]
-    run(
-        "train.py",
+    here(
         *QUICK,
+        *LINEAR,
         "logger=csv",
+        "debug=profiler",
         f"trainer.max_epochs={resumed['epochs']}",
         f"hydra.run.dir={tmp}/straight",
-        f"paths.log_dir={tmp}/logs",
-        cwd=tmp,
     )
-    straight = results(tmp / "straight")["metrics"]
+    straight = results(tmp / "straight")
     for key in ("val/loss", "train/loss_epoch", "test/loss"):
-        assert resumed["record"]["metrics"][key] == straight[key], key
+        assert resumed["record"]["metrics"][key] == straight["metrics"][key], key
+    assert straight["config"]["hidden_sizes"] == []
+    assert "run_training_epoch" in (tmp / "straight" / "fit-profile.txt").read_text()
 
 
 def test_eval_tests_a_checkpoint_with_its_run_config(interrupted: dict, resumed: dict) -> None:
     folder = interrupted["folder"]
     best = Path(resumed["record"]["best_checkpoint"])
-    proc = run("eval.py", f"ckpt_path={best}", cwd=interrupted["tmp"])
+    here(f"ckpt_path={best}", main=eval_main)
     saved = json.loads((folder / f"eval_{best.stem}.json").read_text())
     assert saved["checkpoint"] == str(best)
     # train.py tested the same best checkpoint after fitting.
     assert saved["metrics"]["test/acc"] == resumed["record"]["metrics"]["test/acc"]
     assert saved["metrics"]["test/loss"] == resumed["record"]["metrics"]["test/loss"]
-    assert "test/acc=" in proc.stderr + proc.stdout
     assert (folder / ".hydra" / "config.yaml").is_file()  # eval leaves the training config
 
 
@@ -199,8 +230,7 @@ def test_resume_args_put_the_run_overrides_first(tmp_path: Path) -> None:
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A diverging learning rate next to a sane one, each twice with the same seed."""
     tmp = tmp_path_factory.mktemp("sweep")
-    proc = run(
-        "train.py",
+    stdout = here(
         "-m",
         *QUICK,
         "logger=csv",
@@ -209,7 +239,6 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "trainer.max_epochs=2",
         "+repeat=1,2",
         f"hydra.sweep.dir={tmp}/sweep",
-        cwd=tmp,
     )
     jobs = {}
     for folder in (tmp / "sweep").iterdir():
@@ -217,7 +246,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
             record = results(folder)
             given = dict(o.lstrip("+").split("=", 1) for o in record["job"]["overrides"])
             jobs[given["optimizer.lr"], given["repeat"]] = record
-    return {"stdout": proc.stdout, "jobs": jobs}
+    return {"stdout": stdout, "jobs": jobs}
 
 
 def test_divergence_stops_the_job_and_the_sweep_goes_on(sweep: dict) -> None:
@@ -231,8 +260,10 @@ def test_divergence_stops_the_job_and_the_sweep_goes_on(sweep: dict) -> None:
     diverged = sweep["jobs"]["10", "1"]
     assert "the training loss became nan" in diverged["error"]
     assert "epochs" not in diverged  # stopped in the first epoch, before any checkpoint
-    table = [line.split() for line in sweep["stdout"].splitlines() if "optimizer.lr=" in line]
-    assert sorted(row[1] for row in table) == ["diverged", "diverged", "finished", "finished"]
+    lines = sweep["stdout"].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Sweep ")) + 3
+    rows = [line.split() for line in lines[start : start + 4]]  # after the header and its rule
+    assert sorted(row[1] for row in rows) == ["diverged", "diverged", "finished", "finished"]
 
 
 def test_same_seed_same_config_same_metrics(sweep: dict) -> None:
@@ -257,40 +288,31 @@ def test_results_record_seed_versions_and_git_state(sweep: dict) -> None:
 
 def test_overfit_one_batch_reaches_full_train_accuracy(tmp_path: Path) -> None:
     # Noise-only images: no rule generalises, so only memorising one fixed batch scores 100%.
-    run(
-        "train.py",
+    here(
         *QUICK,
         "logger=csv",
         "debug=overfit",
         "+data.source.noise=10000",
-        "data.source.n_train=20000",
-        "trainer.max_epochs=30",
+        "data.source.n_train=5000",
+        "trainer.max_epochs=20",
         f"hydra.run.dir={tmp_path}/run",
-        cwd=tmp_path,
     )
     rows = [r for r in metric_rows(tmp_path / "run") if r["train/acc_epoch"]]
     assert float(rows[-1]["train/acc_epoch"]) >= 0.99
     assert results(tmp_path / "run")["metrics"]["test/acc"] < 0.5  # it memorised, nothing to learn
 
 
-def test_profiler_on_a_linear_model(tmp_path: Path) -> None:
-    run(
-        "train.py",
-        *QUICK,
-        "logger=csv",
-        "debug=profiler",
-        "model.hidden_sizes=[]",
-        f"hydra.run.dir={tmp_path}/run",
-        cwd=tmp_path,
-    )
-    record = results(tmp_path / "run")
-    assert record["status"] == "finished" and record["config"]["hidden_sizes"] == []
-    assert record["epochs"] == 1
-    assert "run_training_epoch" in (tmp_path / "run" / "fit-profile.txt").read_text()
-
-
-def test_help_lists_groups_and_useful_overrides(tmp_path: Path) -> None:
-    text = run("train.py", "--help", cwd=tmp_path).stdout
+def test_help_lists_groups_and_useful_overrides(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py", "--help"])
+    try:
+        with pytest.raises(SystemExit) as e:
+            train_main()
+    finally:
+        GlobalHydra.instance().clear()
+    assert e.value.code == 0
+    text = capsys.readouterr().out
     groups = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
     assert {"leaky", "none", "relu"} <= set(groups["model.act"].split(", "))
     assert {"fdr", "limit", "overfit", "profiler"} <= set(groups["debug"].split(", "))
@@ -304,15 +326,14 @@ def test_help_lists_groups_and_useful_overrides(tmp_path: Path) -> None:
     reason="needs the [search] extra: pip install -e '.[search]'",
 )
 def test_optuna_searches_slope_and_lr(tmp_path: Path) -> None:
-    run(
-        "train.py",
+    here(
         "hparams_search=slope_optuna",
         *QUICK,
         "logger=csv",
         "trainer.max_epochs=1",
         "hydra.sweeper.n_trials=2",
         f"hydra.sweep.dir={tmp_path}/sweep",
-        cwd=tmp_path,
+        "hydra.sweep.subdir=${hydra.job.num}",  # the overrides above make too long a name
     )
     best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     assert "model.act.negative_slope" in best and "optimizer.lr" in best
