@@ -49,6 +49,7 @@ def rejected(*overrides: str) -> str:
         ("data.val_size=0", "data.val_size=0 must be an integer >= 1"),
         ("model.hidden_sizes=[256,0]", "model.hidden_sizes=[256, 0] must be a list of integers"),
         ("model.dropout=1.0", "model.dropout=1.0 must be a number in [0, 1)"),
+        ("model.act._target_=torch.nn.Swish", "torch.nn.Swish cannot be imported"),
     ],
 )
 def test_nonsense_values_name_the_key_and_the_rule(override: str, expected: str) -> None:

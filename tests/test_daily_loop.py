@@ -302,6 +302,12 @@ def test_overfit_one_batch_reaches_full_train_accuracy(tmp_path: Path) -> None:
     assert results(tmp_path / "run")["metrics"]["test/acc"] < 0.5  # it memorised, nothing to learn
 
 
+def test_quick_debug_runs_finish(tmp_path: Path) -> None:
+    here("-m", *QUICK, "logger=csv", "debug=fdr,limit", f"hydra.sweep.dir={tmp_path}")
+    status = {p.name: results(p)["status"] for p in tmp_path.iterdir() if p.is_dir()}
+    assert len(status) == 2 and set(status.values()) == {"finished"}
+
+
 def test_help_lists_groups_and_useful_overrides(
     capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -61,11 +61,16 @@ def _unknown_arguments(node: DictConfig, key: str) -> list[str]:
     target = node.get("_target_")
     if isinstance(target, str):
         try:
-            params = inspect.signature(get_object(target)).parameters
-        except (ImportError, AttributeError, ValueError, TypeError) as e:
-            return [f"{key}._target_={target} cannot be used ({e})"]
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            for name in set(node.keys()) - _HYDRA_KEYS - set(params):
+            obj = get_object(target)
+        except (ImportError, AttributeError, ValueError):
+            return [f"{key}._target_={target} cannot be imported"]
+        try:
+            params = inspect.signature(obj).parameters
+        except (ValueError, TypeError):  # no signature to check against (some C extensions)
+            params = None
+        kinds = [p.kind for p in (params or {}).values()]
+        if params is not None and inspect.Parameter.VAR_KEYWORD not in kinds:
+            for name in sorted(set(node.keys()) - _HYDRA_KEYS - set(params)):
                 accepted = ", ".join(params) or "nothing"
                 problems.append(f"{key}.{name}: {target} takes no {name!r} (it takes: {accepted})")
     for name, child in node.items_ex(resolve=False):
