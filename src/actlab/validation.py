@@ -97,8 +97,9 @@ def check_split(n: int, val_size: int, train_size: int | None) -> int:
     """The number of training images, once the dataset's size `n` is known."""
     n_train = n - val_size if train_size is None else train_size
     if val_size < 1 or n_train < 1 or n_train + val_size > n:
+        train = "null" if train_size is None else train_size  # as the config spells it
         raise UserError(
-            f"data.val_size={val_size} and data.train_size={train_size} do not fit the {n} "
+            f"data.val_size={val_size} and data.train_size={train} do not fit the {n} "
             f"training images: choose sizes with train + val <= {n} (and at least 1 each)."
         )
     return n_train
