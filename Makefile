@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv with torch ($(TORCH)) and the project
+install: $(STAMP) ## create .venv: torch first (make variable TORCH), then the project
 
 data: $(STAMP) ## fetch and MD5-check MNIST into data/
 	$(PY) -m actlab.data
@@ -44,8 +44,9 @@ format: $(STAMP) ## ruff fix and format
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-sync: $(STAMP) ## upload offline W&B runs (needs WANDB_API_KEY or wandb login)
-	$(PY) -m wandb sync --sync-all logs
+sync: $(STAMP) ## upload the offline W&B runs under logs/ (needs WANDB_API_KEY or `wandb login`)
+	@runs=$$(find logs -type d -name 'offline-run-*'); \
+	if [ -z "$$runs" ]; then echo "no offline W&B runs under logs/"; else .venv/bin/wandb sync $$runs; fi
 
 clean: ## remove the venv and caches (keeps data/ and logs/)
 	rm -rf .venv .pytest_cache .ruff_cache src/*.egg-info

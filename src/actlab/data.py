@@ -42,7 +42,7 @@ SPLITS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 def read_idx(path: Path) -> np.ndarray:
-    raw = Path(path).read_bytes()
+    raw = bytearray(Path(path).read_bytes())  # writable, so torch can share it without a copy
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise UserError(f"{path} is not an unsigned-byte IDX file; delete it and run `make data`.")
     ndim = raw[3]
@@ -263,7 +263,7 @@ class SyntheticSource:
     n_train: int = 2000
     n_test: int = 500
     num_classes: int = 10
-    noise: float = 60.0
+    noise: float = 90.0
     seed: int = 1234
 
     def prepare(self, data_dir: str | Path) -> str:
@@ -275,7 +275,7 @@ class SyntheticSource:
 
         def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
             y = rng.integers(0, self.num_classes, size=n)
-            x = templates[y] * 0.5 + rng.normal(64, self.noise, size=(n, 28, 28))
+            x = templates[y] * 0.2 + rng.normal(100, self.noise, size=(n, 28, 28))
             return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.uint8)
 
         return (*sample(self.n_train), *sample(self.n_test))

@@ -13,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from actlab import ROOT
 from actlab.errors import UserError
 
 RESULTS = "results.json"
@@ -99,10 +100,9 @@ def provenance() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    root = Path(__file__).resolve().parents[2]
     try:
-        commit = _git(root, "rev-parse", "HEAD")
-        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
+        commit = _git(ROOT, "rev-parse", "HEAD")
+        dirty = bool(_git(ROOT, "status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
     return {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from actlab import ROOT
 from actlab.errors import UserError
 
 CKPT_ARG = "ckpt_path="
@@ -89,11 +90,12 @@ def check_output_dirs(args: list[str]) -> None:
     """Fail in one line, before Hydra tries, where the run folder cannot be made.
 
     Looks at the folders the command line names (hydra.run.dir, hydra.sweep.dir, paths.log_dir;
-    logs/ by default): the nearest one that exists must be a folder this user can write to.
+    the repository's logs/ by default): the nearest one that exists must be a folder this user
+    can write to.
     """
     given = {_key(a): _unquote(a.split("=", 1)[1]) for a in args if "=" in a}
     names = ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir")
-    folders = [given[n] for n in names if n in given] or ["logs"]
+    folders = [given[n] for n in names if n in given] or [str(ROOT / "logs")]
     for folder in folders:
         if "${" in folder:
             continue

@@ -18,13 +18,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
+from actlab import ROOT
 from actlab import loggers as actlab_loggers
 from actlab.errors import Diverged, UserError
 from actlab.results import RESULTS, describe, logged_config, provenance, write_json
 from actlab.runs import check_output_dirs, resume_args
 from actlab.validation import validate
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+CONFIG_DIR = str(ROOT / "configs")
 log = logging.getLogger(__name__)
 
 
