@@ -4,7 +4,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train sweep report test lint format sync clean clean-logs
+.PHONY: help install data train sweep eval report test lint format sync clean clean-logs
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ train: $(STAMP) ## one training run with the default config (ARGS="..." adds ove
 
 sweep: $(STAMP) ## the main job: relu vs leaky vs none, then the comparison table
 	$(PY) train.py -m model.act=relu,leaky,none $(ARGS)
+
+eval: $(STAMP) ## test a checkpoint with its run's config (CKPT=<run>/checkpoints/last.ckpt)
+	$(PY) eval.py ckpt_path="$(CKPT)" $(ARGS)
 
 report: $(STAMP) ## tables and plots of the newest sweep (SWEEP=logs/multiruns/... to choose)
 	$(PY) -m actlab.report $(SWEEP)
