@@ -13,12 +13,10 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import R2Score
 
-from actlab.errors import UserError
+from actlab.errors import Diverged, UserError
 
 # task -> (loss, name of the eval metric logged as <stage>/<name> and <stage>/<name>_best)
 TASKS = {"classification": (F.cross_entropy, "acc"), "regression": (F.mse_loss, "r2")}
-
-from actlab.errors import Diverged
 
 
 def build_mlp(
