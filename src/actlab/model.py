@@ -43,6 +43,14 @@ class MLPClassifier(L.LightningModule):
 
     Training metrics are accumulated on the device and read once per epoch (plus every
     `log_every_n_steps`), so a small model is not slowed down by a host sync per step.
+
+    Optimization is manual (`automatic_optimization = False`), with the same semantics as
+    Lightning's automatic loop: one zero_grad/backward/step per minibatch, an epoch-interval
+    scheduler stepped after each epoch's last batch, optimizer and scheduler state in the
+    checkpoints. Why: for a model this small Lightning's automatic step (closure, extra hooks,
+    the loss's result tracking) costs about as much as the model's own forward and backward
+    (`make bench`, README "Performance"). Trainer options that need the automatic loop
+    (`gradient_clip_val`, `accumulate_grad_batches`) are refused by Lightning with this module.
     """
 
     def __init__(
@@ -56,6 +64,7 @@ class MLPClassifier(L.LightningModule):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False
         self.net = build_mlp(in_features, list(hidden_sizes), num_classes, act, dropout)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.register_buffer("_train_sums", torch.zeros(3), persistent=False)  # loss, correct, n
@@ -72,13 +81,27 @@ class MLPClassifier(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
         x, y = batch
+        # Lightning sends step metrics to the loggers every log_every_n_steps batches: log then.
+        log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        optimizer = self.optimizers()
         logits = self(x)
         loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+        # Where Lightning's automatic loop steps an epoch-interval scheduler: after the epoch's
+        # last batch, before validation and the checkpoint that a resumed run restarts from.
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
         with torch.no_grad():
             correct = (logits.argmax(1) == y).sum()
-            step = torch.stack([loss * len(y), correct.to(loss.dtype), loss.new_tensor(len(y))])
-            self._train_sums += step
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            # In place: `self._train_sums += ...` would go through nn.Module.__setattr__ each step.
+            self._train_sums.add_(
+                torch.stack([loss * len(y), correct.to(loss.dtype), loss.new_tensor(len(y))])
+            )
+        if log_now:
             self.log_dict({"train/loss": loss, "train/acc": correct / len(y)})
         return loss
 

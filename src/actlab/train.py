@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer | None = None
     try:
         validate(cfg)
+        torch.set_num_threads(cfg.get("threads") or len(os.sched_getaffinity(0)))
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)

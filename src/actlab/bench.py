@@ -1,0 +1,538 @@
+"""`make bench`: how close the project's training epoch runs to a plain PyTorch loop.
+
+Three ways to train the same 784-256-10 MLP on the same MNIST split, batch size and thread count:
+
+  project    `actlab.train.train(cfg)` as `python train.py` runs it (MNISTDataModule, MLPClassifier,
+             the default callbacks, the CSV logger; `project+wandb` adds the offline W&B logger),
+             with one extra callback that reads the clock at epoch boundaries;
+  plain      a hand-written loop over the same in-memory tensors: the floor on this machine;
+  per-sample the project's Trainer fed by a per-sample `Dataset` + `DataLoader(num_workers=0)` that
+             converts one image at a time, as the reference templates do (no torchvision).
+
+Each measurement is one epoch after a warm-up epoch; variants are interleaved round by round
+(A B C A B C ...) so that load from other processes hits them alike, and medians are reported.
+Then `python train.py` is launched as a user would to time process start -> first training step
+(against `python -c "import lightning"` launched the same way) and the peak RSS of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from actlab.data import MNISTDataModule
+from actlab.model import build_mlp
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _times(start: tuple, train_end: tuple, end: tuple) -> dict[str, float]:
+    """Wall seconds of the training steps and of the whole epoch, and the steps' CPU seconds.
+
+    CPU time (all threads of this process) is less disturbed by other processes than wall
+    time, which makes it a second opinion on a busy machine.
+    """
+    return {
+        "train_s": train_end[0] - start[0],
+        "epoch_s": end[0] - start[0],
+        "train_cpu_s": train_end[1] - start[1],
+    }
+
+
+class EpochClock(L.Callback):
+    """Reads the clock at epoch boundaries and writes the per-epoch times to `path` at the end.
+
+    `train_s` is the training steps of an epoch, `epoch_s` the whole epoch: steps, validation,
+    checkpointing and epoch-end logging.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.epochs: list[dict[str, float]] = []
+        self._start = self._train_end = (0.0, 0.0)
+
+    def _close(self) -> None:
+        if self._start[0]:
+            now = _clocks()
+            end = self._train_end if self._train_end[0] else now
+            self.epochs.append(_times(self._start, end, now))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+        self._start, self._train_end = _clocks(), (0.0, 0.0)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._train_end = _clocks()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+        Path(self.path).write_text(json.dumps(self.epochs))
+
+
+class FirstStepClock(L.Callback):
+    """Writes the wall-clock time of the first training batch to `path` (for start-up timing)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if not Path(self.path).exists():
+            Path(self.path).write_text(repr(time.time()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-sample path of the reference templates
+
+
+class PerSampleMNIST(Dataset):
+    """One uint8 image converted per `__getitem__`: to float, scaled, normalised, flattened."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float, std: float) -> None:
+        self.images, self.labels, self.mean, self.std = images, labels, mean, std
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = torch.from_numpy(self.images[i]).to(torch.float32).div_(255.0)
+        return ((x - self.mean) / self.std).flatten(), int(self.labels[i])
+
+
+class PerSampleDataModule(MNISTDataModule):
+    """The project's DataModule (same split) serving per-sample DataLoaders instead of tensors."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        x_tr, y_tr, x_te, y_te = self.source.load(self.data_dir)
+        n_train = len(x_tr) - self.val_size
+        perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(self.split_seed))
+        idx_train, idx_val = perm[:n_train].numpy(), perm[n_train:].numpy()
+        self.train = PerSampleMNIST(x_tr[idx_train], y_tr[idx_train], self.mean, self.std)
+        self.val = PerSampleMNIST(x_tr[idx_val], y_tr[idx_val], self.mean, self.std)
+        self.test = PerSampleMNIST(x_te, y_te, self.mean, self.std)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=self.eval_batch_size, num_workers=0)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test, batch_size=self.eval_batch_size, num_workers=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plain loop
+
+
+def plain_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of minibatch SGD in plain PyTorch: returns (mean loss, accuracy) as tensors.
+
+    It keeps the same training metrics as the project (loss and accuracy summed on the device,
+    read once at the end), so that the comparison is of the loops, not of the work.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for idx in torch.randperm(len(x), generator=generator).to(x.device).split(batch_size):
+        xb, yb = x[idx], y[idx]
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            loss_sum += loss * len(idx)
+            correct += (logits.argmax(1) == yb).sum()
+    return loss_sum / len(x), correct / len(x)
+
+
+@torch.no_grad()
+def plain_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    correct = sum(
+        (model(xb).argmax(1) == yb).sum()
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
+    )
+    return float(correct) / len(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the variants
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Send the progress bar, model summary and Lightning's info lines to /dev/null."""
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "actlab")
+    levels = {n: logging.getLogger(n).level for n in names}
+    with (
+        open(os.devnull, "w") as null,
+        contextlib.redirect_stderr(null),
+        contextlib.redirect_stdout(null),
+    ):
+        for n in names:
+            logging.getLogger(n).setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+
+
+def compose(overrides: list[str], output_dir: Path) -> Any:
+    """The config `python train.py <overrides>` would run in `output_dir`, Hydra's state set."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from actlab.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_project(
+    workdir: Path, batch_size: int, epochs: int, logger: str, threads: int, per_sample: bool = False
+) -> list[dict[str, float]]:
+    """`train(cfg)` for 1 warm-up + `epochs` epochs; returns the measured epochs' times."""
+    from actlab.train import train
+
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix=f"{logger}-{batch_size}-"))
+    clock = out / "epochs.json"
+    overrides = [
+        f"logger={logger}",
+        f"data.batch_size={batch_size}",
+        f"trainer.max_epochs={1 + epochs}",
+        f"threads={threads}",
+        "test=false",
+        f"paths.data_dir={ROOT / 'data'}",
+        f"paths.log_dir={workdir}",
+        "+callbacks.epoch_clock._target_=actlab.bench.EpochClock",
+        f"+callbacks.epoch_clock.path={clock}",
+    ]
+    if per_sample:
+        overrides.append("data._target_=actlab.bench.PerSampleDataModule")
+    cfg = compose(overrides, out)
+    with _quiet():
+        train(cfg)
+    return json.loads(clock.read_text())[1:]
+
+
+def run_plain(cfg: Any, batch_size: int, epochs: int) -> list[dict[str, float]]:
+    """The plain loop on the project's own tensors (same split, model, optimizer, threads)."""
+    from hydra.utils import instantiate
+
+    dm: MNISTDataModule = instantiate(cfg.data)
+    dm.setup()
+    (x, y), (xv, yv) = dm.train, dm.val
+    torch.manual_seed(cfg.seed)
+    model = build_mlp(784, list(cfg.model.hidden_sizes), 10, instantiate(cfg.model.act))
+    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    gen = torch.Generator().manual_seed(cfg.seed)
+    times = []
+    for _ in range(1 + epochs):
+        start = _clocks()
+        plain_epoch(model, optimizer, x, y, batch_size, gen)[0].item()
+        train_end = _clocks()
+        plain_eval(model, xv, yv, cfg.data.eval_batch_size)
+        times.append(_times(start, train_end, _clocks()))
+    return times[1:]
+
+
+def time_first_step(args: list[str], workdir: Path) -> dict[str, float]:
+    """Launch `python <args>` and return seconds to its first training batch and its peak RSS."""
+    stamp = Path(tempfile.mkstemp(dir=workdir, suffix=".t")[1])
+    stamp.unlink()
+    cmd = [sys.executable, *args]
+    if args[0] == "train.py":
+        cmd += [
+            "+callbacks.first_step._target_=actlab.bench.FirstStepClock",
+            f"+callbacks.first_step.path={stamp}",
+        ]
+    else:
+        cmd[-1] += (
+            f"; import time, pathlib; pathlib.Path({str(stamp)!r}).write_text(repr(time.time()))"
+        )
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not stamp.exists():
+        err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err}")
+    proc.stderr.close()
+    return {"first_step_s": float(stamp.read_text()) - t0, "peak_rss_gb": usage.ru_maxrss / 1e6}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _median(samples: list[dict[str, float]], key: str) -> float:
+    return statistics.median(s[key] for s in samples)
+
+
+def measure_epochs(
+    batch_sizes: list[int], rounds: int, epochs: int, threads: int, workdir: Path, say: Callable
+) -> dict[str, Any]:
+    variants: dict[str, Callable[[int], list[dict[str, float]]]] = {
+        "project": lambda b: run_project(workdir, b, epochs, "csv", threads),
+        "plain": lambda b: run_plain(
+            compose([f"paths.data_dir={ROOT / 'data'}"], workdir), b, epochs
+        ),
+        "project+wandb": lambda b: run_project(workdir, b, epochs, "wandb", threads),
+        # The slow path needs no repeats to show a 4x gap: one measured epoch per round.
+        "per-sample": lambda b: run_project(workdir, b, 1, "csv", threads, per_sample=True),
+    }
+    out: dict[str, Any] = {}
+    for b in batch_sizes:
+        samples: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+        for r in range(rounds):
+            names = list(variants)
+            names = names[r % len(names) :] + names[: r % len(names)]  # rotate the order per round
+            for name in names:
+                samples[name] += variants[name](b)
+                last = samples[name][-1]
+                say(f"  batch {b} round {r + 1}/{rounds} {name:<14} {last['train_s']:.3f} s/epoch")
+        out[str(b)] = {
+            name: {
+                "train_s": _median(s, "train_s"),
+                "epoch_s": _median(s, "epoch_s"),
+                "train_cpu_s": _median(s, "train_cpu_s"),
+                "samples": s,
+            }
+            for name, s in samples.items()
+        }
+    return out
+
+
+def measure_startup(rounds: int, workdir: Path, say: Callable) -> dict[str, Any]:
+    common = [
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=20",
+        "test=false",
+        f"paths.log_dir={workdir}",
+    ]
+    runs = {
+        "import lightning": ["-c", "import lightning"],
+        "train.py logger=csv": ["train.py", "logger=csv", *common],
+        "train.py logger=wandb": ["train.py", "logger=wandb", *common],
+    }
+    samples: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
+    for r in range(rounds):
+        for name, args in runs.items():
+            samples[name].append(time_first_step(args, workdir))
+            took = samples[name][-1]["first_step_s"]
+            say(f"  start-up round {r + 1}/{rounds} {name:<22} {took:.2f} s")
+    return {
+        name: {
+            "first_step_s": _median(s, "first_step_s"),
+            "peak_rss_gb": max(x["peak_rss_gb"] for x in s),
+            "samples": s,
+        }
+        for name, s in samples.items()
+    }
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The Markdown tables `make bench` prints (and README's Performance section shows)."""
+    epochs, startup = result.get("epochs", {}), result.get("startup")
+    rows: list[str] = []
+    if epochs:
+        rows += [
+            "Seconds per epoch, training steps only (median):",
+            "",
+            _row(
+                "batch",
+                "plain",
+                "project (CSV)",
+                "project (W&B+CSV)",
+                "per-sample DataLoader",
+                "project/plain",
+                "same, CPU time",
+                "W&B/CSV",
+                "per-sample/project",
+            ),
+            _row(*["---"] * 9),
+        ]
+        for b, m in epochs.items():
+            p, c, w, d = (m[k] for k in ("plain", "project", "project+wandb", "per-sample"))
+            rows.append(
+                _row(
+                    b,
+                    f"{p['train_s']:.3f}",
+                    f"{c['train_s']:.3f}",
+                    f"{w['train_s']:.3f}",
+                    f"{d['train_s']:.3f}",
+                    f"{c['train_s'] / p['train_s']:.2f}",
+                    f"{c['train_cpu_s'] / p['train_cpu_s']:.2f}",
+                    f"{w['train_s'] / c['train_s']:.2f}",
+                    f"{d['train_s'] / c['train_s']:.1f}",
+                )
+            )
+        rows += [
+            "",
+            "Seconds per whole epoch (steps, validation, checkpoints, epoch-end logging; median):",
+            "",
+            _row("batch", "plain", "project (CSV)", "project (W&B+CSV)", "project/plain"),
+            _row(*["---"] * 5),
+        ]
+        for b, m in epochs.items():
+            p, c, w = (m[k]["epoch_s"] for k in ("plain", "project", "project+wandb"))
+            rows.append(_row(b, f"{p:.3f}", f"{c:.3f}", f"{w:.3f}", f"{c / p:.2f}"))
+    if startup:
+        base = startup["import lightning"]["first_step_s"]
+        rows += [
+            "",
+            _row(
+                "process",
+                "start -> first training step (s)",
+                "minus `import lightning`",
+                "peak RSS (GB)",
+            ),
+            _row(*["---"] * 4),
+        ]
+        for name, v in startup.items():
+            rows.append(
+                _row(
+                    f"`{name}`",
+                    f"{v['first_step_s']:.2f}",
+                    f"{v['first_step_s'] - base:+.2f}",
+                    f"{v['peak_rss_gb']:.2f}",
+                )
+            )
+    checks = targets(result)
+    if checks:
+        rows += ["", _row("target", "measured", "goal", ""), _row(*["---"] * 4)]
+        rows += [
+            _row(name, f"{v:.2f}", f"{op} {goal}", "met" if ok else "MISSED")
+            for name, v, op, goal, ok in checks
+        ]
+    return "\n".join(rows)
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]:
+    """(name, measured, "<=" or ">=", goal, met) for each target of issue 5 that was measured."""
+    out = []
+    goals = {"64": 1.3, "512": 1.15}
+    for b, m in result.get("epochs", {}).items():
+        p, c, w, d = (m[k]["train_s"] for k in ("plain", "project", "project+wandb", "per-sample"))
+        if b in goals:
+            out.append((f"project/plain, batch {b}", c / p, "<=", goals[b]))
+        out.append((f"W&B/CSV, batch {b}", w / c, "<=", 1.10))
+        out.append((f"per-sample/project, batch {b}", d / c, ">=", 4.0))
+    s = result.get("startup")
+    if s:
+        base = s["import lightning"]["first_step_s"]
+        csv = s["train.py logger=csv"]
+        out.append(
+            ("first step - import lightning (s), CSV", csv["first_step_s"] - base, "<=", 1.0)
+        )
+        rss = max(v["peak_rss_gb"] for k, v in s.items() if k.startswith("train.py"))
+        out.append(("peak RSS of train.py (GB)", rss, "<=", 1.2))
+    return [(n, v, op, g, v <= g if op == "<=" else v >= g) for n, v, op, g in out]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m actlab.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds per batch size (0: none)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=2, help="measured epochs per run (after 1 warm-up)"
+    )
+    parser.add_argument("--startup-rounds", type=int, default=3, help="0 skips the start-up runs")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    result: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus_usable": len(os.sched_getaffinity(0)),
+            "threads": args.threads,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "platform": platform.platform(),
+            "load_average_before": os.getloadavg(),
+        },
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    }
+    with tempfile.TemporaryDirectory(prefix="actlab-bench-") as tmp:
+        workdir = Path(tmp)
+        if args.rounds:
+            say(f"seconds per epoch, {args.rounds} interleaved rounds of {args.epochs} epochs")
+            result["epochs"] = measure_epochs(
+                args.batch_sizes, args.rounds, args.epochs, args.threads, workdir, say
+            )
+        if args.startup_rounds:
+            say("start-up and memory of `python train.py` (20 training steps, no test)")
+            result["startup"] = measure_startup(args.startup_rounds, workdir, say)
+    result["machine"]["load_average_after"] = os.getloadavg()
+    result["bench_seconds"] = round(time.perf_counter() - started, 1)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{dt.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    la = result["machine"]
+    print(
+        f"\n{la['threads']} threads on {la['cpus_usable']} usable CPUs; load average "
+        f"{la['load_average_before'][0]:.1f} before, {la['load_average_after'][0]:.1f} after "
+        f"(above {la['cpus_usable']} means other processes shared the CPUs). "
+        f"{result['bench_seconds']:.0f} s in all; figures in {path}"
+    )
+
+
+if __name__ == "__main__":
+    main()
