@@ -110,17 +110,29 @@ class FirstStepClock(L.Callback):
 
 
 class PerSampleMNIST(Dataset):
-    """One uint8 image converted per `__getitem__`: to float, scaled, normalised, flattened."""
+    """What torchvision's `MNIST(transform=Compose([ToTensor(), Normalize(...)]))` does per image.
+
+    A PIL image from the uint8 array, then ToTensor (copy, HWC -> CHW, float, /255) and
+    Normalize (clone, subtract, divide), then a flatten for the MLP, one image per call.
+    Written out here because torchvision does not install on this machine's torch build.
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float, std: float) -> None:
-        self.images, self.labels, self.mean, self.std = images, labels, mean, std
+        self.images, self.labels = images, labels
+        self.mean, self.std = torch.tensor([mean]), torch.tensor([std])
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = torch.from_numpy(self.images[i]).to(torch.float32).div_(255.0)
-        return ((x - self.mean) / self.std).flatten(), int(self.labels[i])
+        from PIL import Image
+
+        pic = Image.fromarray(self.images[i])  # a 2-D uint8 array gives mode "L"
+        x = torch.from_numpy(np.array(pic, np.uint8, copy=True))
+        x = x.view(pic.size[1], pic.size[0], 1).permute((2, 0, 1)).contiguous()
+        x = x.to(dtype=torch.float32).div(255)
+        x = x.clone().sub_(self.mean.view(-1, 1, 1)).div_(self.std.view(-1, 1, 1))
+        return x.flatten(), int(self.labels[i])
 
 
 class PerSampleDataModule(MNISTDataModule):

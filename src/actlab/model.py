@@ -97,9 +97,10 @@ class MLPClassifier(L.LightningModule):
                 scheduler.step()
         with torch.no_grad():
             correct = (logits.argmax(1) == y).sum()
-            # In place: `self._train_sums += ...` would go through nn.Module.__setattr__ each step.
+            # In place (`+=` would go through nn.Module.__setattr__ each step); new_full, not
+            # new_tensor: a fill on the device instead of a host-to-device copy (a sync on a GPU).
             self._train_sums.add_(
-                torch.stack([loss * len(y), correct.to(loss.dtype), loss.new_tensor(len(y))])
+                torch.stack([loss * len(y), correct.to(loss.dtype), loss.new_full((), len(y))])
             )
         if log_now:
             self.log_dict({"train/loss": loss, "train/acc": correct / len(y)})
