@@ -18,6 +18,7 @@ Then `python train.py` is launched as a user would to time process start -> firs
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime as dt
 import json
@@ -94,15 +95,47 @@ class EpochClock(L.Callback):
         Path(self.path).write_text(json.dumps(self.epochs))
 
 
-class FirstStepClock(L.Callback):
-    """Writes the wall-clock time of the first training batch to `path` (for start-up timing)."""
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM, Linux).
+
+    Not `ru_maxrss`: that survives exec, so a child forked from a big parent (this bench)
+    would report the parent's size.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+class StartupProbe(L.Callback):
+    """Records the wall-clock time of the first training batch and, at exit, the peak RSS.
+
+    Both go to `path` as JSON when the process exits, so the peak covers fit and test.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.first_step: float | None = None
+        atexit.register(self._write)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        if not Path(self.path).exists():
-            Path(self.path).write_text(repr(time.time()))
+        if self.first_step is None:
+            self.first_step = time.time()
+
+    def _write(self) -> None:
+        record = {"first_step": self.first_step, "peak_rss_gb": peak_rss_gb()}
+        Path(self.path).write_text(json.dumps(record))
+
+
+# The baseline process: `import lightning`, then the same record as StartupProbe writes.
+_BASELINE = """import lightning
+import json, time, pathlib
+t = time.time()
+status = pathlib.Path("/proc/self/status").read_text().splitlines()
+hwm = next(line for line in status if line.startswith("VmHWM:"))
+record = {{"first_step": t, "peak_rss_gb": int(hwm.split()[1]) / 1e6}}
+pathlib.Path({path!r}).write_text(json.dumps(record))
+"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,28 +324,31 @@ def run_plain(cfg: Any, batch_size: int, epochs: int) -> list[dict[str, float]]:
 
 
 def time_first_step(args: list[str], workdir: Path) -> dict[str, float]:
-    """Launch `python <args>` and return seconds to its first training batch and its peak RSS."""
-    stamp = Path(tempfile.mkstemp(dir=workdir, suffix=".t")[1])
+    """Launch `python train.py <args>` (or the baseline if args is empty) and return the seconds
+    from launch to its first training batch and its peak RSS."""
+    fd, name = tempfile.mkstemp(dir=workdir, suffix=".json")
+    os.close(fd)
+    stamp = Path(name)
     stamp.unlink()
-    cmd = [sys.executable, *args]
-    if args[0] == "train.py":
-        cmd += [
-            "+callbacks.first_step._target_=actlab.bench.FirstStepClock",
-            f"+callbacks.first_step.path={stamp}",
+    if args:
+        cmd = [
+            sys.executable,
+            "train.py",
+            *args,
+            "+callbacks.startup_probe._target_=actlab.bench.StartupProbe",
+            f"+callbacks.startup_probe.path={stamp}",
         ]
     else:
-        cmd[-1] += (
-            f"; import time, pathlib; pathlib.Path({str(stamp)!r}).write_text(repr(time.time()))"
-        )
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0 or not stamp.exists():
-        err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err}")
-    proc.stderr.close()
-    return {"first_step_s": float(stamp.read_text()) - t0, "peak_rss_gb": usage.ru_maxrss / 1e6}
+        cmd = [sys.executable, "-c", _BASELINE.format(path=str(stamp))]
+    with tempfile.TemporaryFile(dir=workdir) as err:
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        if proc.returncode != 0 or not stamp.exists():
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+    record = json.loads(stamp.read_text())
+    return {"first_step_s": record["first_step"] - t0, "peak_rss_gb": record["peak_rss_gb"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,16 +394,11 @@ def measure_epochs(
 
 
 def measure_startup(rounds: int, workdir: Path, say: Callable) -> dict[str, Any]:
-    common = [
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=20",
-        "test=false",
-        f"paths.log_dir={workdir}",
-    ]
+    common = ["trainer.max_epochs=1", "+trainer.limit_train_batches=20", f"paths.log_dir={workdir}"]
     runs = {
-        "import lightning": ["-c", "import lightning"],
-        "train.py logger=csv": ["train.py", "logger=csv", *common],
-        "train.py logger=wandb": ["train.py", "logger=wandb", *common],
+        "import lightning": [],
+        "train.py logger=csv": ["logger=csv", *common],
+        "train.py logger=wandb": ["logger=wandb", *common],
     }
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
     for r in range(rounds):
@@ -528,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.batch_sizes, args.rounds, args.epochs, args.threads, workdir, say
             )
         if args.startup_rounds:
-            say("start-up and memory of `python train.py` (20 training steps, no test)")
+            say("start-up and memory of `python train.py` (20 training steps, then test)")
             result["startup"] = measure_startup(args.startup_rounds, workdir, say)
     result["machine"]["load_average_after"] = os.getloadavg()
     result["bench_seconds"] = round(time.perf_counter() - started, 1)
