@@ -272,6 +272,8 @@ def compose(overrides: list[str], output_dir: Path) -> Any:
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
     HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a real run: the task sees its config, Hydra's is in HydraConfig
     return cfg
 
 
