@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from actlab.data import MNISTDataModule
 from actlab.model import build_mlp
+from actlab.train import usable_cpus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -554,7 +555,7 @@ def main(argv: list[str] | None = None) -> None:
         "--epochs", type=int, default=2, help="measured epochs per run (after 1 warm-up)"
     )
     parser.add_argument("--startup-rounds", type=int, default=3, help="0 skips the start-up runs")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=usable_cpus())
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench")
     args = parser.parse_args(argv)
 
@@ -564,7 +565,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
-            "cpus_usable": len(os.sched_getaffinity(0)),
+            "cpus_usable": usable_cpus(),
             "threads": args.threads,
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -48,8 +48,8 @@ class MLPClassifier(L.LightningModule):
     Lightning's automatic loop: one zero_grad/backward/step per minibatch, an epoch-interval
     scheduler stepped after each epoch's last batch, optimizer and scheduler state in the
     checkpoints. Why: for a model this small Lightning's automatic step (closure, extra hooks,
-    the loss's result tracking) costs about as much as the model's own forward and backward
-    (`make bench`, README "Performance"). Trainer options that need the automatic loop
+    the loss's result tracking) adds a large fraction of the model's own forward and backward
+    time (`make bench`, README "Performance"). Trainer options that need the automatic loop
     (`gradient_clip_val`, `accumulate_grad_batches`) are refused by Lightning with this module.
     """
 
