@@ -9,8 +9,9 @@ Three ways to train the same 784-256-10 MLP on the same MNIST split, batch size 
   per-sample the project's Trainer fed by a per-sample `Dataset` + `DataLoader(num_workers=0)` that
              converts one image at a time, as the reference templates do (no torchvision).
 
-Each measurement is one epoch after a warm-up epoch; variants are interleaved round by round
-(A B C A B C ...) so that load from other processes hits them alike, and medians are reported.
+Each measurement is one epoch after a warm-up epoch; the variants are interleaved round by round
+(A B C D, then B C D A, ...) so that load from other processes hits them alike; times are
+medians, ratios medians of per-round ratios.
 Then `python train.py` is launched as a user would to time process start -> first training step
 (against `python -c "import lightning"` launched the same way) and the peak RSS of the process.
 """
@@ -38,12 +39,17 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from actlab.data import MNISTDataModule
 from actlab.model import build_mlp
-from actlab.train import usable_cpus
+from actlab.train import CONFIG_DIR, train, usable_cpus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -261,13 +267,6 @@ def _quiet() -> Iterator[None]:
 
 def compose(overrides: list[str], output_dir: Path) -> Any:
     """The config `python train.py <overrides>` would run in `output_dir`, Hydra's state set."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from actlab.train import CONFIG_DIR
-
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
@@ -282,8 +281,6 @@ def run_project(
     workdir: Path, batch_size: int, epochs: int, logger: str, threads: int, per_sample: bool = False
 ) -> list[dict[str, float]]:
     """`train(cfg)` for 1 warm-up + `epochs` epochs; returns the measured epochs' times."""
-    from actlab.train import train
-
     out = Path(tempfile.mkdtemp(dir=workdir, prefix=f"{logger}-{batch_size}-"))
     clock = out / "epochs.json"
     overrides = [
@@ -307,8 +304,6 @@ def run_project(
 
 def run_plain(cfg: Any, batch_size: int, epochs: int) -> list[dict[str, float]]:
     """The plain loop on the project's own tensors (same split, model, optimizer, threads)."""
-    from hydra.utils import instantiate
-
     dm: MNISTDataModule = instantiate(cfg.data)
     dm.setup()
     (x, y), (xv, yv) = dm.train, dm.val
