@@ -4,7 +4,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train sweep eval report test lint format sync clean clean-logs
+.PHONY: help install data train sweep eval report bench test lint format sync clean clean-logs
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ eval: $(STAMP) ## test a checkpoint with its run's config (CKPT=<run>/checkpoint
 
 report: $(STAMP) ## tables and plots of the newest sweep (SWEEP=logs/multiruns/... to choose)
 	$(PY) -m actlab.report $(SWEEP)
+
+bench: $(STAMP) ## time an epoch vs plain PyTorch, start-up, memory (ARGS="--rounds 5"...)
+	$(PY) -m actlab.bench $(ARGS)
 
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest $(ARGS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 from conftest import compose_train
 from hydra.errors import MissingConfigException
@@ -16,13 +18,26 @@ GROUPS = sorted(
 )
 
 
+# Groups whose options need an optional extra's Hydra plugin.
+NEEDS = {"hparams_search": ("hydra_plugins.hydra_optuna_sweeper", "pip install -e '.[search]'")}
+
+
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize(
-    "group,option", [(g, o) for g in GROUPS for o in options(g)], ids=lambda v: str(v)
-)
+def group_option(group: str, option: str):
+    module, how = NEEDS.get(group, (None, ""))
+    missing = module is not None and importlib.util.find_spec(module) is None
+    return pytest.param(
+        group,
+        option,
+        marks=pytest.mark.skipif(missing, reason=f"needs {how}"),
+        id=f"{group}={option}",
+    )
+
+
+@pytest.mark.parametrize("group,option", [group_option(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group: str, option: str) -> None:
     cfg = compose_train(f"{group}={option}")
     assert cfg.hydra.runtime.choices[group] == option

@@ -70,6 +70,18 @@ def md5(path: Path) -> str:
     return h.hexdigest()
 
 
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def _md5_matches(path: Path, expected: str) -> bool:
+    """MD5 check done once per file version per process (`prepare_data` and `setup` both ask)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, expected)
+    if key not in _VERIFIED and md5(path) == expected:
+        _VERIFIED.add(key)
+    return key in _VERIFIED
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -130,7 +142,7 @@ class IDXSource:
         for fname, expected in self.files.values():
             path = folder / fname
             try:
-                if md5(path) != expected:
+                if not _md5_matches(path, expected):
                     bad.append(f"{fname} (MD5 mismatch: truncated or corrupted)")
             except FileNotFoundError:
                 bad.append(f"{fname} (absent)")
@@ -429,14 +441,11 @@ class MNISTDataModule(L.LightningDataModule):
         n = len(x_tr)
         n_train = check_split(n, self.val_size, self.train_size)
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        x, y = self._tensors(x_tr, y_tr, device)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
-        perm = perm.to(device)
-        self.train = x[perm[:n_train]], y[perm[:n_train]]
-        self.val = (
-            x[perm[n_train : n_train + self.val_size]],
-            y[perm[n_train : n_train + self.val_size]],
-        )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).numpy()
+        # Split the uint8 arrays, then convert: a quarter of the memory traffic of splitting floats.
+        train, val = perm[:n_train], perm[n_train : n_train + self.val_size]
+        self.train = self._tensors(x_tr[train], y_tr[train], device)
+        self.val = self._tensors(x_tr[val], y_tr[val], device)
         self.test = self._tensors(x_te, y_te, device)
 
     def _tensors(
@@ -444,7 +453,8 @@ class MNISTDataModule(L.LightningDataModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         xt = torch.from_numpy(x.reshape(len(x), -1)).to(device=device, dtype=torch.float32)
         scale = 255.0 if x.dtype == np.uint8 else 1.0  # images are bytes; other inputs real values
-        xt = (xt / scale - self.mean) / self.std
+        # In place: out-of-place would hold three float copies of the images at once (peak RSS).
+        xt.div_(scale).sub_(self.mean).div_(self.std)
         target_type = np.int64 if y.dtype.kind in "iu" else np.float32  # labels or real targets
         return xt, torch.from_numpy(y.astype(target_type)).to(device)
 
@@ -465,6 +475,15 @@ class MNISTDataModule(L.LightningDataModule):
             t.world_size,
             current_epoch=lambda: t.current_epoch,
         )
+
+    def transfer_batch_to_device(
+        self, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device, dataloader_idx: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The tensors already sit on the trainer's device (see `setup`): skip Lightning's walk
+        # over the batch, a measurable part of a small model's step.
+        if batch[0].device == device:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self) -> TensorBatches:
         # As Lightning does for a DataLoader: overfit_batches means the same batches every epoch.

@@ -50,6 +50,15 @@ class MLPClassifier(L.LightningModule):
 
     Training metrics are accumulated on the device and read once per epoch (plus every
     `log_every_n_steps`), so a small model is not slowed down by a host sync per step.
+
+    Optimization is manual (`automatic_optimization = False`), with the same semantics as
+    Lightning's automatic loop: one zero_grad/backward/step per minibatch, an epoch-interval
+    scheduler stepped after each epoch's last batch, optimizer and scheduler state in the
+    checkpoints. Why: for a model this small Lightning's automatic step (closure, extra hooks,
+    the loss's result tracking) adds a large fraction of the model's own forward and backward
+    time (`make bench`, README "Performance"). Gradient clipping is therefore the model's
+    `gradient_clip_val` (by norm), not the trainer's; Lightning refuses the trainer options that
+    need its automatic loop (`gradient_clip_val`, `accumulate_grad_batches`).
     """
 
     def __init__(
@@ -62,12 +71,15 @@ class MLPClassifier(L.LightningModule):
         in_features: int = 784,
         num_classes: int = 10,
         task: str = "classification",
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
         if task not in TASKS:
             raise UserError(f"model.task={task!r} is unknown; choose one of {', '.join(TASKS)}.")
         self.loss_fn, self.metric = TASKS[task]
         self.classify = task == "classification"
+        self.automatic_optimization = False
+        self.gradient_clip_val = gradient_clip_val
         self.net = build_mlp(in_features, list(hidden_sizes), num_classes, act, dropout)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.register_buffer("_train_sums", torch.zeros(3), persistent=False)  # loss, correct, n
@@ -87,13 +99,30 @@ class MLPClassifier(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
         x, y = batch
+        # Lightning sends step metrics to the loggers every log_every_n_steps batches: log then.
+        log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        optimizer = self.optimizers()
         logits = self(x)
         loss = self.loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, self.gradient_clip_val, "norm")
+        optimizer.step()
+        # Where Lightning's automatic loop steps an epoch-interval scheduler: after the epoch's
+        # last batch, before validation and the checkpoint that a resumed run restarts from.
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
         with torch.no_grad():
             correct = (logits.argmax(1) == y).sum() if self.classify else loss.new_zeros(())
-            step = torch.stack([loss * len(y), correct.to(loss.dtype), loss.new_tensor(len(y))])
-            self._train_sums += step
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            # In place (`+=` would go through nn.Module.__setattr__ each step); new_full, not
+            # new_tensor: a fill on the device instead of a host-to-device copy (a sync on a GPU).
+            self._train_sums.add_(
+                torch.stack([loss * len(y), correct.to(loss.dtype), loss.new_full((), len(y))])
+            )
+        if log_now:
             logs = {"train/loss": loss, "train/acc": correct / len(y)}
             self.log_dict(logs if self.classify else {"train/loss": loss})
         return loss

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,13 @@ CONFIG_DIR = str(ROOT / "configs")
 log = logging.getLogger(__name__)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a Slurm allocation or `taskset`), not all of the machine's."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then test the best-by-val checkpoint; returns the record written to results.json."""
     hc = HydraConfig.get()
@@ -47,6 +55,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer | None = None
     try:
         validate(cfg)
+        torch.set_num_threads(cfg.get("threads") or usable_cpus())
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)

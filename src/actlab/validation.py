@@ -48,6 +48,10 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.act.negative_slope", _number, "a finite number"),
     ("trainer.max_epochs", lambda v: v is None or _int_at_least(-1)(v), "an integer >= -1"),
     ("trainer.log_every_n_steps", _int_at_least(1), "an integer >= 1"),
+    ("model.gradient_clip_val", lambda v: v is None or (_number(v) and v > 0), "null or > 0"),
+    # The module optimizes manually (for speed), which Lightning's own clipping cannot serve.
+    ("trainer.gradient_clip_val", lambda v: v is None, "null: use model.gradient_clip_val"),
+    ("trainer.accumulate_grad_batches", lambda v: v == 1, "1: the module steps every batch"),
 ]
 
 

@@ -1,0 +1,600 @@
+"""`make bench`: how close the project's training epoch runs to a plain PyTorch loop.
+
+Three ways to train the same 784-256-10 MLP on the same MNIST split, batch size and thread count:
+
+  project    `actlab.train.train(cfg)` as `python train.py` runs it (MNISTDataModule, MLPClassifier,
+             the default callbacks, the CSV logger; `project+wandb` adds the offline W&B logger),
+             with one extra callback that reads the clock at epoch boundaries;
+  plain      a hand-written loop over the same in-memory tensors: the floor on this machine;
+  per-sample the project's Trainer fed by a per-sample `Dataset` + `DataLoader(num_workers=0)` that
+             converts one image at a time, as the reference templates do (no torchvision).
+
+Each measurement is one epoch after a warm-up epoch; the variants are interleaved round by round
+(A B C D, then B C D A, ...) so that load from other processes hits them alike; times are
+medians, ratios medians of per-round ratios.
+Then `python train.py` is launched as a user would to time process start -> first training step
+(against `python -c "import lightning"` launched the same way) and the peak RSS of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from actlab.data import MNISTDataModule
+from actlab.model import build_mlp
+from actlab.train import CONFIG_DIR, train, usable_cpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _times(start: tuple, train_end: tuple, end: tuple) -> dict[str, float]:
+    """Wall seconds of the training steps and of the whole epoch, and the steps' CPU seconds.
+
+    CPU time (all threads of this process) is less disturbed by other processes than wall
+    time, which makes it a second opinion on a busy machine.
+    """
+    return {
+        "train_s": train_end[0] - start[0],
+        "epoch_s": end[0] - start[0],
+        "train_cpu_s": train_end[1] - start[1],
+    }
+
+
+class EpochClock(L.Callback):
+    """Reads the clock at epoch boundaries and writes the per-epoch times to `path` at the end.
+
+    `train_s` is the training steps of an epoch, `epoch_s` the whole epoch: steps, validation,
+    checkpointing and epoch-end logging.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.epochs: list[dict[str, float]] = []
+        self._start = self._train_end = (0.0, 0.0)
+
+    def _close(self) -> None:
+        if self._start[0]:
+            now = _clocks()
+            end = self._train_end if self._train_end[0] else now
+            self.epochs.append(_times(self._start, end, now))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+        self._start, self._train_end = _clocks(), (0.0, 0.0)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._train_end = _clocks()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close()
+        Path(self.path).write_text(json.dumps(self.epochs))
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM, Linux).
+
+    Not `ru_maxrss`: that survives exec, so a child forked from a big parent (this bench)
+    would report the parent's size.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+class StartupProbe(L.Callback):
+    """Records the wall-clock time of the first training batch and, at exit, the peak RSS.
+
+    Both go to `path` as JSON when the process exits, so the peak covers fit and test.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.first_step: float | None = None
+        atexit.register(self._write)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if self.first_step is None:
+            self.first_step = time.time()
+
+    def _write(self) -> None:
+        record = {"first_step": self.first_step, "peak_rss_gb": peak_rss_gb()}
+        Path(self.path).write_text(json.dumps(record))
+
+
+# The baseline process: `import lightning`, then the same record as StartupProbe writes.
+_BASELINE = """import lightning
+import json, time, pathlib
+t = time.time()
+status = pathlib.Path("/proc/self/status").read_text().splitlines()
+hwm = next(line for line in status if line.startswith("VmHWM:"))
+record = {{"first_step": t, "peak_rss_gb": int(hwm.split()[1]) / 1e6}}
+pathlib.Path({path!r}).write_text(json.dumps(record))
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-sample path of the reference templates
+
+
+class PerSampleMNIST(Dataset):
+    """What torchvision's `MNIST(transform=Compose([ToTensor(), Normalize(...)]))` does per image.
+
+    A PIL image from the uint8 array, then ToTensor (copy, HWC -> CHW, float, /255) and
+    Normalize (clone, subtract, divide), then a flatten for the MLP, one image per call.
+    Written out here because torchvision does not install on this machine's torch build.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float, std: float) -> None:
+        self.images, self.labels = images, labels
+        self.mean, self.std = torch.tensor([mean]), torch.tensor([std])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        pic = Image.fromarray(self.images[i])  # a 2-D uint8 array gives mode "L"
+        x = torch.from_numpy(np.array(pic, np.uint8, copy=True))
+        x = x.view(pic.size[1], pic.size[0], 1).permute((2, 0, 1)).contiguous()
+        x = x.to(dtype=torch.float32).div(255)
+        x = x.clone().sub_(self.mean.view(-1, 1, 1)).div_(self.std.view(-1, 1, 1))
+        return x.flatten(), int(self.labels[i])
+
+
+class PerSampleDataModule(MNISTDataModule):
+    """The project's DataModule (same split) serving per-sample DataLoaders instead of tensors."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        x_tr, y_tr, x_te, y_te = self.source.load(self.data_dir)
+        n_train = len(x_tr) - self.val_size
+        perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(self.split_seed))
+        idx_train, idx_val = perm[:n_train].numpy(), perm[n_train:].numpy()
+        self.train = PerSampleMNIST(x_tr[idx_train], y_tr[idx_train], self.mean, self.std)
+        self.val = PerSampleMNIST(x_tr[idx_val], y_tr[idx_val], self.mean, self.std)
+        self.test = PerSampleMNIST(x_te, y_te, self.mean, self.std)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=self.eval_batch_size, num_workers=0)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test, batch_size=self.eval_batch_size, num_workers=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plain loop
+
+
+def plain_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of minibatch SGD in plain PyTorch: returns (mean loss, accuracy) as tensors.
+
+    It keeps the same training metrics as the project (loss and accuracy summed on the device,
+    read once at the end), so that the comparison is of the loops, not of the work.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for idx in torch.randperm(len(x), generator=generator).to(x.device).split(batch_size):
+        xb, yb = x[idx], y[idx]
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            loss_sum += loss * len(idx)
+            correct += (logits.argmax(1) == yb).sum()
+    return loss_sum / len(x), correct / len(x)
+
+
+@torch.no_grad()
+def plain_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    correct = sum(
+        (model(xb).argmax(1) == yb).sum()
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
+    )
+    return float(correct) / len(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the variants
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Send the progress bar, model summary and Lightning's info lines to /dev/null."""
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "actlab")
+    levels = {n: logging.getLogger(n).level for n in names}
+    with (
+        open(os.devnull, "w") as null,
+        contextlib.redirect_stderr(null),
+        contextlib.redirect_stdout(null),
+    ):
+        for n in names:
+            logging.getLogger(n).setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
+
+
+def compose(overrides: list[str], output_dir: Path) -> Any:
+    """The config `python train.py <overrides>` would run in `output_dir`, Hydra's state set."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a real run: the task sees its config, Hydra's is in HydraConfig
+    return cfg
+
+
+def run_project(
+    workdir: Path, batch_size: int, epochs: int, logger: str, threads: int, per_sample: bool = False
+) -> list[dict[str, float]]:
+    """`train(cfg)` for 1 warm-up + `epochs` epochs; returns the measured epochs' times."""
+    out = Path(tempfile.mkdtemp(dir=workdir, prefix=f"{logger}-{batch_size}-"))
+    clock = out / "epochs.json"
+    overrides = [
+        f"logger={logger}",
+        f"data.batch_size={batch_size}",
+        f"trainer.max_epochs={1 + epochs}",
+        f"threads={threads}",
+        "test=false",
+        f"paths.data_dir={ROOT / 'data'}",
+        f"paths.log_dir={workdir}",
+        "+callbacks.epoch_clock._target_=actlab.bench.EpochClock",
+        f"+callbacks.epoch_clock.path={clock}",
+    ]
+    if per_sample:
+        overrides.append("data._target_=actlab.bench.PerSampleDataModule")
+    cfg = compose(overrides, out)
+    with _quiet():
+        train(cfg)
+    return json.loads(clock.read_text())[1:]
+
+
+def run_plain(cfg: Any, batch_size: int, epochs: int) -> list[dict[str, float]]:
+    """The plain loop on the project's own tensors (same split, model, optimizer, threads)."""
+    dm: MNISTDataModule = instantiate(cfg.data)
+    dm.setup()
+    (x, y), (xv, yv) = dm.train, dm.val
+    torch.manual_seed(cfg.seed)
+    model = build_mlp(784, list(cfg.model.hidden_sizes), 10, instantiate(cfg.model.act))
+    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    gen = torch.Generator().manual_seed(cfg.seed)
+    times = []
+    for _ in range(1 + epochs):
+        start = _clocks()
+        plain_epoch(model, optimizer, x, y, batch_size, gen)[0].item()
+        train_end = _clocks()
+        plain_eval(model, xv, yv, cfg.data.eval_batch_size)
+        times.append(_times(start, train_end, _clocks()))
+    return times[1:]
+
+
+def time_first_step(args: list[str], workdir: Path) -> dict[str, float]:
+    """Launch `python train.py <args>` (or the baseline if args is empty) and return the seconds
+    from launch to its first training batch and its peak RSS."""
+    fd, name = tempfile.mkstemp(dir=workdir, suffix=".json")
+    os.close(fd)
+    stamp = Path(name)
+    stamp.unlink()
+    if args:
+        cmd = [
+            sys.executable,
+            "train.py",
+            *args,
+            "+callbacks.startup_probe._target_=actlab.bench.StartupProbe",
+            f"+callbacks.startup_probe.path={stamp}",
+        ]
+    else:
+        cmd = [sys.executable, "-c", _BASELINE.format(path=str(stamp))]
+    with tempfile.TemporaryFile(dir=workdir) as err:
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        if proc.returncode != 0 or not stamp.exists():
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+    record = json.loads(stamp.read_text())
+    return {"first_step_s": record["first_step"] - t0, "peak_rss_gb": record["peak_rss_gb"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _median(samples: list[dict[str, float]], key: str) -> float:
+    return statistics.median(s[key] for s in samples)
+
+
+def measure_epochs(
+    batch_sizes: list[int], rounds: int, epochs: int, threads: int, workdir: Path, say: Callable
+) -> dict[str, Any]:
+    variants: dict[str, Callable[[int], list[dict[str, float]]]] = {
+        "project": lambda b: run_project(workdir, b, epochs, "csv", threads),
+        "plain": lambda b: run_plain(
+            compose([f"paths.data_dir={ROOT / 'data'}"], workdir), b, epochs
+        ),
+        "project+wandb": lambda b: run_project(workdir, b, epochs, "wandb", threads),
+        # The slow path needs no repeats to show a 4x gap: one measured epoch per round.
+        "per-sample": lambda b: run_project(workdir, b, 1, "csv", threads, per_sample=True),
+    }
+    out: dict[str, Any] = {}
+    for b in batch_sizes:
+        samples: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+        for r in range(rounds):
+            names = list(variants)
+            names = names[r % len(names) :] + names[: r % len(names)]  # rotate the order per round
+            for name in names:
+                samples[name] += [dict(e, round=r) for e in variants[name](b)]
+                last = samples[name][-1]
+                say(f"  batch {b} round {r + 1}/{rounds} {name:<14} {last['train_s']:.3f} s/epoch")
+        out[str(b)] = {
+            name: {
+                "train_s": _median(s, "train_s"),
+                "epoch_s": _median(s, "epoch_s"),
+                "train_cpu_s": _median(s, "train_cpu_s"),
+                "samples": s,
+            }
+            for name, s in samples.items()
+        }
+        out[str(b)]["ratios"] = {
+            f"{a}/{c}{suffix}": paired_ratio(samples[a], samples[c], key)
+            for a, c in (
+                ("project", "plain"),
+                ("project+wandb", "project"),
+                ("per-sample", "project"),
+            )
+            for key, suffix in (("train_s", ""), ("epoch_s", " epoch"), ("train_cpu_s", " cpu"))
+        }
+    return out
+
+
+def paired_ratio(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> float:
+    """Median over rounds of a/b, each round's figures taken back to back.
+
+    Load from other processes drifts over minutes; within a round both sides see about the
+    same, so the per-round ratio is steadier than a ratio of overall medians.
+    """
+    rounds = sorted({s["round"] for s in a} & {s["round"] for s in b})
+    return statistics.median(
+        _median([s for s in a if s["round"] == r], key)
+        / _median([s for s in b if s["round"] == r], key)
+        for r in rounds
+    )
+
+
+def measure_startup(rounds: int, workdir: Path, say: Callable) -> dict[str, Any]:
+    common = ["trainer.max_epochs=1", "+trainer.limit_train_batches=20", f"paths.log_dir={workdir}"]
+    runs = {
+        "import lightning": [],
+        "train.py logger=csv": ["logger=csv", *common],
+        "train.py logger=wandb": ["logger=wandb", *common],
+    }
+    samples: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
+    for r in range(rounds):
+        for name, args in runs.items():
+            samples[name].append(time_first_step(args, workdir))
+            took = samples[name][-1]["first_step_s"]
+            say(f"  start-up round {r + 1}/{rounds} {name:<22} {took:.2f} s")
+    return {
+        name: {
+            "first_step_s": _median(s, "first_step_s"),
+            "peak_rss_gb": max(x["peak_rss_gb"] for x in s),
+            "samples": s,
+        }
+        for name, s in samples.items()
+    }
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The Markdown tables `make bench` prints (and README's Performance section shows)."""
+    epochs, startup = result.get("epochs", {}), result.get("startup")
+    rows: list[str] = []
+    if epochs:
+        rows += [
+            "Seconds per epoch, training steps only (median; ratios: median of per-round ratios):",
+            "",
+            _row(
+                "batch",
+                "plain",
+                "project (CSV)",
+                "project (W&B+CSV)",
+                "per-sample DataLoader",
+                "project/plain",
+                "same, CPU time",
+                "W&B/CSV",
+                "per-sample/project",
+            ),
+            _row(*["---"] * 9),
+        ]
+        for b, m in epochs.items():
+            p, c, w, d = (
+                m[k]["train_s"] for k in ("plain", "project", "project+wandb", "per-sample")
+            )
+            q = m["ratios"]
+            rows.append(
+                _row(
+                    b, f"{p:.3f}", f"{c:.3f}", f"{w:.3f}", f"{d:.3f}",
+                    f"{q['project/plain']:.2f}", f"{q['project/plain cpu']:.2f}",
+                    f"{q['project+wandb/project']:.2f}", f"{q['per-sample/project']:.1f}",
+                )
+            )  # fmt: skip
+        rows += [
+            "",
+            "Seconds per whole epoch (steps, validation, checkpoints, epoch-end logging; median):",
+            "",
+            _row("batch", "plain", "project (CSV)", "project (W&B+CSV)", "project/plain"),
+            _row(*["---"] * 5),
+        ]
+        for b, m in epochs.items():
+            p, c, w = (m[k]["epoch_s"] for k in ("plain", "project", "project+wandb"))
+            q = m["ratios"]["project/plain epoch"]
+            rows.append(_row(b, f"{p:.3f}", f"{c:.3f}", f"{w:.3f}", f"{q:.2f}"))
+    if startup:
+        base = startup["import lightning"]["first_step_s"]
+        rows += [
+            "",
+            _row(
+                "process",
+                "start -> first training step (s)",
+                "minus `import lightning`",
+                "peak RSS (GB)",
+            ),
+            _row(*["---"] * 4),
+        ]
+        for name, v in startup.items():
+            rows.append(
+                _row(
+                    f"`{name}`",
+                    f"{v['first_step_s']:.2f}",
+                    f"{v['first_step_s'] - base:+.2f}",
+                    f"{v['peak_rss_gb']:.2f}",
+                )
+            )
+    checks = targets(result)
+    if checks:
+        rows += ["", _row("target", "measured", "goal", ""), _row(*["---"] * 4)]
+        rows += [
+            _row(name, f"{v:.2f}", f"{op} {goal}", "met" if ok else "MISSED")
+            for name, v, op, goal, ok in checks
+        ]
+    return "\n".join(rows)
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]:
+    """(name, measured, "<=" or ">=", goal, met) for each target of issue 5 that was measured."""
+    out = []
+    goals = {"64": 1.3, "512": 1.15}
+    for b, m in result.get("epochs", {}).items():
+        q = m["ratios"]
+        if b in goals:
+            out.append((f"project/plain, batch {b}", q["project/plain"], "<=", goals[b]))
+        out.append((f"W&B/CSV, batch {b}", q["project+wandb/project"], "<=", 1.10))
+        out.append((f"per-sample/project, batch {b}", q["per-sample/project"], ">=", 4.0))
+    s = result.get("startup")
+    if s:
+        base = s["import lightning"]["first_step_s"]
+        csv = s["train.py logger=csv"]
+        out.append(
+            ("first step - import lightning (s), CSV", csv["first_step_s"] - base, "<=", 1.0)
+        )
+        rss = max(v["peak_rss_gb"] for k, v in s.items() if k.startswith("train.py"))
+        out.append(("peak RSS of train.py (GB)", rss, "<=", 1.2))
+    return [(n, v, op, g, v <= g if op == "<=" else v >= g) for n, v, op, g in out]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m actlab.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds per batch size (0: none)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=2, help="measured epochs per run (after 1 warm-up)"
+    )
+    parser.add_argument("--startup-rounds", type=int, default=3, help="0 skips the start-up runs")
+    parser.add_argument("--threads", type=int, default=usable_cpus())
+    parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    result: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus_usable": usable_cpus(),
+            "threads": args.threads,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "platform": platform.platform(),
+            "load_average_before": os.getloadavg(),
+        },
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    }
+    with tempfile.TemporaryDirectory(prefix="actlab-bench-") as tmp:
+        workdir = Path(tmp)
+        if args.rounds:
+            say(f"seconds per epoch, {args.rounds} interleaved rounds of {args.epochs} epochs")
+            result["epochs"] = measure_epochs(
+                args.batch_sizes, args.rounds, args.epochs, args.threads, workdir, say
+            )
+        if args.startup_rounds:
+            say("start-up and memory of `python train.py` (20 training steps, then test)")
+            result["startup"] = measure_startup(args.startup_rounds, workdir, say)
+    result["machine"]["load_average_after"] = os.getloadavg()
+    result["bench_seconds"] = round(time.perf_counter() - started, 1)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{dt.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    la = result["machine"]
+    print(
+        f"\n{la['threads']} threads on {la['cpus_usable']} usable CPUs; load average "
+        f"{la['load_average_before'][0]:.1f} before, {la['load_average_after'][0]:.1f} after "
+        f"(above {la['cpus_usable']} means other processes shared the CPUs). "
+        f"{result['bench_seconds']:.0f} s in all; figures in {path}"
+    )
+
+
+if __name__ == "__main__":
+    main()
