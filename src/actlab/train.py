@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from actlab import loggers as actlab_loggers
 from actlab.errors import UserError
+from actlab.launch import finished_before
 from actlab.results import RESULTS, describe, logged_config, provenance, write_json
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -29,6 +30,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then test the best-by-val checkpoint; returns the record written to results.json."""
     hc = HydraConfig.get()
     out = Path(cfg.paths.output_dir)
+    if cfg.get("resume") and (done := finished_before(out, describe(cfg, hc.runtime.choices))):
+        log.info("%s: finished before, skipped (resume=true)", out.name)
+        return done
     record: dict[str, Any] = {
         "status": "running",
         "job": {"name": out.name, "num": hc.job.get("num"), "overrides": list(hc.overrides.task)},
@@ -38,15 +42,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_json(out / RESULTS, record)
     start = time.perf_counter()
     loggers: list = []
+    slot = None
     try:
+        slot = instantiate(cfg.launch).acquire() if cfg.get("launch") else None
+        if slot:
+            record["launch"] = slot.info()
+            write_json(out / RESULTS, record)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+        device = slot.trainer_kwargs() if slot else {}
+        launch_info = {f"launch.{k}": v for k, v in record.get("launch", {}).items()}
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **device)
         for lg in loggers:
-            lg.log_hyperparams(logged_config(cfg, hc.runtime.choices))
+            lg.log_hyperparams({**logged_config(cfg, hc.runtime.choices), **launch_info})
             if isinstance(lg, WandbLogger):
                 actlab_loggers.announce(lg)
 
@@ -86,6 +97,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json(out / RESULTS, record)
         raise
     finally:
+        if slot:
+            slot.release()
         # Without finish() the next job of a multirun in this process would log into this run.
         if any(isinstance(lg, WandbLogger) for lg in loggers):
             import wandb
