@@ -1,4 +1,4 @@
-"""Where a sweep's jobs run: device slots for parallel sweeps on one machine, and SLURM.
+"""Where a sweep's jobs run: device slots for parallel sweeps on one machine.
 
 A machine with G visible GPUs and `jobs_per_gpu=k` has G*k slots; without GPUs it has one slot per
 `cpus_per_job` cores. A job takes the lowest free slot when it starts, by an exclusive `flock` on
@@ -6,6 +6,9 @@ A machine with G visible GPUs and `jobs_per_gpu=k` has G*k slots; without GPUs i
 dies, so a crashed job frees its slot and no instant ever has more than k jobs on one GPU. The GPU
 is chosen in code (`Trainer(devices=[i])`) because loky reuses worker processes, where a per-job
 `CUDA_VISIBLE_DEVICES` has no effect once CUDA is initialised.
+
+SLURM sweeps use `hydra_plugins.actlab_slurm.SlurmLauncher` (Hydra loads launchers only from the
+`hydra_plugins` package).
 """
 
 from __future__ import annotations
@@ -15,22 +18,15 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
-    SlurmLauncher as _SubmititSlurmLauncher,
-)
 from omegaconf import OmegaConf
 
 from actlab.errors import UserError
-from actlab.results import RESULTS, read_results, write_json
+from actlab.results import read_results
 
 log = logging.getLogger(__name__)
 
@@ -209,58 +205,3 @@ def slurm_gpus(accelerator: str) -> int | None:
 
 OmegaConf.register_new_resolver("actlab.n_slots", n_slots, replace=True)
 OmegaConf.register_new_resolver("actlab.slurm_gpus", slurm_gpus, replace=True)
-
-
-class SlurmLauncher(_SubmititSlurmLauncher):
-    """submitit's SLURM launcher, except that a job SLURM killed does not end the sweep.
-
-    A job cancelled, timed out or killed for memory writes no result; submitit raises for it and
-    the stock launcher gives up on the whole sweep. Here the job is recorded as failed in its
-    folder (results.json) and the other jobs' results are kept, as under the local launchers.
-    """
-
-    def launch(
-        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
-    ) -> Sequence[JobReturn]:
-        import submitit
-
-        assert self.config is not None
-        params = dict(self.params)
-        executor = submitit.AutoExecutor(
-            folder=params.pop("submitit_folder"),
-            cluster="slurm",
-            slurm_max_num_timeout=params.pop("max_num_timeout"),
-        )
-        shared = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(
-            **{k if k in shared else f"slurm_{k}": v for k, v in params.items()}
-        )
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        log.info("SLURM sweep of %d jobs, output dir: %s", len(job_overrides), sweep_dir)
-        nums = range(initial_job_idx, initial_job_idx + len(job_overrides))
-        args = [
-            (list(o), "hydra.sweep.dir", n, f"job_id_for_{n}", Singleton.get_state())
-            for o, n in zip(job_overrides, nums, strict=True)
-        ]
-        jobs = executor.map_array(self, *zip(*args, strict=True))
-        return [self.settle(o, j) for o, j in zip(job_overrides, jobs, strict=True)]
-
-    def settle(self, overrides: Sequence[str], job: Any) -> JobReturn:
-        """The job's return, or, for a job that wrote none, a failed record in its folder."""
-        try:
-            return job.results()[0]
-        except Exception as e:  # submitit's UncompletedJobError: killed, cancelled, timed out
-            assert self.hydra_context is not None and self.config is not None
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            out = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
-            state = job.state
-            record = read_results(out) or {"job": {"overrides": list(overrides)}}
-            if not (out / ".hydra").is_dir():  # killed before it started: list it in the summary
-                OmegaConf.save(list(overrides), out / ".hydra" / "overrides.yaml")
-            if record.get("status") != "finished":
-                reason = str(e).splitlines()[0]
-                record.update(status="failed", error=f"SLURM job {job.job_id} {state}: {reason}")
-                write_json(out / RESULTS, record)
-            log.error("SLURM job %s (%s) ended %s", job.job_id, out.name, state)
-            return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
