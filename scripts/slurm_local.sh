@@ -20,14 +20,14 @@ install_packages() {
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
   done
   ((${#missing[@]} == 0)) && return 0
-  if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
-    say "cannot install ${missing[*]}: needs root and apt-get"
+  if ! command -v apt-get >/dev/null; then
+    say "cannot install ${missing[*]}: no apt-get here"
     exit 3
   fi
   say "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  if ! { timeout 120 apt-get update -qq && timeout 300 apt-get install -y -qq \
-    --no-install-recommends "${missing[@]}" >"$DIR/apt.log" 2>&1; }; then
+  if ! { timeout 90 apt-get update -qq && timeout 240 apt-get install -y -qq \
+    --no-install-recommends "${missing[@]}"; } >"$DIR/apt.log" 2>&1; then
     say "apt-get failed (see $DIR/apt.log)"
     exit 3
   fi
@@ -126,6 +126,10 @@ start() {
   if alive slurmctld; then
     say "already running (pid $(cat "$DIR/slurmctld.pid"))"
     return 0
+  fi
+  if [[ $(id -u) != 0 ]]; then
+    say "needs root (it runs munged, MariaDB and the SLURM daemons)"
+    exit 3
   fi
   mkdir -p "$DIR/state" "$DIR/spool"
   install_packages

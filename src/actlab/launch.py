@@ -112,14 +112,11 @@ class DeviceSlots:
         self.lock_dir = Path(lock_dir)
         self.jobs_per_gpu, self.cpus_per_job = jobs_per_gpu, cpus_per_job
         self.cpus = cpus or usable_cores()
-        self.accelerator, self.enabled, self.poll_seconds = accelerator, enabled, poll_seconds
-        gpus, self.simulated = visible_gpus() if accelerator in GPU_ACCELERATORS else (0, False)
-        if accelerator in ("gpu", "cuda") and gpus == 0:
-            raise UserError(
-                "trainer.accelerator=gpu but no GPU is visible: use trainer=cpu (or "
-                f"{FAKE_GPUS_ENV}=N to simulate N GPUs for the slot logic)."
-            )
-        self.gpus = gpus
+        self.enabled, self.poll_seconds = enabled, poll_seconds
+        self.wants_gpu = accelerator in ("gpu", "cuda")
+        self.gpus, self.simulated = (
+            visible_gpus() if accelerator in GPU_ACCELERATORS else (0, False)
+        )
 
     def __len__(self) -> int:
         if self.gpus:
@@ -133,7 +130,7 @@ class DeviceSlots:
             return hc is not None and hc.runtime.choices.get("hydra/launcher") == "parallel"
         return bool(self.enabled)
 
-    def slot(self, index: int, fd: int | None = None) -> Slot:
+    def _slot(self, index: int, fd: int) -> Slot:
         # Slot i is on GPU i % G: the lowest free slots spread the jobs over all GPUs first.
         gpu = index % self.gpus if self.gpus else None
         threads = max(1, self.cpus // len(self))
@@ -148,13 +145,18 @@ class DeviceSlots:
             except BlockingIOError:
                 os.close(fd)
                 continue
-            return self.slot(i, fd)
+            return self._slot(i, fd)
         return None
 
     def acquire(self) -> Slot | None:
         """The held slot, with the job's torch threads set to its share; None when inactive."""
         if not self.active:
             return None
+        if self.wants_gpu and not self.gpus:
+            raise UserError(
+                "trainer.accelerator=gpu but no GPU is visible: use trainer=cpu (or "
+                f"{FAKE_GPUS_ENV}=N to simulate N GPUs for the slot logic)."
+            )
         t0 = time.monotonic()
         slot = self.try_acquire()
         if slot is None:
