@@ -43,7 +43,7 @@ def max_overlap(spans: list[tuple[float, float]]) -> int:
 
 @pytest.mark.slow
 def test_no_instant_has_more_than_k_jobs_on_a_gpu(tmp_path: Path) -> None:
-    gpus, k, jobs = 2, 2, 24
+    gpus, k, jobs = 2, 2, 16
     proc = run(
         [
             sys.executable,
@@ -51,7 +51,7 @@ def test_no_instant_has_more_than_k_jobs_on_a_gpu(tmp_path: Path) -> None:
             "-m",
             f"i=range(0,{jobs})",
             f"launch.jobs_per_gpu={k}",
-            "hydra.launcher.n_jobs=7",  # more workers than slots: jobs must wait for one
+            "hydra.launcher.n_jobs=6",  # more workers than slots: jobs must wait for one
             f"hydra.searchpath=[file://{ROOT}/configs]",
             f"hydra.sweep.dir={tmp_path}",
         ],
@@ -75,16 +75,16 @@ def test_a_killed_job_frees_its_slot(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys, time; from actlab.launch import DeviceSlots; "
-            f"s = DeviceSlots({str(tmp_path)!r}, cpus=1, enabled=True).try_acquire(); "
-            "print(s.index, flush=True); time.sleep(60)",
+            "import time; from actlab.launch import DeviceSlots; "
+            f"s = DeviceSlots({str(tmp_path)!r}, cpus=1, accelerator='cpu', enabled=True); "
+            "print(s.try_acquire().index, flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "0"
-        slots = DeviceSlots(str(tmp_path), cpus=1, enabled=True)
+        slots = DeviceSlots(str(tmp_path), cpus=1, accelerator="cpu", enabled=True)
         assert slots.try_acquire() is None  # the only slot is held
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(timeout=10)
