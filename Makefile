@@ -4,7 +4,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train sweep report test lint format sync clean clean-logs
+.PHONY: help install data train sweep eval report test lint format sync clean clean-logs
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv with torch ($(TORCH)) and the project
+install: $(STAMP) ## create .venv: torch first (make variable TORCH), then the project
 
 data: $(STAMP) ## fetch and MD5-check MNIST into data/
 	$(PY) -m actlab.data
@@ -26,6 +26,9 @@ train: $(STAMP) ## one training run with the default config (ARGS="..." adds ove
 
 sweep: $(STAMP) ## the main job: relu vs leaky vs none, then the comparison table
 	$(PY) train.py -m model.act=relu,leaky,none $(ARGS)
+
+eval: $(STAMP) ## test a checkpoint with its run's config (CKPT=<run>/checkpoints/last.ckpt)
+	$(PY) eval.py ckpt_path="$(CKPT)" $(ARGS)
 
 report: $(STAMP) ## tables and plots of the newest sweep (SWEEP=logs/multiruns/... to choose)
 	$(PY) -m actlab.report $(SWEEP)
@@ -41,8 +44,9 @@ format: $(STAMP) ## ruff fix and format
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-sync: $(STAMP) ## upload offline W&B runs (needs WANDB_API_KEY or wandb login)
-	$(PY) -m wandb sync --sync-all logs
+sync: $(STAMP) ## upload the offline W&B runs under logs/ (needs WANDB_API_KEY or `wandb login`)
+	@runs=$$(find logs -type d -name 'offline-run-*'); \
+	if [ -z "$$runs" ]; then echo "no offline W&B runs under logs/"; else .venv/bin/wandb sync $$runs; fi
 
 clean: ## remove the venv and caches (keeps data/ and logs/)
 	rm -rf .venv .pytest_cache .ruff_cache src/*.egg-info

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from actlab.errors import UserError
+from actlab.validation import check_split
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ SPLITS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
 def read_idx(path: Path) -> np.ndarray:
-    raw = Path(path).read_bytes()
+    raw = bytearray(Path(path).read_bytes())  # writable, so torch can share it without a copy
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise UserError(f"{path} is not an unsigned-byte IDX file; delete it and run `make data`.")
     ndim = raw[3]
@@ -87,13 +88,19 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Serialise `prepare` across the jobs of a sweep that start at the same time."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / ".lock", os.O_WRONLY | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(
+            f"cannot write to the data folder {directory} ({e.strerror}): "
+            "point paths.data_dir at a folder you can write to."
+        ) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,15 +129,20 @@ class IDXSource:
         bad = []
         for fname, expected in self.files.values():
             path = folder / fname
-            if not path.exists():
+            try:
+                if md5(path) != expected:
+                    bad.append(f"{fname} (MD5 mismatch: truncated or corrupted)")
+            except FileNotFoundError:
                 bad.append(f"{fname} (absent)")
-            elif md5(path) != expected:
-                bad.append(f"{fname} (MD5 mismatch)")
+            except OSError as e:
+                bad.append(f"{fname} (unreadable: {e.strerror})")
         return bad
 
     def prepare(self, data_dir: str | Path) -> str:
         """Make the verified files available; returns a sentence saying which source was used."""
         folder = self.folder(data_dir)
+        if not self._missing(folder):  # verified files need no lock: the folder may be read-only
+            return f"{self.name}: verified IDX files already in {folder}"
         with _locked(folder):
             bad = self._missing(folder)
             if not bad:
@@ -251,7 +263,7 @@ class SyntheticSource:
     n_train: int = 2000
     n_test: int = 500
     num_classes: int = 10
-    noise: float = 60.0
+    noise: float = 90.0
     seed: int = 1234
 
     def prepare(self, data_dir: str | Path) -> str:
@@ -263,7 +275,7 @@ class SyntheticSource:
 
         def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
             y = rng.integers(0, self.num_classes, size=n)
-            x = templates[y] * 0.5 + rng.normal(64, self.noise, size=(n, 28, 28))
+            x = templates[y] * 0.2 + rng.normal(100, self.noise, size=(n, 28, 28))
             return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.uint8)
 
         return (*sample(self.n_train), *sample(self.n_test))
@@ -276,9 +288,10 @@ class SyntheticSource:
 class TensorBatches:
     """Minibatches of tensors that already sit on their device, one index op per batch.
 
-    Shuffles with a fresh permutation each epoch, seeded by (seed, epoch): a resumed run, which
-    starts counting at its `start_epoch`, sees the same order as an uninterrupted one. Under DDP
-    every rank takes its own equal-sized shard of the same permutation.
+    Shuffles with a fresh permutation each epoch, seeded by (seed, epoch), counting from
+    `start_epoch`, or asking `current_epoch()` when given: a resumed run then sees the same order as
+    an uninterrupted one. Under DDP every rank takes its own equal-sized shard of the same
+    permutation.
     """
 
     def __init__(
@@ -291,11 +304,12 @@ class TensorBatches:
         rank: int = 0,
         world_size: int = 1,
         start_epoch: int = 0,
+        current_epoch: Callable[[], int] | None = None,
     ) -> None:
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = start_epoch
+        self.epoch, self.current_epoch = start_epoch, current_epoch
         self.n = len(x) // world_size if world_size > 1 else len(x)
 
     def __len__(self) -> int:
@@ -303,6 +317,8 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.shuffle:
+            if self.current_epoch is not None:
+                self.epoch = self.current_epoch()
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(len(self.x), generator=g)
             self.epoch += 1
@@ -349,12 +365,7 @@ class MNISTDataModule(L.LightningDataModule):
             return
         x_tr, y_tr, x_te, y_te = self.source.load(self.data_dir)
         n = len(x_tr)
-        n_train = self.train_size if self.train_size is not None else n - self.val_size
-        if self.val_size < 1 or n_train < 1 or n_train + self.val_size > n:
-            raise UserError(
-                f"data.val_size={self.val_size} and data.train_size={self.train_size} do not fit "
-                f"the {n} training images: choose sizes with train + val <= {n}."
-            )
+        n_train = check_split(n, self.val_size, self.train_size)
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         x, y = self._tensors(x_tr, y_tr, device)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
@@ -377,11 +388,24 @@ class MNISTDataModule(L.LightningDataModule):
         self, split: tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool
     ) -> TensorBatches:
         t = self.trainer
-        rank, world, epoch = (t.global_rank, t.world_size, t.current_epoch) if t else (0, 1, 0)
-        return TensorBatches(*split, batch_size, shuffle, self.split_seed, rank, world, epoch)
+        if t is None:
+            return TensorBatches(*split, batch_size, shuffle, self.split_seed)
+        # The trainer's epoch, read as each epoch starts: when a run resumes, this loader is made
+        # before the trainer has moved past the checkpoint's epoch.
+        return TensorBatches(
+            *split,
+            batch_size,
+            shuffle,
+            self.split_seed,
+            t.global_rank,
+            t.world_size,
+            current_epoch=lambda: t.current_epoch,
+        )
 
     def train_dataloader(self) -> TensorBatches:
-        return self._batches(self.train, self.batch_size, shuffle=True)
+        # As Lightning does for a DataLoader: overfit_batches means the same batches every epoch.
+        overfit = bool(self.trainer and self.trainer.overfit_batches)
+        return self._batches(self.train, self.batch_size, shuffle=not overfit)
 
     def val_dataloader(self) -> TensorBatches:
         return self._batches(self.val, self.eval_batch_size, shuffle=False)

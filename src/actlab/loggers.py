@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from actlab.errors import UserError
 
@@ -28,11 +32,35 @@ def wandb_api_key_configured() -> bool:
         return False
 
 
-def wandb_logger(save_dir: str, project: str, mode: str = "auto", **kwargs) -> WandbLogger:
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        # Lightning deletes an existing metrics.csv here; keep it and continue its columns.
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+
+class AppendingCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run appends to the metrics.csv in its folder."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def wandb_logger(
+    save_dir: str, project: str, mode: str = "auto", init_timeout: float = 30, **kwargs
+) -> WandbLogger:
     """A WandbLogger that never prompts: online with a key, offline without (mode=auto).
 
     In a multirun the W&B group is the sweep folder's name and the run name the job's overrides,
-    so W&B's tables line up with the folders under logs/.
+    so W&B's tables line up with the folders under logs/. The run id is kept in the folder
+    (wandb/run_id): a run resumed there continues the same W&B run (online), or syncs into it
+    (offline). `init_timeout` bounds the wait for an unreachable server.
     """
     has_key = wandb_api_key_configured()
     if mode == "auto":
@@ -48,14 +76,36 @@ def wandb_logger(save_dir: str, project: str, mode: str = "auto", **kwargs) -> W
     kwargs.setdefault("group", Path(hc.sweep.dir).name if multirun else None)
     kwargs.setdefault("name", hc.job.override_dirname or f"{act}")
     kwargs.setdefault("tags", [f"act={act}"])
-    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    import wandb  # here, not at the top: runs without W&B do not pay for importing it
+
+    id_file = Path(save_dir) / "wandb" / "run_id"
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id + "\n")
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(save_dir=save_dir, project=project, mode=mode, **kwargs)
+    return WandbLogger(
+        save_dir=save_dir,
+        project=project,
+        mode=mode,
+        id=run_id,
+        resume="allow",
+        settings=wandb.Settings(init_timeout=init_timeout),
+        **kwargs,
+    )
 
 
 def announce(logger: WandbLogger) -> None:
-    """Say where the run went: a URL online, a folder to `make sync` offline."""
-    run = logger.experiment
+    """Start the W&B run, then say where it went: a URL online, a folder to `make sync` offline."""
+    import wandb
+
+    try:
+        run = logger.experiment
+    except wandb.Error as e:
+        reason = " ".join(str(e).split())  # one line, whatever W&B put in it
+        raise UserError(
+            f"W&B could not start the run ({reason}). Check the network and WANDB_BASE_URL, or "
+            "log offline with logger.wandb.mode=offline and upload later with `make sync`."
+        ) from e
     if run.settings.mode == "offline":
         log.info("W&B offline run in %s (`make sync` uploads it)", Path(run.dir).parent)
     else:

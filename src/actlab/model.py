@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from actlab.errors import Diverged
 
 
 def build_mlp(
@@ -78,6 +81,21 @@ class MLPClassifier(L.LightningModule):
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log_dict({"train/loss": loss, "train/acc": correct / len(y)})
         return loss
+
+    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
+        # The epoch's loss sum turns NaN/inf with the first bad step and stays so. Reading it at
+        # the logging interval and on the epoch's last batch (before validation and checkpoints)
+        # costs one host sync there, none on the other steps.
+        last = batch_idx + 1 >= self.trainer.num_training_batches
+        if last or self.global_step % self.trainer.log_every_n_steps == 0:
+            loss_sum = self._train_sums[0].item()
+            bad = not math.isfinite(loss_sum)
+            # Under DDP every rank must stop together, or the others wait forever.
+            if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+                raise Diverged(
+                    f"the training loss became {loss_sum} by step {self.global_step} (epoch "
+                    f"{self.current_epoch}): lower optimizer.lr or change the model."
+                )
 
     def on_train_epoch_start(self) -> None:
         self._train_sums.zero_()

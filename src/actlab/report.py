@@ -51,7 +51,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
-            return f"{v:.4f}"
+            return f"{v:.4f}" if abs(v) < 1 else f"{v:.1f}"
         return str(v)
 
     cells = [[cell(r[c]) for c in cols] for r in rows]

@@ -13,13 +13,22 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from actlab import ROOT
+from actlab.errors import UserError
+
 RESULTS = "results.json"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temporary file in the same folder, then rename: readers never see half a file.
+
+    A full disk or a read-only folder raises a UserError and leaves any earlier file whole.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _unwritable(path, e) from e
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, default=str)
@@ -28,9 +37,18 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results and data are for everyone
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _unwritable(path, e) from e
         raise
+
+
+def _unwritable(path: Path, e: OSError) -> UserError:
+    return UserError(
+        f"could not write {path} ({e.strerror}): free some space, or point paths.log_dir at "
+        "another folder."
+    )
 
 
 def read_results(job_dir: Path) -> dict[str, Any] | None:
@@ -82,10 +100,9 @@ def provenance() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    root = Path(__file__).resolve().parents[2]
     try:
-        commit = _git(root, "rev-parse", "HEAD")
-        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
+        commit = _git(ROOT, "rev-parse", "HEAD")
+        dirty = bool(_git(ROOT, "status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
     return {

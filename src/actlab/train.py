@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -17,12 +18,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
+from actlab import ROOT
 from actlab import loggers as actlab_loggers
-from actlab.errors import UserError
+from actlab.errors import Diverged, UserError
 from actlab.launch import finished_before
 from actlab.results import RESULTS, describe, logged_config, provenance, write_json
+from actlab.runs import check_output_dirs, resume_args
+from actlab.validation import validate
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+CONFIG_DIR = str(ROOT / "configs")
 log = logging.getLogger(__name__)
 
 
@@ -39,11 +43,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "config": describe(cfg, hc.runtime.choices),
         **provenance(),
     }
+    if cfg.get("ckpt_path"):
+        record["resumed_from"] = cfg.ckpt_path
     write_json(out / RESULTS, record)
     start = time.perf_counter()
     loggers: list = []
+    trainer: L.Trainer | None = None
     slot = None
     try:
+        validate(cfg)
         slot = instantiate(cfg.launch).acquire() if cfg.get("launch") else None
         if slot:
             record["launch"] = slot.info()
@@ -55,11 +63,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
         device = slot.trainer_kwargs() if slot else {}
         launch_info = {f"launch.{k}": v for k, v in record.get("launch", {}).items()}
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **device)
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **device)
         for lg in loggers:
-            lg.log_hyperparams({**logged_config(cfg, hc.runtime.choices), **launch_info})
             if isinstance(lg, WandbLogger):
-                actlab_loggers.announce(lg)
+                actlab_loggers.announce(lg)  # starts the W&B run: fails here, not mid-training
+            lg.log_hyperparams({**logged_config(cfg, hc.runtime.choices), **launch_info})
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         fit_seconds = time.perf_counter() - start
@@ -91,10 +99,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         return record
     except BaseException as e:
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        record.update(status=status, error=f"{type(e).__name__}: {e}")
+        # Lightning turns Ctrl-C inside fit into sys.exit(1), raised while handling the interrupt.
+        if isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt):
+            record.update(status="interrupted", error="KeyboardInterrupt")
+            record["last_checkpoint"] = _last_checkpoint(trainer)
+        else:
+            status = "diverged" if isinstance(e, Diverged) else "failed"
+            record.update(status=status, error=f"{type(e).__name__}: {e}")
         record["seconds"] = round(time.perf_counter() - start, 2)
-        write_json(out / RESULTS, record)
+        with contextlib.suppress(UserError):  # a full disk must not hide the original error
+            write_json(out / RESULTS, record)
         raise
     finally:
         if slot:
@@ -106,8 +120,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             wandb.finish()
 
 
+def _last_checkpoint(trainer: L.Trainer | None) -> str | None:
+    """The end-of-epoch last.ckpt an interrupted run resumes from, exactly as if never stopped.
+
+    Nothing is saved at the moment of the interrupt: a mid-epoch state cannot be resumed
+    exactly (the epoch's batches would not be the same), and at most one epoch is lost.
+    """
+    ckpt = trainer.checkpoint_callback if trainer is not None else None
+    last = getattr(ckpt, "last_model_path", "")
+    if last:
+        log.info("interrupted; to resume: python train.py ckpt_path=%s", last)
+    else:
+        log.info("interrupted before a checkpoint was saved: nothing to resume from")
+    return last or None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         record = train(cfg)
@@ -124,6 +153,16 @@ def main(cfg: DictConfig) -> float | None:
         log.exception("job failed")
         return None
     return record["metrics"].get(cfg.get("optimized_metric", "val/acc_best"))
+
+
+def main() -> None:
+    """`python train.py [overrides]`; `ckpt_path=<run>/checkpoints/last.ckpt` resumes that run."""
+    try:
+        sys.argv[1:] = resume_args(sys.argv[1:])
+        check_output_dirs(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    run()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""Every rule on config values, in one place: checked before anything is built or trained.
+
+`validate(cfg)` runs at the entry points (train, eval) on the composed config and reports all
+problems at once, named by the config key the user types. `check_split` is the one rule that
+needs the data's size; the DataModule calls it once the data is loaded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from actlab.errors import UserError
+
+_MISSING = object()
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+# (config key, test, what the value must be). A key the config does not have is not checked.
+RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("data.batch_size", _int_at_least(1), "an integer >= 1"),
+    ("data.eval_batch_size", _int_at_least(1), "an integer >= 1"),
+    ("data.val_size", _int_at_least(1), "an integer >= 1"),
+    ("data.train_size", lambda v: v is None or _int_at_least(1)(v), "null or an integer >= 1"),
+    ("data.std", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("optimizer.momentum", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("optimizer.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    (
+        "model.hidden_sizes",
+        lambda v: isinstance(v, list | ListConfig) and all(_int_at_least(1)(h) for h in v),
+        "a list of integers >= 1 ([] is a linear model)",
+    ),
+    ("model.dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("model.act.negative_slope", _number, "a finite number"),
+    ("trainer.max_epochs", lambda v: v is None or _int_at_least(-1)(v), "an integer >= -1"),
+    ("trainer.log_every_n_steps", _int_at_least(1), "an integer >= 1"),
+]
+
+
+def _unknown_arguments(node: DictConfig, key: str) -> list[str]:
+    """Keys of a `_target_` node that its class or function does not accept.
+
+    Catches a key forced in with `+` (`+model.act.negative_slope=0.1` on ReLU) before it becomes
+    a TypeError deep inside instantiate.
+    """
+    problems = []
+    target = node.get("_target_")
+    if isinstance(target, str):
+        try:
+            obj = get_object(target)
+        except (ImportError, AttributeError, ValueError):
+            return [f"{key}._target_={target} cannot be imported"]
+        try:
+            params = inspect.signature(obj).parameters
+        except (ValueError, TypeError):  # no signature to check against (some C extensions)
+            params = None
+        kinds = [p.kind for p in (params or {}).values()]
+        if params is not None and inspect.Parameter.VAR_KEYWORD not in kinds:
+            for name in sorted(set(node.keys()) - _HYDRA_KEYS - set(params)):
+                accepted = ", ".join(params) or "nothing"
+                problems.append(f"{key}.{name}: {target} takes no {name!r} (it takes: {accepted})")
+    for name, child in node.items_ex(resolve=False):
+        if isinstance(child, DictConfig):
+            problems += _unknown_arguments(child, f"{key}.{name}" if key else str(name))
+    return problems
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one UserError that lists every value that breaks a rule."""
+    problems = []
+    for key, ok, requirement in RULES:
+        value = OmegaConf.select(cfg, key, default=_MISSING)
+        if value is _MISSING:
+            continue
+        if not ok(value):
+            problems.append(f"{key}={value} must be {requirement}")
+    problems += _unknown_arguments(cfg, "")
+    if problems:
+        raise UserError("invalid config: " + "; ".join(problems))
+
+
+def check_split(n: int, val_size: int, train_size: int | None) -> int:
+    """The number of training images, once the dataset's size `n` is known."""
+    n_train = n - val_size if train_size is None else train_size
+    if val_size < 1 or n_train < 1 or n_train + val_size > n:
+        train = "null" if train_size is None else train_size  # as the config spells it
+        raise UserError(
+            f"data.val_size={val_size} and data.train_size={train} do not fit the {n} "
+            f"training images: choose sizes with train + val <= {n} (and at least 1 each)."
+        )
+    return n_train

@@ -1,0 +1,239 @@
+"""Every way a user can get the input wrong ends in one clear message, nothing half-written."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+
+from actlab.data import IDXSource, MNISTDataModule, SyntheticSource, md5, read_idx, write_idx
+from actlab.errors import UserError
+from actlab.loggers import wandb_logger
+from actlab.results import write_json
+from actlab.runs import check_output_dirs
+from actlab.train import CONFIG_DIR
+from actlab.train import main as train_main
+from actlab.validation import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def rejected(*overrides: str) -> str:
+    with pytest.raises(UserError) as e:
+        validate(composed(*overrides))
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.batch_size=0", "data.batch_size=0 must be an integer >= 1"),
+        ("optimizer.lr=-0.1", "optimizer.lr=-0.1 must be a number > 0"),
+        ("optimizer.lr=nan", "optimizer.lr=nan must be a number > 0"),
+        ("data.val_size=0", "data.val_size=0 must be an integer >= 1"),
+        ("model.hidden_sizes=[256,0]", "model.hidden_sizes=[256, 0] must be a list of integers"),
+        ("model.dropout=1.0", "model.dropout=1.0 must be a number in [0, 1)"),
+        ("model.act._target_=torch.nn.Swish", "torch.nn.Swish cannot be imported"),
+    ],
+)
+def test_nonsense_values_name_the_key_and_the_rule(override: str, expected: str) -> None:
+    assert expected in rejected(override)
+
+
+def test_all_problems_are_reported_in_one_line() -> None:
+    message = rejected("data.batch_size=0", "optimizer.lr=-1")
+    assert "data.batch_size" in message and "optimizer.lr" in message
+    assert "\n" not in message
+
+
+def test_negative_slope_on_an_activation_without_one() -> None:
+    # Without `+` Hydra refuses the key itself; with it the validator names what ReLU takes.
+    with pytest.raises(ConfigCompositionException, match="negative_slope"):
+        composed("model.act=relu", "model.act.negative_slope=0.1")
+    message = rejected("model.act=relu", "+model.act.negative_slope=0.1")
+    assert "torch.nn.ReLU takes no 'negative_slope'" in message
+
+
+def test_misspelled_key_is_refused_by_hydra() -> None:
+    with pytest.raises(ConfigCompositionException, match="negative_slop"):
+        composed("model.act=leaky", "model.act.negative_slop=0.1")
+
+
+@pytest.mark.parametrize("override", ["model.act=swish", "optimizer=adamw", "debug=nope"])
+def test_unknown_group_option_lists_the_available_ones(override: str) -> None:
+    with pytest.raises(MissingConfigException, match="Available options"):
+        composed(override)
+
+
+def test_empty_hidden_sizes_is_a_linear_model() -> None:
+    cfg = composed("model.hidden_sizes=[]")
+    validate(cfg)
+    model = instantiate(cfg.model)
+    assert [type(m).__name__ for m in model.net] == ["Linear"]
+    assert model(torch.zeros(3, 784)).shape == (3, 10)
+
+
+def test_val_split_larger_than_the_data() -> None:
+    dm = MNISTDataModule(SyntheticSource(n_train=100, n_test=10), "unused", val_size=200)
+    with pytest.raises(UserError, match="data.val_size=200 .* do not fit the 100 training images"):
+        dm.setup()
+
+
+@pytest.fixture
+def idx_source(tmp_path: Path) -> IDXSource:
+    """A tiny IDX dataset with its true MD5s, as `data/mnist.yaml` describes MNIST."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": rng.integers(0, 256, (20, 28, 28)),
+        "train_labels": rng.integers(0, 10, 20),
+        "test_images": rng.integers(0, 256, (5, 28, 28)),
+        "test_labels": rng.integers(0, 10, 5),
+    }
+    files = {}
+    for key, array in arrays.items():
+        path = tmp_path / "tiny" / key
+        write_idx(path, array)
+        files[key] = [key, md5(path)]
+    return IDXSource(name="tiny", files=files, mirrors=[])
+
+
+def test_idx_source_loads_good_files(idx_source: IDXSource, tmp_path: Path) -> None:
+    assert idx_source.load(tmp_path)[0].shape == (20, 28, 28)
+
+
+def test_missing_data_folder(idx_source: IDXSource, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"train_images \(absent\).*make data"):
+        idx_source.load(tmp_path / "elsewhere")
+
+
+def test_unreadable_data_file(idx_source: IDXSource, tmp_path: Path) -> None:
+    path = tmp_path / "tiny" / "train_labels"
+    path.unlink()
+    path.mkdir()  # unreadable as a file, even for root (chmod would not stop root)
+    with pytest.raises(UserError, match=r"train_labels \(unreadable"):
+        idx_source.load(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
+def test_damaged_idx_file(idx_source: IDXSource, tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "tiny" / "test_images"
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[:-100]
+    else:
+        raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"test_images \(MD5 mismatch"):
+        idx_source.load(tmp_path)
+    if damage == "truncate":  # read directly, the header's shape does not match the bytes either
+        with pytest.raises(UserError, match="is truncated"):
+            read_idx(path)
+
+
+def test_data_folder_that_cannot_be_created(idx_source: IDXSource, tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot write to the data folder"):
+        idx_source.prepare(blocker / "data")
+
+
+def test_full_disk_leaves_the_old_results_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "results.json"
+    write_json(path, {"status": "running"})
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(UserError, match="No space left on device"):
+        write_json(path, {"status": "finished", "metrics": {"test/acc": 0.9}})
+    assert json.loads(path.read_text()) == {"status": "running"}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+
+
+def test_log_folder_check(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="not a folder you can write to"):
+        check_output_dirs([f"hydra.sweep.dir={blocker}/sweep"])
+    check_output_dirs([f"paths.log_dir={tmp_path}/not/yet/made"])
+
+
+def test_wandb_online_without_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    with pytest.raises(UserError, match="mode=online but no W&B API key"):
+        wandb_logger(str(tmp_path), "actlab", mode="online")
+
+
+def cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path}/logs", *args],
+        cwd=tmp_path,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def exit_message(monkeypatch: pytest.MonkeyPatch, *args: str) -> str:
+    """What `python train.py ARGS` exits with, run in this process (sys.exit(message))."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    try:
+        with pytest.raises(SystemExit) as e:
+            train_main()
+    finally:
+        GlobalHydra.instance().clear()
+    return e.value.code
+
+
+def test_user_error_is_one_line_and_a_failed_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["data=synthetic", "logger=csv", "data.batch_size=0", f"paths.log_dir={tmp_path}/logs"]
+    message = exit_message(monkeypatch, *args)  # Python prints it: one line, exit status 1
+    assert message == "error: invalid config: data.batch_size=0 must be an integer >= 1"
+    (results,) = (tmp_path / "logs" / "runs").glob("*/results.json")
+    assert json.loads(results.read_text())["status"] == "failed"
+
+
+def test_unwritable_log_folder_stops_before_hydra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    message = exit_message(monkeypatch, "data=synthetic", f"paths.log_dir={blocker}")
+    assert message.startswith(f"error: cannot create the run folder under {blocker}")
+
+
+def test_wandb_key_without_network_fails_fast_and_clearly(tmp_path: Path) -> None:
+    env = {
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_BASE_URL": "http://127.0.0.1:9",  # the discard port: nothing listens there
+        "HOME": str(tmp_path),
+    }
+    proc = cli(tmp_path, "data=synthetic", "logger=wandb", "logger.wandb.init_timeout=3", env=env)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: W&B could not start the run") and "mode=offline" in last
+    assert "Traceback" not in proc.stderr

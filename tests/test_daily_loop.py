@@ -1,0 +1,349 @@
+"""The researcher's daily loop, run as a user runs it: interrupt, resume, evaluate, sweep, debug.
+
+Ctrl-C and the resumed W&B run need processes of their own; the other commands run in this
+process through the same entry points (`main()` with sys.argv), to pay Lightning's import once.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from actlab.eval import main as eval_main
+from actlab.runs import resume_args
+from actlab.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small synthetic data, no progress bar: the whole path in seconds, offline. Add a logger.
+QUICK = [
+    "data=synthetic",
+    "data.source.n_train=600",
+    "data.source.n_test=100",
+    "data.val_size=100",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+    "++trainer.enable_progress_bar=false",
+]
+
+
+LINEAR = ["model.hidden_sizes=[]"]
+
+
+def command(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / script), *args]
+
+
+def environment(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(home)  # no ~/.netrc: W&B has no key and must go offline by itself
+    return env
+
+
+def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        command(script, *args),
+        cwd=cwd,
+        env=environment(cwd),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def here(*args: str, main: Callable[[], None] = train_main) -> str:
+    """`python train.py ARGS` (or eval.py with main=eval_main) in this process; returns stdout."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["script.py", *args])
+        out = io.StringIO()
+        mp.setattr(sys, "stdout", out)
+        try:
+            main()
+        finally:
+            GlobalHydra.instance().clear()
+    return out.getvalue()
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+def metric_rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A run stopped with Ctrl-C (SIGINT) after its first epochs, logging to W&B offline.
+
+    Its model is linear (`model.hidden_sizes=[]`): that must train, stop and resume too.
+    """
+    tmp = tmp_path_factory.mktemp("interrupted")
+    args = [*QUICK, *LINEAR, "logger=wandb", "trainer.max_epochs=1000", f"paths.log_dir={tmp}/logs"]
+    proc = subprocess.Popen(
+        command("train.py", *args),
+        cwd=tmp,
+        env=environment(tmp),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp.glob("logs/runs/*/checkpoints/last.ckpt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        time.sleep(0.5)  # well into a later epoch
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (folder,) = (tmp / "logs" / "runs").iterdir()
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    return {
+        "tmp": tmp,
+        "folder": folder,
+        "returncode": proc.returncode,
+        "output": output,
+        "record": results(folder),
+        "rows": metric_rows(folder),
+        "ckpt_epoch": torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"],
+    }
+
+
+def test_ctrl_c_leaves_an_interrupted_record_and_a_usable_checkpoint(interrupted: dict) -> None:
+    assert interrupted["returncode"] != 0
+    record = interrupted["record"]
+    assert record["status"] == "interrupted"
+    assert record["last_checkpoint"] == str(interrupted["folder"] / "checkpoints" / "last.ckpt")
+    assert "resume: python train.py ckpt_path=" in interrupted["output"]
+
+
+@pytest.fixture(scope="module")
+def resumed(interrupted: dict) -> dict:
+    """The interrupted run continued from its last.ckpt up to two more epochs."""
+    folder = interrupted["folder"]
+    epochs = interrupted["ckpt_epoch"] + 3  # the checkpoint is the end of epoch ckpt_epoch
+    run(
+        "train.py",
+        f"ckpt_path={folder}/checkpoints/last.ckpt",
+        f"trainer.max_epochs={epochs}",
+        cwd=interrupted["tmp"],
+    )
+    return {"epochs": epochs, "record": results(folder), "rows": metric_rows(folder)}
+
+
+def test_resume_continues_the_run_in_its_folder(interrupted: dict, resumed: dict) -> None:
+    folder = interrupted["folder"]
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no new run folder
+    record = resumed["record"]
+    assert record["status"] == "finished"
+    assert record["epochs"] == resumed["epochs"]
+    assert record["resumed_from"] == str(folder / "checkpoints" / "last.ckpt")
+    assert record["config"]["data"] == "synthetic"  # the run's own overrides, not the defaults
+    # metrics.csv keeps the rows logged before the interrupt and gains the new epochs.
+    epochs = {int(r["epoch"]) for r in resumed["rows"] if r["val/acc"]}
+    assert epochs == set(range(resumed["epochs"]))
+    assert len(resumed["rows"]) > len(interrupted["rows"])
+
+
+def test_resume_continues_the_same_wandb_run(interrupted: dict, resumed: dict) -> None:
+    wandb_dir = interrupted["folder"] / "wandb"
+    run_id = (wandb_dir / "run_id").read_text().strip()
+    offline_runs = sorted(wandb_dir.glob("offline-run-*"))
+    assert len(offline_runs) == 2  # one per attempt, synced by `make sync` into one W&B run
+    assert all(p.name.endswith(f"-{run_id}") for p in offline_runs)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(interrupted: dict, resumed: dict) -> None:
+    """Same epochs, same optimizer state, same batches: the same numbers as never stopping.
+
+    The uninterrupted run is profiled (debug=profiler): profiling must not change the numbers.
+    """
+    tmp = interrupted["tmp"]
+    here(
+        *QUICK,
+        *LINEAR,
+        "logger=csv",
+        "debug=profiler",
+        f"trainer.max_epochs={resumed['epochs']}",
+        f"hydra.run.dir={tmp}/straight",
+    )
+    straight = results(tmp / "straight")
+    for key in ("val/loss", "train/loss_epoch", "test/loss"):
+        assert resumed["record"]["metrics"][key] == straight["metrics"][key], key
+    assert straight["config"]["hidden_sizes"] == []
+    assert "run_training_epoch" in (tmp / "straight" / "fit-profile.txt").read_text()
+
+
+def test_eval_tests_a_checkpoint_with_its_run_config(interrupted: dict, resumed: dict) -> None:
+    folder = interrupted["folder"]
+    best = Path(resumed["record"]["best_checkpoint"])
+    here(f"ckpt_path={best}", main=eval_main)
+    saved = json.loads((folder / f"eval_{best.stem}.json").read_text())
+    assert saved["checkpoint"] == str(best)
+    # train.py tested the same best checkpoint after fitting.
+    assert saved["metrics"]["test/acc"] == resumed["record"]["metrics"]["test/acc"]
+    assert saved["metrics"]["test/loss"] == resumed["record"]["metrics"]["test/loss"]
+    assert (folder / ".hydra" / "config.yaml").is_file()  # eval leaves the training config
+
+
+def test_resume_args_put_the_run_overrides_first(tmp_path: Path) -> None:
+    folder = tmp_path / "model.act=leaky,optimizer.lr=0.1"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (folder / ".hydra" / "overrides.yaml").write_text(
+        "- model.act=leaky\n- optimizer.lr=0.1\n- trainer.max_epochs=3\n- ckpt_path=old.ckpt\n"
+    )
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    args = resume_args([f"ckpt_path={ckpt}", "trainer.max_epochs=5"])
+    assert args == [
+        "model.act=leaky",
+        "optimizer.lr=0.1",
+        "trainer.max_epochs=5",
+        f"ckpt_path='{ckpt}'",
+        f"hydra.run.dir='{folder}'",
+    ]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A diverging learning rate next to a sane one, each twice with the same seed."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    stdout = here(
+        "-m",
+        *QUICK,
+        "logger=csv",
+        "model.act=none",
+        "optimizer.lr=1000,0.05",  # on MNIST lr=10 is enough; this tiny data needs more
+        "trainer.max_epochs=2",
+        "+repeat=1,2",
+        f"hydra.sweep.dir={tmp}/sweep",
+    )
+    jobs = {}
+    for folder in (tmp / "sweep").iterdir():
+        if folder.is_dir():
+            record = results(folder)
+            given = dict(o.lstrip("+").split("=", 1) for o in record["job"]["overrides"])
+            jobs[given["optimizer.lr"], given["repeat"]] = record
+    return {"stdout": stdout, "jobs": jobs}
+
+
+def test_divergence_stops_the_job_and_the_sweep_goes_on(sweep: dict) -> None:
+    status = {job: r["status"] for job, r in sweep["jobs"].items()}
+    assert status == {
+        ("1000", "1"): "diverged",
+        ("1000", "2"): "diverged",
+        ("0.05", "1"): "finished",
+        ("0.05", "2"): "finished",
+    }
+    diverged = sweep["jobs"]["1000", "1"]
+    assert "the training loss became nan" in diverged["error"]
+    assert "epochs" not in diverged  # stopped in the first epoch, before any checkpoint
+    lines = sweep["stdout"].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Sweep ")) + 3
+    rows = [line.split() for line in lines[start : start + 4]]  # after the header and its rule
+    assert sorted(row[1] for row in rows) == ["diverged", "diverged", "finished", "finished"]
+
+
+def test_same_seed_same_config_same_metrics(sweep: dict) -> None:
+    first, second = sweep["jobs"]["0.05", "1"], sweep["jobs"]["0.05", "2"]
+    assert first["metrics"] == second["metrics"]
+    assert len(first["metrics"]) >= 6
+
+
+def test_results_record_seed_versions_and_git_state(sweep: dict) -> None:
+    record = sweep["jobs"]["0.05", "1"]
+    assert record["config"]["seed"] == 0
+    assert record["versions"]["torch"] == torch.__version__
+    assert all(record["versions"][k] for k in ("lightning", "hydra-core", "torchmetrics"))
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout
+    assert record["git_commit"] == head.strip()
+    assert record["git_dirty"] is bool(dirty.strip())
+
+
+def test_overfit_one_batch_reaches_full_train_accuracy(tmp_path: Path) -> None:
+    # Noise-only images: no rule generalises, so only memorising one fixed batch scores 100%.
+    here(
+        *QUICK,
+        "logger=csv",
+        "debug=overfit",
+        "+data.source.noise=10000",
+        "data.source.n_train=5000",
+        "trainer.max_epochs=20",
+        f"hydra.run.dir={tmp_path}/run",
+    )
+    rows = [r for r in metric_rows(tmp_path / "run") if r["train/acc_epoch"]]
+    assert float(rows[-1]["train/acc_epoch"]) >= 0.99
+    assert results(tmp_path / "run")["metrics"]["test/acc"] < 0.5  # it memorised, nothing to learn
+
+
+def test_quick_debug_runs_finish(tmp_path: Path) -> None:
+    here("-m", *QUICK, "logger=csv", "debug=fdr,limit", f"hydra.sweep.dir={tmp_path}")
+    status = {p.name: results(p)["status"] for p in tmp_path.iterdir() if p.is_dir()}
+    assert len(status) == 2 and set(status.values()) == {"finished"}
+
+
+def test_help_lists_groups_and_useful_overrides(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py", "--help"])
+    try:
+        with pytest.raises(SystemExit) as e:
+            train_main()
+    finally:
+        GlobalHydra.instance().clear()
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    groups = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    assert {"leaky", "none", "relu"} <= set(groups["model.act"].split(", "))
+    assert {"fdr", "limit", "overfit", "profiler"} <= set(groups["debug"].split(", "))
+    assert "slope_optuna" in groups["hparams_search"]
+    assert "ckpt_path=<run>/checkpoints/last.ckpt" in text
+    assert "python eval.py" in text
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+    reason="needs the [search] extra: pip install -e '.[search]'",
+)
+def test_optuna_searches_slope_and_lr(tmp_path: Path) -> None:
+    here(
+        "hparams_search=slope_optuna",
+        *QUICK,
+        "logger=csv",
+        "trainer.max_epochs=1",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "hydra.sweep.subdir=${hydra.job.num}",  # the overrides above make too long a name
+    )
+    best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
+    assert "model.act.negative_slope" in best and "optimizer.lr" in best
+    jobs = [results(p) for p in (tmp_path / "sweep").iterdir() if p.is_dir()]
+    assert len(jobs) == 2
+    assert {j["config"]["act"] for j in jobs} == {"leaky"}
+    assert len({j["config"]["negative_slope"] for j in jobs}) == 2

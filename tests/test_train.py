@@ -1,0 +1,87 @@
+"""The whole path, as a researcher runs it: `python train.py -m model.act=relu,leaky,none`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAST, run_train
+
+from actlab import ROOT
+
+
+def wandb_inspect(run_dir: Path) -> dict:
+    """What W&B's own client reads back from an offline run (no account, no network)."""
+    wandb = Path(sys.executable).with_name("wandb")
+    out = subprocess.run(
+        [str(wandb), "leet", "inspect", "--summary", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_verbatim_multirun_gives_three_jobs_results_and_wandb_runs(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", "model.act=relu,leaky,none", *FAST, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name.split("model.act=")[1].split(",")[0] for j in jobs] == ["leaky", "none", "relu"]
+    assert (sweep / "multirun.yaml").exists()
+    for job in jobs:
+        act = job.name.split("model.act=")[1].split(",")[0]
+        res = json.loads((job / "results.json").read_text())
+        assert res["status"] == "finished"
+        assert res["config"]["act"] == act
+        assert 0.0 <= res["metrics"]["test/acc"] <= 1.0
+        assert res["metrics"]["val/acc_best"] >= res["metrics"]["val/acc"] - 1e-6
+        assert (job / "checkpoints" / "last.ckpt").exists()
+        metrics_csv = (job / "csv" / "metrics.csv").read_text()
+        assert "val/acc" in metrics_csv.splitlines()[0]
+
+        (run_dir,) = (job / "wandb").glob("offline-run-*")
+        run = wandb_inspect(run_dir)
+        assert run["state"] == "finished"
+        assert run["name"] == job.name
+        assert run["config"]["act"] == act
+        assert run["summary"]["test/acc"] == pytest.approx(res["metrics"]["test/acc"])
+
+    # The sweep ends with its table: one line per job.
+    table = proc.stdout[proc.stdout.index("Sweep ") :]
+    assert all(f"model.act={a}" in table for a in ("relu", "leaky", "none"))
+    assert table.count("finished") == 3
+
+
+def test_single_run_reports_offline_wandb_and_writes_results(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = run_train(
+        *FAST, "model.act=leaky", "model.act.negative_slope=0.2", f"hydra.run.dir={run}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "W&B offline run" in proc.stdout and "make sync" in proc.stdout
+    res = json.loads((run / "results.json").read_text())
+    assert res["config"]["negative_slope"] == 0.2
+    assert res["config"]["seed"] == 0
+    assert res["git_commit"] and res["versions"]["torch"]
+
+
+@pytest.mark.mnist
+@pytest.mark.slow
+def test_one_epoch_on_real_mnist_reaches_95_percent(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "actlab.data"], cwd=ROOT, check=True, timeout=300)
+    run = tmp_path / "run"
+    proc = run_train(
+        "trainer.max_epochs=1",
+        "logger=csv",
+        "callbacks.progress_bar.refresh_rate=0",
+        f"hydra.run.dir={run}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((run / "results.json").read_text())
+    assert res["metrics"]["test/acc"] >= 0.95
