@@ -48,8 +48,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from actlab.data import MNISTDataModule
+from actlab.launch import usable_cores
 from actlab.model import build_mlp
-from actlab.train import CONFIG_DIR, train, usable_cpus
+from actlab.train import CONFIG_DIR, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -550,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
         "--epochs", type=int, default=2, help="measured epochs per run (after 1 warm-up)"
     )
     parser.add_argument("--startup-rounds", type=int, default=3, help="0 skips the start-up runs")
-    parser.add_argument("--threads", type=int, default=usable_cpus())
+    parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench")
     args = parser.parse_args(argv)
 
@@ -560,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
-            "cpus_usable": usable_cpus(),
+            "cpus_usable": usable_cores(),
             "threads": args.threads,
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from omegaconf import DictConfig
 from actlab import ROOT
 from actlab import loggers as actlab_loggers
 from actlab.errors import Diverged, UserError
+from actlab.launch import finished_before, usable_cores
 from actlab.results import RESULTS, describe, logged_config, provenance, write_json
 from actlab.runs import check_output_dirs, resume_args
 from actlab.validation import validate
@@ -30,17 +30,13 @@ CONFIG_DIR = str(ROOT / "configs")
 log = logging.getLogger(__name__)
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (a Slurm allocation or `taskset`), not all of the machine's."""
-    if hasattr(os, "sched_getaffinity"):  # Linux
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then test the best-by-val checkpoint; returns the record written to results.json."""
     hc = HydraConfig.get()
     out = Path(cfg.paths.output_dir)
+    if cfg.get("resume") and (done := finished_before(out, describe(cfg, hc.runtime.choices))):
+        log.info("%s: finished before, skipped (resume=true)", out.name)
+        return done
     record: dict[str, Any] = {
         "status": "running",
         "job": {"name": out.name, "num": hc.job.get("num"), "overrides": list(hc.overrides.task)},
@@ -53,19 +49,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     loggers: list = []
     trainer: L.Trainer | None = None
+    slot = None
     try:
         validate(cfg)
-        torch.set_num_threads(cfg.get("threads") or usable_cpus())
+        torch.set_num_threads(cfg.get("threads") or usable_cores())
+        # Under the parallel launcher the job holds a device slot (and its share of the cores).
+        slot = instantiate(cfg.launch).acquire() if cfg.get("launch") else None
+        if slot:
+            record["launch"] = slot.info()
+            write_json(out / RESULTS, record)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+        device = slot.trainer_kwargs() if slot else {}
+        launch_info = {f"launch.{k}": v for k, v in record.get("launch", {}).items()}
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **device)
         for lg in loggers:
             if isinstance(lg, WandbLogger):
                 actlab_loggers.announce(lg)  # starts the W&B run: fails here, not mid-training
-            lg.log_hyperparams(logged_config(cfg, hc.runtime.choices))
+            lg.log_hyperparams({**logged_config(cfg, hc.runtime.choices), **launch_info})
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         fit_seconds = time.perf_counter() - start
@@ -109,6 +113,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_json(out / RESULTS, record)
         raise
     finally:
+        if slot:
+            slot.release()
         # Without finish() the next job of a multirun in this process would log into this run.
         if any(isinstance(lg, WandbLogger) for lg in loggers):
             import wandb

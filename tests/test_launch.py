@@ -1,0 +1,211 @@
+"""Parallel sweeps on device slots, failure isolation and resume, and sweeps on a real SLURM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from actlab.launch import DeviceSlots
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["data=synthetic", "logger=csv", "trainer=cpu", "trainer.max_epochs=1"]
+
+
+def run(args: list[str], timeout: float, env: dict[str, str] | None = None):
+    """Run a command in the project root; fail the test, not hang it, after `timeout` seconds."""
+    env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    try:
+        return subprocess.run(
+            args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(args)}: still running after {timeout}s\n{e.stdout}\n{e.stderr}")
+
+
+def results(sweep: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+
+
+def max_overlap(spans: list[tuple[float, float]]) -> int:
+    # An end at the same instant as a start frees the slot first.
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.slow
+def test_no_instant_has_more_than_k_jobs_on_a_gpu(tmp_path: Path) -> None:
+    gpus, k, jobs = 2, 2, 16
+    proc = run(
+        [
+            sys.executable,
+            "tests/slot_app/slot_job.py",
+            "-m",
+            f"i=range(0,{jobs})",
+            f"launch.jobs_per_gpu={k}",
+            "hydra.launcher.n_jobs=6",  # more workers than slots: jobs must wait for one
+            f"hydra.searchpath=[file://{ROOT}/configs]",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        timeout=120,
+        env={"ACTLAB_FAKE_GPUS": str(gpus)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    spans = [json.loads(p.read_text()) for p in tmp_path.glob("*/span.json")]
+    assert len(spans) == jobs
+    assert {s["slot"] for s in spans} == set(range(gpus * k))
+    for gpu in range(gpus):
+        on_gpu = [(s["start"], s["end"]) for s in spans if s["gpu"] == gpu]
+        assert max_overlap(on_gpu) <= k, f"more than {k} jobs at once on GPU {gpu}"
+    for slot in range(gpus * k):
+        assert max_overlap([(s["start"], s["end"]) for s in spans if s["slot"] == slot]) == 1
+    assert max_overlap([(s["start"], s["end"]) for s in spans]) > 1, "jobs never ran in parallel"
+
+
+def test_a_killed_job_frees_its_slot(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from actlab.launch import DeviceSlots; "
+            f"s = DeviceSlots({str(tmp_path)!r}, cpus=1, accelerator='cpu', enabled=True); "
+            "print(s.try_acquire().index, flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        slots = DeviceSlots(str(tmp_path), cpus=1, accelerator="cpu", enabled=True)
+        assert slots.try_acquire() is None  # the only slot is held
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=10)
+        slot = slots.try_acquire()
+        assert slot is not None and slot.index == 0
+        slot.release()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_parallel_sweep_isolates_a_failed_job_and_resumes(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = [*FAST, "launch.cpus=2", f"hydra.sweep.dir={sweep}"]
+    command = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "hydra/launcher=parallel",
+        "model.act=relu,leaky,none",
+    ]
+    task = sorted(a for a in args if not a.startswith("hydra."))
+    leaky = sweep / ",".join(sorted([*task, "model.act=leaky"]))
+    # A file where the job wants its checkpoint folder: the leaky job fails mid-training.
+    leaky.mkdir(parents=True)
+    (leaky / "checkpoints").write_text("in the way")
+
+    proc = run([*command, *args], timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    first = results(sweep)
+    assert {r["config"]["act"]: r["status"] for r in first.values()} == {
+        "relu": "finished",
+        "leaky": "failed",
+        "none": "finished",
+    }
+    assert "1 job(s) did not finish: " + leaky.name in proc.stdout
+    # Two CPU slots of one thread each, both used.
+    assert {r["launch"]["slot"] for r in first.values()} == {0, 1}
+    assert all(r["launch"]["threads"] == 1 for r in first.values())
+    finished = {
+        n: (sweep / n / "results.json").read_bytes()
+        for n, r in first.items()
+        if r["status"] == "finished"
+    }
+
+    (leaky / "checkpoints").unlink()
+    proc = run([*command, *args, "+resume=true"], timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    again = results(sweep)
+    assert all(r["status"] == "finished" for r in again.values())
+    for name, before in finished.items():  # skipped, not redone
+        assert (sweep / name / "results.json").read_bytes() == before
+    assert again[leaky.name]["metrics"]["test/acc"] > 0.5
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """The local SLURM of scripts/slurm_local.sh, started (and installed) for these tests."""
+    script = str(ROOT / "scripts" / "slurm_local.sh")
+    was_up = run([script, "status"], timeout=30).returncode == 0
+    proc = run([script, "start"], timeout=400)
+    if proc.returncode == 3:
+        pytest.skip(f"no local SLURM: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    yield
+    if not was_up:
+        assert run([script, "stop"], timeout=60).returncode == 0
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_sweep_reports_a_killed_job_and_resumes(tmp_path: Path, slurm_cluster) -> None:
+    sweep, name = tmp_path / "sweep", f"actlab-test-{os.getpid()}"
+    command = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "hydra/launcher=slurm",
+        "model.act=relu,leaky,none",
+        *FAST,
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=1",
+        f"hydra.launcher.name={name}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    sweep_proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline, killed = time.monotonic() + 90, None
+        while killed is None and time.monotonic() < deadline and sweep_proc.poll() is None:
+            queue = run(["squeue", "-h", "-n", name, "-o", "%i %T"], timeout=30).stdout.split()
+            running = dict(zip(queue[::2], queue[1::2], strict=True))
+            killed = next(
+                (j for j, s in running.items() if j.endswith("_1") and s == "RUNNING"), None
+            )
+            time.sleep(0.2)
+        assert killed, "the job to kill never ran"
+        assert run(["scancel", killed], timeout=30).returncode == 0
+        out, err = sweep_proc.communicate(timeout=150)
+    finally:
+        sweep_proc.kill()
+        run(["scancel", "-n", name], timeout=30)
+    assert sweep_proc.returncode == 0, err
+    first = results(sweep)
+    assert {r["config"].get("act"): r["status"] for r in first.values()} == {
+        "relu": "finished",
+        "leaky": "failed",
+        "none": "finished",
+    }
+    leaky = next(n for n, r in first.items() if r["status"] == "failed")
+    assert f"SLURM job {killed} ended CANCELLED" in first[leaky]["error"]
+    assert "1 job(s) did not finish: " + leaky in out
+
+    proc = run([*command, "+resume=true"], timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    again = results(sweep)
+    assert len(again) == 3 and all(r["status"] == "finished" for r in again.values())
+    for name_, r in first.items():
+        if r["status"] == "finished":
+            assert again[name_] == r  # skipped, not redone
+    assert all(r["metrics"]["test/acc"] > 0.5 for r in again.values())
