@@ -128,8 +128,9 @@ def _last_checkpoint(trainer: L.Trainer | None) -> str | None:
     Nothing is saved at the moment of the interrupt: a mid-epoch state cannot be resumed
     exactly (the epoch's batches would not be the same), and at most one epoch is lost.
     """
-    ckpt = trainer.checkpoint_callback if trainer is not None else None
-    last = getattr(ckpt, "last_model_path", "")
+    callbacks = trainer.checkpoint_callbacks if trainer is not None else []
+    # The checkpoint kept for every epoch is the one with no monitor (configs/callbacks).
+    last = next((cb.best_model_path for cb in callbacks if cb.monitor is None), "")
     if last:
         log.info("interrupted; to resume: python train.py ckpt_path=%s", last)
     else:
