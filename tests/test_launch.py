@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from actlab.launch import DeviceSlots
 
@@ -94,6 +95,25 @@ def test_a_killed_job_frees_its_slot(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_cpu_job_takes_the_cores_of_idle_slots(tmp_path: Path) -> None:
+    slots = DeviceSlots(str(tmp_path), cpus=4, cpus_per_job=1, accelerator="cpu", enabled=True)
+    held = [slots.try_acquire() for _ in range(3)]
+    (share,) = held[0].callbacks()
+    before = torch.get_num_threads()
+    try:
+        assert slots.busy() == 3
+        share.on_train_epoch_start(None, None)
+        assert torch.get_num_threads() == 1  # 4 cores // 3 busy slots
+        for slot in held[1:]:
+            slot.release()
+        assert slots.busy() == 1
+        share.on_train_epoch_start(None, None)
+        assert torch.get_num_threads() == 4  # alone now: all the cores
+    finally:
+        held[0].release()
+        torch.set_num_threads(before)
 
 
 @pytest.mark.slow

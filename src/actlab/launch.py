@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
@@ -59,6 +60,7 @@ class Slot:
     threads: int
     simulated: bool = False
     _fd: int | None = field(default=None, repr=False, compare=False)
+    _slots: DeviceSlots | None = field(default=None, repr=False, compare=False)
 
     @property
     def device(self) -> str:
@@ -81,6 +83,12 @@ class Slot:
         if self.simulated:
             return {}
         return {"accelerator": "gpu", "devices": [self.gpu]}
+
+    def callbacks(self) -> list[L.Callback]:
+        """What the job's trainer adds: CPU jobs take the cores of idle slots as they free up."""
+        if self.gpu is None and self._slots is not None:
+            return [ShareIdleCores(self._slots)]
+        return []
 
     def release(self) -> None:
         if self._fd is not None:
@@ -134,7 +142,20 @@ class DeviceSlots:
         # Slot i is on GPU i % G: the lowest free slots spread the jobs over all GPUs first.
         gpu = index % self.gpus if self.gpus else None
         threads = max(1, self.cpus // len(self))
-        return Slot(index, gpu, threads, self.simulated, fd)
+        return Slot(index, gpu, threads, self.simulated, fd, self)
+
+    def busy(self) -> int:
+        """How many slots running jobs hold now (this job's included)."""
+        held = 0
+        for i in range(len(self)):
+            fd = os.open(self.lock_dir / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held += 1
+            finally:
+                os.close(fd)  # drops the lock if it was free and we just took it
+        return held
 
     def try_acquire(self) -> Slot | None:
         self.lock_dir.mkdir(parents=True, exist_ok=True)
@@ -179,6 +200,23 @@ class DeviceSlots:
             time.monotonic() - t0,
         )
         return slot
+
+
+class ShareIdleCores(L.Callback):
+    """At each epoch start a CPU job sets its torch threads to cpus // (slots held now).
+
+    Without it, the last job of a sweep of 3 on 2 one-core slots trains on one core while the
+    other idles. Threads only grow into slots no job holds, so running jobs never fight; a job
+    that starts later takes its slot's share and the others give theirs back at their next epoch.
+    """
+
+    def __init__(self, slots: DeviceSlots) -> None:
+        self.slots = slots
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, self.slots.cpus // max(1, self.slots.busy())))
 
 
 def finished_before(job_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:

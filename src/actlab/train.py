@@ -62,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule = instantiate(cfg.data)
         model = instantiate(cfg.model)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        callbacks += slot.callbacks() if slot else []
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
         device = slot.trainer_kwargs() if slot else {}
         launch_info = {f"launch.{k}": v for k, v in record.get("launch", {}).items()}
