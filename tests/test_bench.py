@@ -17,6 +17,20 @@ def _sgd(params):
     return torch.optim.SGD(params, lr=0.05, momentum=0.9)
 
 
+def _bare_trainer(max_epochs: int, **kwargs) -> L.Trainer:
+    """A Trainer with nothing but the loop: no logger, checkpoints, bar, summary or sanity check."""
+    return L.Trainer(
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        **kwargs,
+    )
+
+
 def test_project_epoch_makes_the_same_updates_as_the_plain_loop(tmp_path):
     """One project epoch (Lightning, manual optimization) equals one plain-PyTorch epoch.
 
@@ -31,16 +45,7 @@ def test_project_epoch_makes_the_same_updates_as_the_plain_loop(tmp_path):
     model = MLPClassifier(act=nn.ReLU, optimizer=_sgd, hidden_sizes=(32,))
     net = copy.deepcopy(model.net)
 
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
+    trainer = _bare_trainer(1, limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
 
     x, y = dm.train
@@ -83,14 +88,6 @@ def test_epoch_scheduler_steps_once_per_epoch(tmp_path):
         scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
         hidden_sizes=(16,),
     )
-    trainer = L.Trainer(
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-    )
+    trainer = _bare_trainer(3)
     trainer.fit(model, datamodule=dm)
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.05 * 0.5**3

@@ -86,9 +86,9 @@ def test_batches_cover_every_sample_once_and_reshuffle_each_epoch() -> None:
     for order in epochs:
         assert sorted(order.tolist()) == list(range(100))
     assert not torch.equal(epochs[0], epochs[1])
-    # A resumed run (start_epoch=1) sees the order the uninterrupted run saw in epoch 1.
+    # A resumed run (the trainer's epoch is 1) sees the order the uninterrupted run saw then.
     resumed = TensorBatches(
-        x, torch.arange(100), batch_size=32, shuffle=True, seed=0, start_epoch=1
+        x, torch.arange(100), batch_size=32, shuffle=True, seed=0, current_epoch=lambda: 1
     )
     assert torch.equal(torch.cat([b[0][:, 0] for b in resumed]), epochs[1])
 

@@ -47,12 +47,12 @@ from omegaconf import open_dict
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from actlab import ROOT
 from actlab.data import MNISTDataModule
 from actlab.launch import usable_cores
 from actlab.model import build_mlp
+from actlab.results import write_json
 from actlab.train import CONFIG_DIR, train
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _clocks() -> tuple[float, float]:
@@ -183,9 +183,7 @@ class PerSampleDataModule(MNISTDataModule):
         if self.train is not None:
             return
         x_tr, y_tr, x_te, y_te = self.source.load(self.data_dir)
-        n_train = len(x_tr) - self.val_size
-        perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(self.split_seed))
-        idx_train, idx_val = perm[:n_train].numpy(), perm[n_train:].numpy()
+        idx_train, idx_val = self.split_indices(len(x_tr))
         self.train = PerSampleMNIST(x_tr[idx_train], y_tr[idx_train], self.mean, self.std)
         self.val = PerSampleMNIST(x_tr[idx_val], y_tr[idx_val], self.mean, self.std)
         self.test = PerSampleMNIST(x_te, y_te, self.mean, self.std)
@@ -584,9 +582,8 @@ def main(argv: list[str] | None = None) -> None:
     result["machine"]["load_average_after"] = os.getloadavg()
     result["bench_seconds"] = round(time.perf_counter() - started, 1)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{dt.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}.json"
-    path.write_text(json.dumps(result, indent=2))
+    write_json(path, result)
     print(table(result))
     la = result["machine"]
     print(

@@ -57,9 +57,12 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an unsigned-byte IDX file. Into a data folder only through `_install_verified`,
+    which stages the files and renames them in once all are verified."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    _atomic_write_bytes(Path(path), header + array.tobytes())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(header + array.tobytes())
 
 
 def md5(path: Path) -> str:
@@ -80,21 +83,6 @@ def _md5_matches(path: Path, expected: str) -> bool:
     if key not in _VERIFIED and md5(path) == expected:
         _VERIFIED.add(key)
     return key in _VERIFIED
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results and data are for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager
@@ -370,10 +358,10 @@ class RegressionSource(GeneratedSource):
 class TensorBatches:
     """Minibatches of tensors that already sit on their device, one index op per batch.
 
-    Shuffles with a fresh permutation each epoch, seeded by (seed, epoch), counting from
-    `start_epoch`, or asking `current_epoch()` when given: a resumed run then sees the same order as
-    an uninterrupted one. Under DDP every rank takes its own equal-sized shard of the same
-    permutation.
+    Shuffles with a fresh permutation each epoch, seeded by (seed, epoch). The epoch is
+    `current_epoch()` when given (the trainer's, so a resumed run sees the same order as an
+    uninterrupted one), else a count of the passes made. Under DDP every rank takes its own
+    equal-sized shard of the same permutation.
     """
 
     def __init__(
@@ -385,13 +373,12 @@ class TensorBatches:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        start_epoch: int = 0,
         current_epoch: Callable[[], int] | None = None,
     ) -> None:
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.current_epoch = start_epoch, current_epoch
+        self.epoch, self.current_epoch = 0, current_epoch
         self.n = len(x) // world_size if world_size > 1 else len(x)
 
     def __len__(self) -> int:
@@ -446,15 +433,18 @@ class MNISTDataModule(L.LightningDataModule):
         if self.train is not None:
             return
         x_tr, y_tr, x_te, y_te = self.source.load(self.data_dir)
-        n = len(x_tr)
-        n_train = check_split(n, self.val_size, self.train_size)
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).numpy()
         # Split the uint8 arrays, then convert: a quarter of the memory traffic of splitting floats.
-        train, val = perm[:n_train], perm[n_train : n_train + self.val_size]
+        train, val = self.split_indices(len(x_tr))
         self.train = self._tensors(x_tr[train], y_tr[train], device)
         self.val = self._tensors(x_tr[val], y_tr[val], device)
         self.test = self._tensors(x_te, y_te, device)
+
+    def split_indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Train and val indices into the `n` official training images (a seeded permutation)."""
+        n_train = check_split(n, self.val_size, self.train_size)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).numpy()
+        return perm[:n_train], perm[n_train : n_train + self.val_size]
 
     def _tensors(
         self, x: np.ndarray, y: np.ndarray, device: torch.device

@@ -30,26 +30,23 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job, unfinished and failed jobs included (status says which)."""
-    rows = []
-    for job in job_dirs(sweep_dir):
-        res = read_results(job) or {"status": "no results", "config": {}}
-        metrics = res.get("metrics", {})
-        rows.append(
-            {
-                "job": job.relative_to(sweep_dir).as_posix() or ".",
-                "status": res["status"],
-                "act": res["config"].get("act"),
-                "slope": res["config"].get("negative_slope"),
-                "seed": res["config"].get("seed"),
-                "test/acc": metrics.get("test/acc"),
-                "val/acc_best": metrics.get("val/acc_best"),
-                "dead/mean": metrics.get("dead/mean"),
-                "epochs": res.get("epochs"),
-                "seconds": res.get("seconds"),
-            }
-        )
-    return rows
+    """One row per job, by folder name, unfinished and failed jobs included (status says which)."""
+    jobs = sorted(load_jobs(sweep_dir, history=False), key=lambda j: j.folder)
+    return [
+        {
+            "job": j.folder.relative_to(sweep_dir).as_posix() or ".",
+            "status": j.status,
+            "act": j.act,
+            "slope": j.slope,
+            "seed": j.seed,
+            "test/acc": j.metrics.get("test/acc"),
+            "val/acc_best": j.metrics.get("val/acc_best"),
+            "dead/mean": j.metrics.get("dead/mean"),
+            "epochs": j.epochs,
+            "seconds": j.seconds,
+        }
+        for j in jobs
+    ]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -100,6 +97,8 @@ class Job:
     metrics: dict[str, float]
     seconds_per_epoch: float | None
     error: str | None
+    epochs: int | None = None
+    seconds: float | None = None
     history: Any = None  # pandas DataFrame: one row per epoch, or None without metrics.csv
     num: int | None = None  # Hydra's job number in the sweep
 
@@ -144,7 +143,8 @@ def epoch_history(csv_path: Path) -> Any:
     return df.groupby("epoch").last()
 
 
-def load_jobs(sweep_dir: Path) -> list[Job]:
+def load_jobs(sweep_dir: Path, history: bool = True) -> list[Job]:
+    """Every job of the sweep in the sweep's order; `history` also reads each metrics.csv."""
     jobs = []
     for folder in job_dirs(sweep_dir):
         res = read_results(folder) or {"status": "no results", "config": {}}
@@ -165,7 +165,9 @@ def load_jobs(sweep_dir: Path) -> list[Job]:
                 metrics=res.get("metrics", {}),
                 seconds_per_epoch=res.get("seconds_per_epoch"),
                 error=res.get("error"),
-                history=epoch_history(folder / "csv" / "metrics.csv"),
+                epochs=res.get("epochs"),
+                seconds=res.get("seconds"),
+                history=epoch_history(folder / "csv" / "metrics.csv") if history else None,
                 num=res.get("job", {}).get("num"),
             )
         )
@@ -274,6 +276,15 @@ def _band(ax: Any, jobs: list[Job], column: str, label: str, color: Any) -> bool
     return True
 
 
+def _colors(n: int) -> list[Any]:
+    """One colour per configuration: tab10's distinct ones, a viridis ramp beyond 6."""
+    import matplotlib.pyplot as plt
+
+    if n > 6:
+        return [plt.cm.viridis(i / (n - 1)) for i in range(n)]
+    return [plt.cm.tab10(i) for i in range(n)]
+
+
 def _legend(ax: Any, n: int) -> None:
     ax.legend(fontsize="small", ncol=2 if n > 6 else 1, framealpha=0.85)
 
@@ -282,9 +293,7 @@ def plot_curves(configs: list[Configuration], metric: str, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.cm.viridis if len(configs) > 6 else plt.cm.tab10
-    for i, c in enumerate(configs):
-        color = colors(i / max(len(configs) - 1, 1)) if len(configs) > 6 else colors(i)
+    for c, color in zip(configs, _colors(len(configs)), strict=True):
         done = [j for j in c.jobs if j.finished] or c.jobs
         _band(a1, done, f"val/{metric}", c.label, color)
         _band(a2, done, "train/loss_epoch", c.label, color)
@@ -356,11 +365,10 @@ def plot_dead(configs: list[Configuration], out: Path) -> Path | None:
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False, sharey=True
     )
-    colors = plt.cm.viridis if len(configs) > 6 else plt.cm.tab10
+    colors = _colors(len(configs))
     for k, col in enumerate(layers):
         ax = axes[k // ncols][k % ncols]
-        for i, c in enumerate(configs):
-            color = colors(i / max(len(configs) - 1, 1)) if len(configs) > 6 else colors(i)
+        for c, color in zip(configs, colors, strict=True):
             _band(ax, [j for j in c.jobs if j.finished] or c.jobs, col, c.label, color)
         ax.set(xlabel="epoch", title=f"hidden layer {col.removeprefix('dead/layer')}")
         ax.set_ylim(-0.02, 1.02)
