@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from actlab.bench import PerSampleDataModule, plain_epoch
-from actlab.data import MNISTDataModule, SyntheticSource
+from actlab.data import MNISTDataModule, SyntheticSource, batch_order
 from actlab.model import MLPClassifier
 
 
@@ -40,7 +40,7 @@ def test_project_epoch_makes_the_same_updates_as_the_plain_loop(tmp_path):
     """
     torch.manual_seed(0)
     dm = MNISTDataModule(
-        SyntheticSource(n_train=700, n_test=100), str(tmp_path), batch_size=64, val_size=100
+        SyntheticSource(n_train=700, n_test=100), str(tmp_path), batch_size=64, val_size=100, seed=3
     )
     model = MLPClassifier(act=nn.ReLU, optimizer=_sgd, hidden_sizes=(32,))
     net = copy.deepcopy(model.net)
@@ -49,8 +49,7 @@ def test_project_epoch_makes_the_same_updates_as_the_plain_loop(tmp_path):
     trainer.fit(model, datamodule=dm)
 
     x, y = dm.train
-    # TensorBatches' order for epoch 0 (see actlab.data.TensorBatches.__iter__).
-    order = torch.Generator().manual_seed(dm.split_seed * 100_003)
+    order = batch_order(dm.seed, 0, len(x))
     loss, acc = plain_epoch(net, _sgd(net.parameters()), x, y, 64, order)
 
     assert trainer.global_step == -(-len(x) // 64)

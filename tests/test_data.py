@@ -72,6 +72,33 @@ def test_split_is_seeded(idx_dataset) -> None:
     assert not torch.equal(val_labels(0), val_labels(1))
 
 
+def test_run_seed_sets_the_batch_order_not_the_validation_set(idx_dataset) -> None:
+    source, data_dir, _ = idx_dataset
+
+    def split_and_first_epoch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dm = MNISTDataModule(source, str(data_dir), val_size=20, batch_size=8, seed=seed)
+        dm.setup()
+        return dm.val[0], torch.cat([x for x, _ in dm.train_dataloader()])
+
+    val0, order0 = split_and_first_epoch(0)
+    val1, order1 = split_and_first_epoch(1)
+    assert torch.equal(val0, val1)
+    assert not torch.equal(order0, order1)
+    assert torch.equal(order0, split_and_first_epoch(0)[1])
+
+
+def test_data_configs_take_the_batch_order_from_the_run_seed() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from actlab.train import CONFIG_DIR
+
+    for data in ("mnist", "fashion_mnist", "synthetic", "regression"):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=[f"data={data}", "seed=7"])
+        assert cfg.data.seed == 7, data
+        assert cfg.data.split_seed == 0, data
+
+
 def test_val_split_larger_than_the_data_is_a_user_error(idx_dataset) -> None:
     source, data_dir, _ = idx_dataset
     with pytest.raises(UserError, match="val_size=500"):

@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from actlab import ROOT
-from actlab.data import MNISTDataModule
+from actlab.data import MNISTDataModule, batch_order
 from actlab.launch import usable_cores
 from actlab.model import build_mlp
 from actlab.results import write_json
@@ -208,7 +208,7 @@ def plain_epoch(
     x: torch.Tensor,
     y: torch.Tensor,
     batch_size: int,
-    generator: torch.Generator,
+    order: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One epoch of minibatch SGD in plain PyTorch: returns (mean loss, accuracy) as tensors.
 
@@ -218,7 +218,7 @@ def plain_epoch(
     model.train()
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for idx in torch.randperm(len(x), generator=generator).to(x.device).split(batch_size):
+    for idx in order.to(x.device).split(batch_size):
         xb, yb = x[idx], y[idx]
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
@@ -309,11 +309,12 @@ def run_plain(cfg: Any, batch_size: int, epochs: int) -> list[dict[str, float]]:
     torch.manual_seed(cfg.seed)
     model = build_mlp(784, list(cfg.model.hidden_sizes), 10, instantiate(cfg.model.act))
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
-    gen = torch.Generator().manual_seed(cfg.seed)
     times = []
-    for _ in range(1 + epochs):
+    for epoch in range(1 + epochs):
         start = _clocks()
-        plain_epoch(model, optimizer, x, y, batch_size, gen)[0].item()
+        plain_epoch(model, optimizer, x, y, batch_size, batch_order(cfg.seed, epoch, len(x)))[
+            0
+        ].item()
         train_end = _clocks()
         plain_eval(model, xv, yv, cfg.data.eval_batch_size)
         times.append(_times(start, train_end, _clocks()))

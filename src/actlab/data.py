@@ -355,10 +355,15 @@ class RegressionSource(GeneratedSource):
 # Batches and the DataModule
 
 
+def batch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The training order of epoch `epoch` for the run seeded `seed`: a permutation of range(n)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 class TensorBatches:
     """Minibatches of tensors that already sit on their device, one index op per batch.
 
-    Shuffles with a fresh permutation each epoch, seeded by (seed, epoch). The epoch is
+    Shuffles with a fresh permutation each epoch, `batch_order(seed, epoch, n)`. The epoch is
     `current_epoch()` when given (the trainer's, so a resumed run sees the same order as an
     uninterrupted one), else a count of the passes made. Under DDP every rank takes its own
     equal-sized shard of the same permutation.
@@ -388,8 +393,7 @@ class TensorBatches:
         if self.shuffle:
             if self.current_epoch is not None:
                 self.epoch = self.current_epoch()
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(len(self.x), generator=g)
+            order = batch_order(self.seed, self.epoch, len(self.x))
             self.epoch += 1
         else:
             order = torch.arange(len(self.x))
@@ -403,8 +407,9 @@ class TensorBatches:
 class MNISTDataModule(L.LightningDataModule):
     """MNIST-format data (MNIST, Fashion-MNIST, synthetic) as normalised in-memory tensors.
 
-    The official training set is split into train/val by a seeded permutation; the official
-    test set stays the test set.
+    The official training set is split into train/val by a permutation seeded by `split_seed`
+    (the same validation set for every run seed); the official test set stays the test set. The
+    training batches of epoch e come in `batch_order(seed, e, n)`: `seed` is the run's seed.
     """
 
     def __init__(
@@ -416,6 +421,7 @@ class MNISTDataModule(L.LightningDataModule):
         val_size: int = 5000,
         train_size: int | None = None,
         split_seed: int = 0,
+        seed: int = 0,
         mean: float = 0.1307,
         std: float = 0.3081,
     ) -> None:
@@ -423,6 +429,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.source, self.data_dir = source, data_dir
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.train_size, self.split_seed = val_size, train_size, split_seed
+        self.seed = seed
         self.mean, self.std = mean, std
         self.train: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -461,14 +468,14 @@ class MNISTDataModule(L.LightningDataModule):
     ) -> TensorBatches:
         t = self.trainer
         if t is None:
-            return TensorBatches(*split, batch_size, shuffle, self.split_seed)
+            return TensorBatches(*split, batch_size, shuffle, self.seed)
         # The trainer's epoch, read as each epoch starts: when a run resumes, this loader is made
         # before the trainer has moved past the checkpoint's epoch.
         return TensorBatches(
             *split,
             batch_size,
             shuffle,
-            self.split_seed,
+            self.seed,
             t.global_rank,
             t.world_size,
             current_epoch=lambda: t.current_epoch,
