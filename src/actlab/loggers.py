@@ -22,12 +22,15 @@ log = logging.getLogger(__name__)
 
 
 def wandb_api_key_configured() -> bool:
-    """True when W&B would find a key without prompting: WANDB_API_KEY or a netrc entry."""
+    """True when W&B would find a key without prompting: WANDB_API_KEY or a netrc entry.
+
+    The netrc file is the one W&B reads: $NETRC when set, else ~/.netrc.
+    """
     if os.environ.get("WANDB_API_KEY"):
         return True
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        return netrc.netrc().authenticators(host) is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
@@ -96,12 +99,12 @@ def wandb_logger(
 
 def announce(logger: WandbLogger) -> None:
     """Start the W&B run, then say where it went: a URL online, a folder to `make sync` offline."""
-    import wandb
-
     try:
         run = logger.experiment
-    except wandb.Error as e:
-        reason = " ".join(str(e).split())  # one line, whatever W&B put in it
+    # Not only wandb.Error: an unreachable server ends in a plain TimeoutError, and a slow start
+    # of W&B's service process in its own WandbServiceConnectionError.
+    except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever W&B put in it
         raise UserError(
             f"W&B could not start the run ({reason}). Check the network and WANDB_BASE_URL, or "
             "log offline with logger.wandb.mode=offline and upload later with `make sync`."

@@ -1,10 +1,12 @@
-"""A sweep job that only holds a device slot for a random time, under the real parallel launcher.
+"""A sweep job that only holds a device slot, under the real parallel launcher.
 
-Each job writes the slot it held and when it held it to `span.json` in its folder.
+Each job holds its slot until it has seen every slot held at once (or, near the sweep's end, every
+job still to finish holding one), then writes the slot it held and when to `span.json` in its
+folder. So the jobs provably overlap and use every slot, however fast or loaded the machine: the
+outcome depends on the slots' locks alone, never on how long a job happens to take.
 """
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -18,12 +20,16 @@ import actlab.launch  # noqa: F401  (registers the resolver the launcher config 
 
 @hydra.main(version_base="1.3", config_path=".", config_name="slot_job")
 def main(cfg: DictConfig) -> None:
-    slot = instantiate(cfg.launch).acquire()
+    slots = instantiate(cfg.launch)
+    slot = slots.acquire()
     start = time.time()
-    time.sleep(random.Random(cfg.i).uniform(0.05, 0.5))
+    sweep = Path(HydraConfig.get().sweep.dir)
+    # Waiting workers outnumber the slots, so a free slot is soon taken while jobs remain.
+    while slots.busy() < min(len(slots), cfg.jobs - len(list(sweep.glob("*/span.json")))):
+        time.sleep(0.01)
     span = {"slot": slot.index, "gpu": slot.gpu, "start": start, "end": time.time()}
-    slot.release()
     (Path(HydraConfig.get().runtime.output_dir) / "span.json").write_text(json.dumps(span))
+    slot.release()
 
 
 if __name__ == "__main__":
