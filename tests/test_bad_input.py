@@ -5,13 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import wandb
+from conftest import run_train, script_env
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -19,7 +20,7 @@ from hydra.utils import instantiate
 
 from actlab.data import IDXSource, MNISTDataModule, SyntheticSource, md5, read_idx, write_idx
 from actlab.errors import UserError
-from actlab.loggers import wandb_logger
+from actlab.loggers import announce, wandb_api_key_configured, wandb_logger
 from actlab.results import write_json
 from actlab.runs import check_output_dirs
 from actlab.train import CONFIG_DIR
@@ -184,15 +185,9 @@ def test_wandb_online_without_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         wandb_logger(str(tmp_path), "actlab", mode="online")
 
 
-def cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path}/logs", *args],
-        cwd=tmp_path,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}, **(env or {})},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+def cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None):
+    return run_train(
+        f"paths.log_dir={tmp_path}/logs", *args, cwd=tmp_path, env=script_env(**(env or {}))
     )
 
 
@@ -237,3 +232,53 @@ def test_wandb_key_without_network_fails_fast_and_clearly(tmp_path: Path) -> Non
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: W&B could not start the run") and "mode=offline" in last
     assert "Traceback" not in proc.stderr
+
+
+class _Unstartable:
+    """A logger whose W&B run fails to start with `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    @property
+    def experiment(self):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TimeoutError("Timed out waiting for the run to start"),
+        wandb.Error("network error"),
+        # What W&B raises when its service process starts slowly (an internal class of wandb).
+        pytest.importorskip("wandb.sdk.lib.service.service_token").WandbServiceConnectionError(
+            "Failed to connect to internal service"
+        ),
+    ],
+    ids=type,
+)
+def test_every_way_wandb_fails_to_start_is_one_line(error: Exception) -> None:
+    with pytest.raises(UserError) as e:
+        announce(_Unstartable(error))
+    message = str(e.value)
+    assert message.startswith(f"W&B could not start the run ({type(error).__name__}: ")
+    assert "mode=offline" in message and "\n" not in message
+
+
+def test_the_wandb_key_is_looked_up_where_wandb_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$NETRC when set (as W&B does), else ~/.netrc: a test's NETRC hides a `wandb login` key."""
+    entry = "machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n"
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.write_text(entry)
+    (home / ".netrc").write_text(entry)
+    (home / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
+    assert not wandb_api_key_configured()
+    monkeypatch.setenv("NETRC", str(elsewhere))
+    assert wandb_api_key_configured()
+    monkeypatch.delenv("NETRC")
+    assert wandb_api_key_configured()
