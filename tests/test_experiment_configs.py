@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
+from omegaconf import OmegaConf
+from torch import nn
 
 from actlab.train import CONFIG_DIR
 
@@ -24,24 +26,36 @@ def test_the_reference_experiments_exist() -> None:
     assert names | {"leaky_regression"} <= set(EXPERIMENTS)
 
 
+def swept_value_reaches_the_objects(job, key: str, value: str) -> None:
+    """The value a sweep gives `key` is the one the built data, model and optimizer use."""
+    model = instantiate(job.model)
+    acts = [m for m in model.net if not isinstance(m, nn.Linear | nn.Dropout)]
+    if key == "model.act":
+        option = OmegaConf.load(Path(CONFIG_DIR) / "model.act" / f"{value}.yaml")
+        assert acts and all(type(a) is get_object(option._target_) for a in acts)
+    elif key == "model.act.negative_slope":
+        assert acts and all(a.negative_slope == float(value) for a in acts)
+    elif key == "seed":
+        assert instantiate(job.data).seed == int(value)  # the batch order, not only the init
+    elif key.startswith("optimizer."):
+        optimizer = instantiate(job.optimizer)(params=model.parameters())
+        assert optimizer.param_groups[0][key.split(".", 1)[1]] == float(value)
+    else:
+        pytest.fail(f"no check for the swept key {key}: add one here")
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_with_each_swept_value(name: str) -> None:
+    path = Path(CONFIG_DIR) / "experiment" / f"{name}.yaml"
+    # `# @package _global_`, then a comment saying why the experiment exists.
+    assert path.read_text().startswith("# @package _global_\n# ")
     base = [f"experiment={name}", "logger=csv"]
     cfg = compose("train", overrides=base, return_hydra_config=True)
-    assert (
-        (Path(CONFIG_DIR) / "experiment" / f"{name}.yaml")
-        .read_text()
-        .startswith(
-            "# @package _global_\n# "  # and the reason for the experiment follows
-        )
-    )
-    sweep = dict(cfg.hydra.sweeper.params or {})
-    runs = [[]] + [[f"{k}={v}"] for k, values in sweep.items() for v in str(values).split(",")]
-    for extra in runs:
-        job = compose("train", overrides=base + extra)
-        model = instantiate(job.model)
-        assert model.net[0].in_features == job.model.in_features
-        assert job.task_name == name
+    for key, values in dict(cfg.hydra.sweeper.params or {}).items():
+        for value in str(values).split(","):
+            job = compose("train", overrides=[*base, f"{key}={value}"])
+            assert job.task_name == name
+            swept_value_reaches_the_objects(job, key, value)
 
 
 def test_experiment_settings_reach_the_config() -> None:

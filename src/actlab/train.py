@@ -15,13 +15,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from actlab import ROOT
 from actlab import loggers as actlab_loggers
 from actlab.errors import Diverged, UserError
-from actlab.launch import finished_before, usable_cores
+from actlab.launch import Slot, finished_before, usable_cores
 from actlab.results import RESULTS, describe, logged_config, provenance, write_json
 from actlab.runs import check_output_dirs, resume_args
 from actlab.validation import validate
@@ -59,14 +60,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             record["launch"] = slot.info()
             write_json(out / RESULTS, record)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = instantiate(cfg.data)
-        model = instantiate(cfg.model)
-        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-        callbacks += slot.callbacks() if slot else []
-        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-        device = slot.trainer_kwargs() if slot else {}
+        datamodule, model, trainer = build(cfg, slot)
+        loggers = trainer.loggers
         launch_info = {f"launch.{k}": v for k, v in record.get("launch", {}).items()}
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **device)
         for lg in loggers:
             if isinstance(lg, WandbLogger):
                 actlab_loggers.announce(lg)  # starts the W&B run: fails here, not mid-training
@@ -121,6 +117,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             import wandb
 
             wandb.finish()
+
+
+# Lightning adds a callback of each kind where the callbacks have none, unless told not to: here
+# the callbacks group alone decides (`callbacks=none` means no checkpoint, no bar, no summary).
+_LIGHTNING_DEFAULTS = {
+    "enable_checkpointing": ModelCheckpoint,
+    "enable_progress_bar": ProgressBar,
+    "enable_model_summary": ModelSummary,
+}
+
+
+def build(
+    cfg: DictConfig, slot: Slot | None = None
+) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """The run's data, model and trainer (with its callbacks and loggers), as configured."""
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks += slot.callbacks() if slot else []
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    flags = {
+        flag: any(isinstance(c, kind) for c in callbacks)
+        for flag, kind in _LIGHTNING_DEFAULTS.items()
+        if flag not in cfg.trainer
+    }
+    device = slot.trainer_kwargs() if slot else {}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **flags, **device)
+    return datamodule, model, trainer
 
 
 def _last_checkpoint(trainer: L.Trainer | None) -> str | None:
