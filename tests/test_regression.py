@@ -1,17 +1,15 @@
 """The regression mode of the MLP on `data=regression`, through the real entry point."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_command
 
 from actlab.data import RegressionSource
 from actlab.results import read_results
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_regression_targets_depend_on_the_inputs_non_linearly() -> None:
@@ -44,7 +42,8 @@ def test_leaky_regression_fits_a_linear_net_does_not_and_diagnostics_are_logged(
         f"paths.log_dir={tmp_path}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=180)
+    proc = run_command(cmd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = {a: next((tmp_path / "sweep").glob(f"*model.act={a},*")) for a in ("leaky", "none")}
     res = {a: read_results(job) for a, job in jobs.items()}
     for r in res.values():

@@ -4,30 +4,22 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_train
+from conftest import FAST, run_command, run_train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-from actlab import ROOT
 
 
 def wandb_inspect(run_dir: Path) -> dict:
     """What W&B's own client reads back from an offline run (no account, no network)."""
     wandb = Path(sys.executable).with_name("wandb")
-    out = subprocess.run(
-        [str(wandb), "leet", "inspect", "--summary", "--json", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return json.loads(out.stdout)
+    proc = run_command([wandb, "leet", "inspect", "--summary", "--json", run_dir])
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def best_checkpoint_test_acc(job: Path, checkpoint: str) -> float:
@@ -102,7 +94,8 @@ def test_single_run_reports_offline_wandb_and_writes_results(tmp_path: Path) -> 
 @pytest.mark.mnist
 @pytest.mark.slow
 def test_one_epoch_on_real_mnist_reaches_95_percent(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "actlab.data"], cwd=ROOT, check=True, timeout=300)
+    proc = run_command([sys.executable, "-m", "actlab.data"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     run = tmp_path / "run"
     proc = run_train(
         "trainer.max_epochs=1",
