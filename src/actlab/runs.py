@@ -41,6 +41,15 @@ def checkpoint_arg(args: list[str]) -> Path | None:
     path = Path(_unquote(values[-1]))
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: give a .ckpt file from a run's checkpoints/.")
+    import torch
+
+    try:  # mmap: reads the structure, not the tensors
+        torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:
+        raise UserError(
+            f"{path} is not a checkpoint torch can read ({type(e).__name__}): give a .ckpt file "
+            "from a run's checkpoints/."
+        ) from e
     return path
 
 
