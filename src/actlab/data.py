@@ -250,7 +250,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     _reconstruct = np.ndarray((0,)).__reduce__()[0]  # numpy's array rebuilder, any version
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # as numpy 1 pickles name it
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
     }
