@@ -66,3 +66,24 @@ def idx_dataset(tmp_path: Path) -> tuple[IDXSource, Path, dict[str, np.ndarray]]
         write_idx(path, arr)
         files[key] = [path.name, md5(path)]
     return IDXSource(name="tiny", files=files, mirrors=[]), data_dir, arrays
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local SLURM of scripts/slurm_local.sh, started (and installed) for the slurm tests."""
+    script = str(ROOT / "scripts" / "slurm_local.sh")
+
+    def call(action: str, timeout: float) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run([script, action], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"slurm_local.sh {action}: still running after {timeout}s\n{e.stderr}")
+
+    was_up = call("status", 30).returncode == 0
+    proc = call("start", 400)
+    if proc.returncode == 3:
+        pytest.skip(f"no local SLURM: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    yield
+    if not was_up:
+        assert call("stop", 60).returncode == 0

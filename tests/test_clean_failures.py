@@ -144,11 +144,14 @@ def test_make_install_reinstalls_when_torch_changes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_no_warnings_a_user_cannot_act_on(tmp_path: Path) -> None:
-    proc = run_train(*FAST, "logger=wandb", f"paths.log_dir={tmp_path}")
+def test_all_loggers_on_a_fresh_install_and_no_warnings_a_user_cannot_act_on(
+    tmp_path: Path,
+) -> None:
+    proc = run_train(*FAST, "logger=many", f"paths.log_dir={tmp_path}")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "W&B offline run in" in out  # the W&B logger ran
+    assert list(tmp_path.glob("runs/*/tensorboard/events.out.tfevents.*"))
     assert "LeafSpec" not in out
     assert "anonymous setting" not in out
 
