@@ -57,7 +57,10 @@ def errors(sweep: Path) -> dict[str, str]:
 def test_a_request_no_node_can_run_is_refused_at_submission(tmp_path: Path, slurm_cluster) -> None:
     name = f"actlab-big-{os.getpid()}"
     command = sweep_command(tmp_path / "sweep", name, "hydra.launcher.cpus_per_task=100000")
-    proc = run(command, timeout=300)
+    try:
+        proc = run(command, timeout=300)
+    finally:
+        run(["scancel", "-n", name], timeout=60)
     assert proc.returncode == 1
     (line,) = proc.stderr.splitlines()
     assert line.startswith(
