@@ -17,7 +17,14 @@ from omegaconf import DictConfig
 from actlab import CONFIG_DIR
 from actlab.errors import UserError, one_line_errors
 from actlab.results import provenance, write_json
-from actlab.runs import CKPT_ARG, checkpoint_arg, quote, require_run_dir, trained_config
+from actlab.runs import (
+    CKPT_ARG,
+    checkpoint_arg,
+    quote,
+    require_checkpoint,
+    require_run_dir,
+    trained_config,
+)
 from actlab.validation import validate
 
 log = logging.getLogger(__name__)
@@ -76,6 +83,7 @@ def main() -> None:
                     "which checkpoint? python eval.py ckpt_path=<run>/checkpoints/<x>.ckpt"
                 )
             folder = require_run_dir(ckpt)
+            require_checkpoint(ckpt)
             args = [a for a in args if not a.startswith(CKPT_ARG)]
             args += [CKPT_ARG + quote(str(ckpt)), f"hydra.run.dir={quote(str(folder))}"]
             sys.argv[1:] = args

@@ -41,6 +41,13 @@ def checkpoint_arg(args: list[str]) -> Path | None:
     path = Path(_unquote(values[-1]))
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: give a .ckpt file from a run's checkpoints/.")
+    return path
+
+
+def require_checkpoint(path: Path | None) -> None:
+    """Refuse a file torch cannot load (before Lightning fails on it deep inside fit or test)."""
+    if path is None:
+        return
     import torch
 
     try:  # mmap: reads the structure, not the tensors
@@ -50,7 +57,6 @@ def checkpoint_arg(args: list[str]) -> Path | None:
             f"{path} is not a checkpoint torch can read ({type(e).__name__}): give a .ckpt file "
             "from a run's checkpoints/."
         ) from e
-    return path
 
 
 def run_dir(ckpt: Path) -> Path | None:

@@ -23,7 +23,7 @@ from actlab import loggers as actlab_loggers
 from actlab.errors import Diverged, UserError, one_line_errors, user_error
 from actlab.launch import finished_before, usable_cores
 from actlab.results import RESULTS, describe, logged_config, provenance, write_json
-from actlab.runs import check_output_dirs, resume_args
+from actlab.runs import check_output_dirs, checkpoint_arg, require_checkpoint, resume_args
 from actlab.validation import validate
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ def run(cfg: DictConfig) -> float | None:
 def main() -> None:
     """`python train.py [overrides]`; `ckpt_path=<run>/checkpoints/last.ckpt` resumes that run."""
     with one_line_errors():
+        require_checkpoint(checkpoint_arg(sys.argv[1:]))
         sys.argv[1:] = resume_args(sys.argv[1:])
         check_output_dirs(sys.argv[1:])
         run()
