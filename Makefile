@@ -2,14 +2,21 @@
 TORCH ?= torch==2.13.0
 PY := .venv/bin/python
 STAMP := .venv/.installed
+# Holds the TORCH the venv was built with: rewritten (so the install reruns) only when it changes.
+TORCH_USED := .venv/.torch
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train sweep eval report bench test lint format sync clean clean-logs
+.PHONY: help install data train sweep eval report bench test lint format sync clean clean-logs FORCE
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-11s\033[0m %s\n", $$1, $$2}'
+	@echo "  Then \`. .venv/bin/activate\` to run python train.py ... yourself (README.md)."
 
-$(STAMP): pyproject.toml
+$(TORCH_USED): FORCE
+	@mkdir -p .venv
+	@[ "$$(cat $@ 2>/dev/null)" = '$(TORCH)' ] || echo '$(TORCH)' > $@
+
+$(STAMP): pyproject.toml $(TORCH_USED)
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)

@@ -126,3 +126,17 @@ def idx_dataset(tmp_path: Path) -> tuple[IDXSource, Path, dict[str, np.ndarray]]
         write_idx(path, arr)
         files[key] = [path.name, md5(path)]
     return IDXSource(name="tiny", files=files, mirrors=[]), data_dir, arrays
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local SLURM of scripts/slurm_local.sh, started (and installed) for the slurm tests."""
+    script = ROOT / "scripts" / "slurm_local.sh"
+    was_up = run_command([script, "status"]).returncode == 0
+    proc = run_command([script, "start"])
+    if proc.returncode == 3:
+        pytest.skip(f"no local SLURM: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    yield
+    if not was_up:
+        assert run_command([script, "stop"]).returncode == 0

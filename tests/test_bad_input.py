@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import wandb
-from conftest import run_train, script_env
+from conftest import run_command, run_train, script_env
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -282,3 +283,126 @@ def test_the_wandb_key_is_looked_up_where_wandb_looks(
     assert wandb_api_key_configured()
     monkeypatch.delenv("NETRC")
     assert wandb_api_key_configured()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["seed=-3"], "error: invalid config: seed=-3 must be an integer in [0, 2**32 - 1]"),
+        (["threads=-1"], "error: invalid config: threads=-1 must be null (all usable cores)"),
+        (["threads=0"], "error: invalid config: threads=0 must be null (all usable cores)"),
+        (
+            ["data=regression"],
+            "error: invalid config: the data (actlab.data.RegressionSource) needs "
+            "model.in_features=2 model.num_classes=2 model.task=regression",
+        ),
+        (
+            ["trainer.gradient_clip_val=1.0"],
+            "error: invalid config: trainer.gradient_clip_val=1.0 must be null",
+        ),
+        (
+            ["model.act=relu", "model.act.negative_slope=0.1"],
+            "error: 'model.act.negative_slope' is not a key of this config",
+        ),
+        (
+            ["logger=wandb", "logger.wandb.mode=online"],
+            "error: logger.wandb.mode=online but no W&B API key is configured",
+        ),
+    ],
+)
+def test_each_mistake_ends_in_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], expected: str
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    message = exit_message(
+        monkeypatch, "data=synthetic", "logger=csv", f"paths.log_dir={tmp_path}/logs", *args
+    )
+    assert message.startswith(expected)
+    assert "\n" not in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_gpu_trainer_without_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    message = exit_message(
+        monkeypatch, "data=synthetic", "trainer=gpu", f"paths.log_dir={tmp_path}"
+    )
+    assert (
+        message
+        == "error: invalid config: trainer.accelerator=gpu but no GPU is visible: use trainer=cpu"
+    )
+
+
+def test_data_that_fits_the_model_passes() -> None:
+    validate(composed("experiment=leaky_regression"))
+    validate(
+        composed(
+            "data=regression", "model.task=regression", "model.in_features=2", "model.num_classes=2"
+        )
+    )
+
+
+@pytest.mark.parametrize("entry", ["train.py", "eval.py"])
+def test_a_file_that_is_not_a_checkpoint(tmp_path: Path, entry: str) -> None:
+    fake = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("hello\n")
+    (tmp_path / "run" / ".hydra").mkdir()
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("{}\n")
+    (tmp_path / "run" / ".hydra" / "overrides.yaml").write_text("[]\n")
+    proc = run_command(
+        [sys.executable, ROOT / entry, f"ckpt_path={fake}", "data=synthetic", "logger=csv"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"error: {fake} is not a checkpoint torch can read (RuntimeError): give a .ckpt file "
+        "from a run's checkpoints/."
+    )
+
+
+def test_a_user_error_in_a_resolver_stops_a_parallel_sweep_in_one_line(tmp_path: Path) -> None:
+    proc = run_train(
+        "-m",
+        "hydra/launcher=parallel",
+        *["launch.jobs_per_gpu=0", "model.act=relu,none", "data=synthetic", "logger=csv"],
+        f"paths.log_dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "error: launch.jobs_per_gpu, launch.cpus_per_job and launch.cpus must be at least 1.\n"
+    )
+
+
+def test_unknown_option_lists_the_choices_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = exit_message(monkeypatch, "model.act=swish", f"paths.log_dir={tmp_path}")
+    assert message.startswith("error: Could not find 'model.act/swish': choose one of elu, gelu,")
+    assert "\n" not in message
+
+
+def test_search_without_the_optuna_sweeper_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
+        pytest.skip("the Optuna sweeper is installed")
+    message = exit_message(
+        monkeypatch, "-m", "hparams_search=slope_optuna", f"paths.log_dir={tmp_path}"
+    )
+    assert message == (
+        "error: Could not find 'hydra/sweeper/optuna': the Optuna sweeper is not installed: "
+        "pip install -e '.[search]'"
+    )
+
+
+def test_no_source_names_what_to_do_first_then_what_was_tried(
+    idx_source: IDXSource, tmp_path: Path
+) -> None:
+    idx_source.mirrors = [(tmp_path / "nowhere").as_uri(), (tmp_path / "nor-here").as_uri()]
+    with pytest.raises(UserError) as e:
+        idx_source.prepare(tmp_path / "empty")
+    first, *tried = str(e.value).splitlines()
+    assert first.startswith("could not obtain tiny: place the uncompressed IDX files")
+    assert first.endswith("Tried:")
+    assert len(tried) == 2 and all(t.startswith("  file://") for t in tried)

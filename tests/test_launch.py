@@ -157,20 +157,6 @@ def test_parallel_sweep_isolates_a_failed_job_and_resumes(tmp_path: Path) -> Non
     assert again[leaky.name]["metrics"]["test/acc"] > 0.5
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    """The local SLURM of scripts/slurm_local.sh, started (and installed) for these tests."""
-    script = str(ROOT / "scripts" / "slurm_local.sh")
-    was_up = run([script, "status"]).returncode == 0
-    proc = run([script, "start"])
-    if proc.returncode == 3:
-        pytest.skip(f"no local SLURM: {proc.stderr.strip()}")
-    assert proc.returncode == 0, proc.stderr
-    yield
-    if not was_up:
-        assert run([script, "stop"]).returncode == 0
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_sweep_reports_a_killed_job_and_resumes(tmp_path: Path, slurm_cluster) -> None:

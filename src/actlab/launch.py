@@ -50,7 +50,11 @@ def visible_gpus() -> tuple[int, bool]:
 
 
 def usable_cores() -> int:
-    return len(os.sched_getaffinity(0))
+    """The cores this process may run on: its affinity (a SLURM allocation, taskset) where the
+    platform has one (Linux), else all the machine's cores (macOS, Windows)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -187,9 +191,13 @@ class DeviceSlots:
             slot = self.try_acquire()
         import torch
 
-        torch.set_num_threads(slot.threads)
-        if slot.gpu is not None and not slot.simulated:
-            torch.cuda.set_device(slot.gpu)
+        try:
+            torch.set_num_threads(slot.threads)
+            if slot.gpu is not None and not slot.simulated:
+                torch.cuda.set_device(slot.gpu)
+        except BaseException:
+            slot.release()  # else no later job could take this slot
+            raise
         log.info(
             "device slot %d/%d: %s%s, %d thread(s), after %.1fs waiting",
             slot.index,

@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 from actlab.errors import UserError
 
@@ -86,7 +87,7 @@ def wandb_logger(
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id + "\n")
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(
+    logger = WandbLogger(
         save_dir=save_dir,
         project=project,
         mode=mode,
@@ -95,10 +96,15 @@ def wandb_logger(
         settings=wandb.Settings(init_timeout=init_timeout),
         **kwargs,
     )
+    # Lightning always passes anonymous=None, which W&B warns has no effect, on every run.
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def announce(logger: WandbLogger) -> None:
     """Start the W&B run, then say where it went: a URL online, a folder to `make sync` offline."""
+    if rank_zero_only.rank > 0:  # the run lives on rank 0; the others get a dummy
+        return
     try:
         run = logger.experiment
     # Not only wandb.Error: an unreachable server ends in a plain TimeoutError, and a slow start

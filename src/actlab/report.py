@@ -14,6 +14,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from actlab import ROOT
 from actlab.results import RESULTS, read_results
 
 log = logging.getLogger(__name__)
@@ -421,7 +422,7 @@ def write_report(sweep_dir: Path) -> str:
     return table
 
 
-def latest_sweep(log_dir: Path = Path("logs/multiruns")) -> Path:
+def latest_sweep(log_dir: Path = ROOT / "logs" / "multiruns") -> Path:
     """The sweep started last (its multirun.yaml is written at the start), whatever its name."""
     sweeps = [p for p in log_dir.glob("*") if p.is_dir()]
     if not sweeps:

@@ -103,7 +103,7 @@ def provenance() -> dict[str, Any]:
     try:
         commit = _git(ROOT, "rev-parse", "HEAD")
         dirty = bool(_git(ROOT, "status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.CalledProcessError):
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, or git hung
         commit, dirty = None, None
     return {
         "python": platform.python_version(),

@@ -44,6 +44,21 @@ def checkpoint_arg(args: list[str]) -> Path | None:
     return path
 
 
+def require_checkpoint(path: Path | None) -> None:
+    """Refuse a file torch cannot load (before Lightning fails on it deep inside fit or test)."""
+    if path is None:
+        return
+    import torch
+
+    try:  # mmap: reads the structure, not the tensors
+        torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:
+        raise UserError(
+            f"{path} is not a checkpoint torch can read ({type(e).__name__}): give a .ckpt file "
+            "from a run's checkpoints/."
+        ) from e
+
+
 def run_dir(ckpt: Path) -> Path | None:
     """The run folder a checkpoint belongs to, or None for a checkpoint from elsewhere."""
     folder = ckpt.resolve().parent.parent

@@ -19,15 +19,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressB
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
-from actlab import ROOT
+from actlab import CONFIG_DIR
 from actlab import loggers as actlab_loggers
-from actlab.errors import Diverged, UserError
+from actlab.errors import Diverged, UserError, one_line_errors, user_error
 from actlab.launch import Slot, finished_before, usable_cores
 from actlab.results import RESULTS, describe, logged_config, provenance, write_json
-from actlab.runs import check_output_dirs, resume_args
+from actlab.runs import check_output_dirs, checkpoint_arg, require_checkpoint, resume_args
 from actlab.validation import validate
 
-CONFIG_DIR = str(ROOT / "configs")
 log = logging.getLogger(__name__)
 
 
@@ -97,7 +96,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             out,
         )
         return record
-    except BaseException as e:
+    except BaseException as raised:
+        e = user_error(raised) or raised
         # Lightning turns Ctrl-C inside fit into sys.exit(1), raised while handling the interrupt.
         if isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt):
             record.update(status="interrupted", error="KeyboardInterrupt")
@@ -108,6 +108,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         record["seconds"] = round(time.perf_counter() - start, 2)
         with contextlib.suppress(UserError):  # a full disk must not hide the original error
             write_json(out / RESULTS, record)
+        if e is not raised:  # the user's mistake, not Hydra's "Error in call to target"
+            raise e from None
         raise
     finally:
         if slot:
@@ -185,12 +187,11 @@ def run(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """`python train.py [overrides]`; `ckpt_path=<run>/checkpoints/last.ckpt` resumes that run."""
-    try:
+    with one_line_errors():
+        require_checkpoint(checkpoint_arg(sys.argv[1:]))
         sys.argv[1:] = resume_args(sys.argv[1:])
         check_output_dirs(sys.argv[1:])
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    run()
+        run()
 
 
 if __name__ == "__main__":

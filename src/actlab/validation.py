@@ -31,6 +31,8 @@ def _int_at_least(low: int) -> Callable[[Any], bool]:
 
 # (config key, test, what the value must be). A key the config does not have is not checked.
 RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("seed", lambda v: _int_at_least(0)(v) and v < 2**32, "an integer in [0, 2**32 - 1]"),
+    ("threads", lambda v: v is None or _int_at_least(1)(v), "null (all usable cores) or >= 1"),
     ("data.batch_size", _int_at_least(1), "an integer >= 1"),
     ("data.eval_batch_size", _int_at_least(1), "an integer >= 1"),
     ("data.val_size", _int_at_least(1), "an integer >= 1"),
@@ -83,6 +85,33 @@ def _unknown_arguments(node: DictConfig, key: str) -> list[str]:
     return problems
 
 
+def _data_fits_model(cfg: DictConfig) -> list[str]:
+    """The model keys the data's source needs (its `model_needs`), e.g. 2 inputs for regression."""
+    target = OmegaConf.select(cfg, "data.source._target_", default=None)
+    model = OmegaConf.select(cfg, "model", default=None)
+    if not isinstance(target, str) or not isinstance(model, DictConfig):
+        return []
+    try:
+        needs = getattr(get_object(target), "model_needs", {})
+    except (ImportError, AttributeError, ValueError):  # reported by _unknown_arguments
+        return []
+    if all(model.get(k) == v for k, v in needs.items()):
+        return []
+    wanted = " ".join(f"model.{k}={v}" for k, v in needs.items())
+    return [f"the data ({target}) needs {wanted}: add these overrides"]
+
+
+def _accelerator_present(cfg: DictConfig) -> list[str]:
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
+    if accelerator not in ("gpu", "cuda"):
+        return []
+    import torch
+
+    if torch.cuda.is_available() or (accelerator == "gpu" and torch.backends.mps.is_available()):
+        return []
+    return [f"trainer.accelerator={accelerator} but no GPU is visible: use trainer=cpu"]
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise one UserError that lists every value that breaks a rule."""
     problems = []
@@ -92,7 +121,7 @@ def validate(cfg: DictConfig) -> None:
             continue
         if not ok(value):
             problems.append(f"{key}={value} must be {requirement}")
-    problems += _unknown_arguments(cfg, "")
+    problems += _unknown_arguments(cfg, "") + _data_fits_model(cfg) + _accelerator_present(cfg)
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
 

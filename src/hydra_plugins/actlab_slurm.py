@@ -1,34 +1,157 @@
-"""`hydra/launcher=slurm`: submitit's SLURM launcher that survives a job SLURM killed.
+"""`hydra/launcher=slurm`: submitit's SLURM launcher that survives a job SLURM killed, refuses a
+request the cluster cannot run, and gives up on jobs that can never start.
 
 It lives here because Hydra loads launcher classes only from the `hydra_plugins` package.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Hydra's plugin scan runs this module outside
+# sys.modules, where a dataclass cannot resolve string annotations.
 import logging
+import re
+import subprocess
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
     SlurmLauncher as _SubmititSlurmLauncher,
 )
 from omegaconf import OmegaConf
 
+from actlab.errors import UserError
 from actlab.results import RESULTS, describe, read_results, write_json
 
 log = logging.getLogger(__name__)
 
+# Why SLURM keeps a job pending when waiting will not help: the request exceeds what the
+# partition, account or QOS allows, or someone holds the job.
+HOPELESS = {
+    "PartitionConfig",
+    "PartitionNodeLimit",
+    "PartitionTimeLimit",
+    "BadConstraints",
+    "InvalidAccount",
+    "InvalidQOS",
+    "DependencyNeverSatisfied",
+    "JobHeldUser",
+    "JobHeldAdmin",
+}
+POLL_SECONDS = 2.0
+
+
+@dataclass
+class ActlabSlurmConf(SlurmQueueConf):
+    _target_: str = "hydra_plugins.actlab_slurm.SlurmLauncher"
+    # A job held, or pending for a reason in HOPELESS, this long is cancelled and recorded failed.
+    unrunnable_after_s: float = 60.0
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="actlab_slurm", node=ActlabSlurmConf, provider="actlab"
+)
+
+
+def _slurm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def _minutes(limit: str) -> float:
+    """A time limit as sinfo prints it ([D-]HH:MM:SS, MM:SS, infinite) in minutes."""
+    if not limit[:1].isdigit():
+        return float("inf")
+    days, _, clock = limit.rpartition("-")
+    hours, minutes, seconds = ([0, 0, 0] + [int(p) for p in clock.split(":")])[-3:]
+    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def check_request(params: dict[str, Any]) -> None:
+    """Raise a UserError, before anything is submitted, for a request no node of the partition
+    can run (SLURM would keep such a job pending for ever). Without `sinfo` nothing is checked."""
+    partition = params.get("partition")
+    try:
+        proc = _slurm("sinfo", "-h", "-N", "-o", "%P|%c|%m|%G|%l")
+    except (OSError, subprocess.SubprocessError):
+        return
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.count("|") == 4]
+    if proc.returncode != 0 or not rows:
+        return
+    if partition is None:
+        partition = next((p[:-1] for p, *_ in rows if p.endswith("*")), None)
+    nodes = [r for r in rows if r[0].rstrip("*") == partition]
+    if not nodes:
+        known = sorted({r[0].rstrip("*") for r in rows})
+        raise UserError(
+            f"hydra.launcher.partition={partition} is not a SLURM partition here: choose one of "
+            + ", ".join(known)
+        )
+    cpus = max(int(r[1].rstrip("+")) for r in nodes)
+    mem_mb = max(int(r[2].rstrip("+")) for r in nodes)
+    gpus = max(sum(int(n) for n in re.findall(r"gpu(?::\w+)?:(\d+)", r[3])) for r in nodes)
+    limit = _minutes(nodes[0][4])
+    asked_cpus = (params.get("cpus_per_task") or 1) * (params.get("tasks_per_node") or 1)
+    problems = []
+    if asked_cpus > cpus:
+        problems.append(f"cpus_per_task={params.get('cpus_per_task')} (its nodes have {cpus} CPUs)")
+    if (params.get("mem_gb") or 0) * 1024 > mem_mb:
+        problems.append(f"mem_gb={params['mem_gb']} (its nodes have {mem_mb / 1024:.1f} GB)")
+    if (params.get("gpus_per_node") or 0) > gpus:
+        problems.append(f"gpus_per_node={params['gpus_per_node']} (its nodes have {gpus} GPUs)")
+    if params.get("timeout_min", 0) > limit:
+        problems.append(f"timeout_min={params['timeout_min']} (its limit is {nodes[0][4]})")
+    if problems:
+        raise UserError(
+            f"SLURM partition {partition} cannot run a job that asks for "
+            + ", ".join(f"hydra.launcher.{p}" for p in problems)
+            + ": ask for less (README: On a cluster)"
+        )
+
+
+def _queue(array_id: str) -> dict[str, tuple[str, str]] | None:
+    """{task id: (state, reason)} of the array's tasks still queued or running; None when
+    squeue could not answer (ask again later)."""
+    proc = _slurm("squeue", "-h", "-r", "-j", array_id, "-o", "%i|%T|%r")
+    if proc.returncode != 0:
+        # Once every task has left the queue, SLURM forgets the id.
+        return {} if "Invalid job id" in proc.stderr else None
+    rows = [line.split("|", 2) for line in proc.stdout.splitlines() if line.count("|") == 2]
+    return {i: (state, reason) for i, state, reason in rows}
+
+
+def _final_state(job_id: str) -> str:
+    """What the accounting says became of a task. A task that never started may be listed only
+    under its array: `5_[0-2%3]` or plain `5` (`CANCELLED by 0`)."""
+    array_id, _, index = job_id.partition("_")
+    proc = _slurm("sacct", "-n", "-P", "-X", "-j", array_id, "-o", "JobID,State")
+    states = dict(line.split("|", 1) for line in proc.stdout.splitlines() if "|" in line)
+    if job_id in states:
+        return states[job_id].split()[0]
+    for jid, state in states.items():
+        m = re.fullmatch(rf"{array_id}(?:_\[([\d,-]+)(?:%\d+)?\])?", jid)
+        parts = m.group(1).split(",") if m and m.group(1) else []
+        if m and (not parts or any(_within(index, p) for p in parts)):
+            return state.split()[0]
+    return "unknown"
+
+
+def _within(index: str, span: str) -> bool:
+    low, _, high = span.partition("-")
+    return int(low) <= int(index) <= int(high or low)
+
 
 class SlurmLauncher(_SubmititSlurmLauncher):
-    """submitit's SLURM launcher, except that a job SLURM killed does not end the sweep.
+    """submitit's SLURM launcher, except that no job's fate ends or stalls the sweep.
 
     A job cancelled, timed out or killed for memory writes no result; submitit raises for it and
-    the stock launcher gives up on the whole sweep. Here the job is recorded as failed in its
-    folder (results.json) and the other jobs' results are kept, as under the local launchers.
+    the stock launcher gives up on the whole sweep. A job that can never start (held, or pending
+    for a reason in HOPELESS) is waited on for ever. Here each such job is recorded as failed in
+    its folder (results.json) with the reason, and the other jobs' results are kept, as under the
+    local launchers. A request that no node can satisfy is refused before submission.
     """
 
     def launch(
@@ -38,6 +161,8 @@ class SlurmLauncher(_SubmititSlurmLauncher):
 
         assert self.config is not None
         params = dict(self.params)
+        self.unrunnable_after_s = params.pop("unrunnable_after_s", 60.0)
+        check_request(params)
         executor = submitit.AutoExecutor(
             folder=params.pop("submitit_folder"),
             cluster="slurm",
@@ -56,29 +181,79 @@ class SlurmLauncher(_SubmititSlurmLauncher):
             for o, n in zip(job_overrides, nums, strict=True)
         ]
         jobs = executor.map_array(self, *zip(*args, strict=True))
-        return [self.settle(o, j) for o, j in zip(job_overrides, jobs, strict=True)]
+        return self.collect(job_overrides, jobs)
+
+    def collect(self, job_overrides: Sequence[Sequence[str]], jobs: list[Any]) -> list[JobReturn]:
+        """Each job's return once it has left the queue; a job that can never start is cancelled
+        after `unrunnable_after_s` and recorded failed."""
+        returns: dict[int, JobReturn] = {}
+        seen: dict[int, tuple[str, str]] = {}
+        stuck_since: dict[int, float] = {}
+        cancelled: dict[int, str] = {}
+        array_id = jobs[0].job_id.partition("_")[0] if jobs else ""
+        while len(returns) < len(jobs):
+            queued = _queue(array_id)
+            if queued is None:
+                time.sleep(POLL_SECONDS)
+                continue
+            for i, (overrides, job) in enumerate(zip(job_overrides, jobs, strict=True)):
+                if i in returns:
+                    continue
+                if job.job_id in queued:
+                    seen[i] = state, reason = queued[job.job_id]
+                    if state == "PENDING" and reason in HOPELESS:
+                        since = stuck_since.setdefault(i, time.monotonic())
+                        if time.monotonic() - since >= self.unrunnable_after_s:
+                            _slurm("scancel", job.job_id)
+                            cancelled[i] = reason
+                    else:
+                        stuck_since.pop(i, None)
+                    continue
+                # Left the queue. SLURM creates a job's output file when it starts.
+                if Path(job.paths.stdout).exists() or Path(job.paths.result_pickle).exists():
+                    returns[i] = self.settle(overrides, job)
+                elif i in cancelled:
+                    returns[i] = self.record_failed(
+                        overrides,
+                        f"SLURM job {job.job_id} could not start: pending for {cancelled[i]} for "
+                        f"{self.unrunnable_after_s:g} s (hydra.launcher.unrunnable_after_s), "
+                        "then cancelled",
+                    )
+                else:
+                    state, reason = seen.get(i, ("PENDING", "?"))
+                    returns[i] = self.record_failed(
+                        overrides,
+                        f"SLURM job {job.job_id} ended {_final_state(job.job_id)} before it "
+                        f"started (last seen {state}, reason {reason})",
+                    )
+            if len(returns) < len(jobs):
+                time.sleep(POLL_SECONDS)
+        return [returns[i] for i in range(len(jobs))]
 
     def settle(self, overrides: Sequence[str], job: Any) -> JobReturn:
         """The job's return, or, for a job that wrote none, a failed record in its folder."""
         try:
             return job.results()[0]
         except Exception as e:  # submitit's UncompletedJobError: killed, cancelled, timed out
-            assert self.hydra_context is not None and self.config is not None
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            out = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
-            state = job.state
-            record = read_results(out) or {
-                "job": {"name": out.name, "overrides": list(overrides)},
-                "config": describe(cfg, cfg.hydra.runtime.choices),
-            }
-            if not (out / ".hydra").is_dir():  # killed before it started: list it in the summary
-                (out / ".hydra").mkdir(parents=True)
-                OmegaConf.save(list(overrides), out / ".hydra" / "overrides.yaml")
-            if record.get("status") != "finished":
-                error = (
-                    f"SLURM job {job.job_id} ended {state} without a result ({type(e).__name__})"
-                )
-                record.update(status="failed", error=error)
-                write_json(out / RESULTS, record)
-            log.error("SLURM job %s (%s) ended %s", job.job_id, out.name, state)
-            return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+            error = (
+                f"SLURM job {job.job_id} ended {job.state} without a result ({type(e).__name__})"
+            )
+            return self.record_failed(overrides, error)
+
+    def record_failed(self, overrides: Sequence[str], error: str) -> JobReturn:
+        """Record a job that wrote no result as failed in its folder (unless it finished)."""
+        assert self.hydra_context is not None and self.config is not None
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        out = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
+        record = read_results(out) or {
+            "job": {"name": out.name, "overrides": list(overrides)},
+            "config": describe(cfg, cfg.hydra.runtime.choices),
+        }
+        if not (out / ".hydra").is_dir():  # killed before it started: list it in the summary
+            (out / ".hydra").mkdir(parents=True)
+            OmegaConf.save(list(overrides), out / ".hydra" / "overrides.yaml")
+        if record.get("status") != "finished":
+            record.update(status="failed", error=error)
+            write_json(out / RESULTS, record)
+        log.error("%s (%s)", error, out.name)
+        return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
