@@ -118,9 +118,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             slot.release()
         # Without finish() the next job of a multirun in this process would log into this run.
         if any(isinstance(lg, WandbLogger) for lg in loggers):
-            import wandb
-
-            wandb.finish()
+            actlab_loggers.finish_wandb(record["status"])
 
 
 def _last_checkpoint(trainer: L.Trainer | None) -> str | None:
