@@ -84,8 +84,9 @@ class DeadUnitMonitor(L.Callback):
     """Dead and rarely active units per hidden layer, measured during the regular validation pass.
 
     Also logs the gradient norm of each layer (hidden layers, then the read-out as `output`),
-    before gradient clipping, on the training steps where the trainer writes its logs. The last epoch's values stay in
-    `trainer.callback_metrics`, which `actlab.train` records in results.json.
+    before gradient clipping, on the training steps where the trainer writes its logs. The last
+    epoch's values stay in `trainer.callback_metrics`, which `actlab.train` records in
+    results.json.
     """
 
     def __init__(self, grad_norms: bool = True) -> None:

@@ -15,11 +15,13 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from actlab.results import RESULTS, read_results
+from actlab.results import RESULTS, compared, read_results
 
 log = logging.getLogger(__name__)
 
-# Overrides that tell repeats of one configuration apart rather than configurations.
+# Overrides that tell repeats of one configuration apart rather than configurations. Those
+# that cannot change a result (`results.compared`: `ckpt_path=` of a resumed job, `+resume=true`,
+# paths, loggers) tell nothing apart.
 REPEAT_KEYS = ("seed",)
 # Overrides shown as the `act` and `slope` columns rather than as their own.
 ACT_KEYS = ("model.act", "model.act.negative_slope")
@@ -118,7 +120,7 @@ class Configuration:
 def _overrides(job: Path) -> dict[str, str]:
     path = job / ".hydra" / "overrides.yaml"
     items = yaml.safe_load(path.read_text()) if path.exists() else []
-    return dict(o.split("=", 1) for o in items or [] if "=" in o)
+    return dict(o.lstrip("~+").split("=", 1) for o in items or [] if "=" in o)
 
 
 def epoch_history(csv_path: Path) -> Any:
@@ -153,7 +155,9 @@ def load_jobs(sweep_dir: Path, history: bool = True) -> list[Job]:
             Job(
                 folder=folder,
                 status=res["status"],
-                overrides={k: v for k, v in overrides.items() if k not in REPEAT_KEYS},
+                overrides={
+                    k: v for k, v in overrides.items() if k not in REPEAT_KEYS and compared(k)
+                },
                 act=act,
                 slope=slope,
                 seed=cfg.get("seed", overrides.get("seed")),
