@@ -83,9 +83,10 @@ class UnitStats:
 class DeadUnitMonitor(L.Callback):
     """Dead and rarely active units per hidden layer, measured during the regular validation pass.
 
-    Also logs the gradient norm of each layer (hidden layers, then the read-out as `output`) on
-    the training steps where the trainer writes its logs. The last epoch's values stay in
-    `trainer.callback_metrics`, which `actlab.train` records in results.json.
+    Also logs the gradient norm of each layer (hidden layers, then the read-out as `output`),
+    before gradient clipping, on the training steps where the trainer writes its logs. The last
+    epoch's values stay in `trainer.callback_metrics`, which `actlab.train` records in
+    results.json.
     """
 
     def __init__(self, grad_norms: bool = True) -> None:
@@ -112,9 +113,8 @@ class DeadUnitMonitor(L.Callback):
         )
         pl_module.log_dict(stats.tensors())
 
-    def on_before_optimizer_step(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Right after backward, before the model clips them: the norms clipping is there to cut.
         if not self.grad_norms or (trainer.global_step + 1) % trainer.log_every_n_steps:
             return
         linears = [m for m in pl_module.net.children() if isinstance(m, nn.Linear)]

@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from actlab.errors import UserError
-from actlab.results import read_results
+from actlab.results import config_differences, read_results
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,10 @@ class Slot:
         return {"accelerator": "gpu", "devices": [self.gpu]}
 
     def callbacks(self) -> list[L.Callback]:
-        """What the job's trainer adds: CPU jobs take the cores of idle slots as they free up."""
-        if self.gpu is None and self._slots is not None:
+        """What the job's trainer adds: CPU jobs take the cores of idle slots as they free up,
+        unless `launch.share_idle_cores=false` keeps their threads fixed (and results bitwise
+        reproducible)."""
+        if self.gpu is None and self._slots is not None and self._slots.share_idle_cores:
             return [ShareIdleCores(self._slots)]
         return []
 
@@ -105,6 +107,8 @@ class DeviceSlots:
     enabled: "auto" holds a slot only under `hydra/launcher=parallel`; true/false force it.
     cpus: cores to share among CPU slots (null: all usable cores).
     accelerator: the trainer's; "cpu" makes CPU slots even where GPUs are visible.
+    share_idle_cores: CPU jobs grow their threads into idle slots (faster; the thread count then
+    depends on the other jobs, and with it the float rounding of the results).
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class DeviceSlots:
         cpus: int | None = None,
         accelerator: str = "auto",
         enabled: bool | str = "auto",
+        share_idle_cores: bool = True,
         poll_seconds: float = 0.2,
     ) -> None:
         if jobs_per_gpu < 1 or cpus_per_job < 1 or (cpus is not None and cpus < 1):
@@ -125,6 +130,7 @@ class DeviceSlots:
         self.jobs_per_gpu, self.cpus_per_job = jobs_per_gpu, cpus_per_job
         self.cpus = cpus or usable_cores()
         self.enabled, self.poll_seconds = enabled, poll_seconds
+        self.share_idle_cores = share_idle_cores
         self.wants_gpu = accelerator in ("gpu", "cuda")
         self.gpus, self.simulated = (
             visible_gpus() if accelerator in GPU_ACCELERATORS else (0, False)
@@ -216,28 +222,38 @@ class ShareIdleCores(L.Callback):
     Without it, the last job of a sweep of 3 on 2 one-core slots trains on one core while the
     other idles. Threads only grow into slots no job holds, so running jobs never fight; a job
     that starts later takes its slot's share and the others give theirs back at their next epoch.
+    `threads` lists the count of each epoch (results.json: `launch.threads_per_epoch`).
     """
 
     def __init__(self, slots: DeviceSlots) -> None:
         self.slots = slots
+        self.threads: list[int] = []
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import torch
 
-        torch.set_num_threads(max(1, self.slots.cpus // max(1, self.slots.busy())))
+        self.threads.append(max(1, self.slots.cpus // max(1, self.slots.busy())))
+        torch.set_num_threads(self.threads[-1])
 
 
-def finished_before(job_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The job's record if it already finished (a resumed sweep skips it), else None."""
-    record = read_results(job_dir)
-    if not record or record.get("status") != "finished":
+def finished_before(job_dir: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The job's record if it already finished (a resumed sweep skips it), else None.
+
+    `record` is what this attempt would write. A finished run of another config, by any key that
+    can change a result (`results.NOT_COMPARED` lists those that cannot), is refused, naming them.
+    """
+    earlier = read_results(job_dir)
+    if not earlier or earlier.get("status") != "finished":
         return None
-    if record.get("config") != config:
+    # Records written before the whole config was kept hold only the summary keys.
+    key = "composed_config" if "composed_config" in earlier else "config"
+    differing = config_differences(earlier.get(key) or {}, record[key])
+    if differing:
         raise UserError(
-            f"{job_dir} holds a finished run of another config ({record.get('config')}): "
+            f"{job_dir} holds a finished run of another config ({'; '.join(differing)}): "
             "resume a sweep with the command that started it, or give a new hydra.sweep.dir."
         )
-    return record
+    return earlier
 
 
 def n_slots(launch: Any) -> int:

@@ -119,3 +119,13 @@ def announce(logger: WandbLogger) -> None:
         log.info("W&B offline run in %s (`make sync` uploads it)", Path(run.dir).parent)
     else:
         log.info("W&B run: %s", run.url)
+
+
+def finish_wandb(status: str) -> None:
+    """End the job's W&B run with its `status` in the summary and, unless it finished, a
+    non-zero exit code: W&B otherwise marks a diverged or failed run `finished`, exit 0."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.summary["status"] = status
+    wandb.finish(exit_code=0 if status == "finished" else 1)

@@ -6,6 +6,7 @@ import logging
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from actlab import ROOT
-from actlab.results import RESULTS, read_results
+from actlab.results import RESULTS, compared, read_results
 
 log = logging.getLogger(__name__)
 
-# Overrides that tell repeats of one configuration apart rather than configurations.
+# Overrides that tell repeats of one configuration apart rather than configurations. Those
+# that cannot change a result (`results.compared`: `ckpt_path=` of a resumed job, `+resume=true`,
+# paths, loggers) tell nothing apart.
 REPEAT_KEYS = ("seed",)
 # Overrides shown as the `act` and `slope` columns rather than as their own.
 ACT_KEYS = ("model.act", "model.act.negative_slope")
@@ -33,6 +36,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job, by folder name, unfinished and failed jobs included (status says which)."""
     jobs = sorted(load_jobs(sweep_dir, history=False), key=lambda j: j.folder)
+    metric = task_metric(jobs)
     return [
         {
             "job": j.folder.relative_to(sweep_dir).as_posix() or ".",
@@ -40,8 +44,8 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             "act": j.act,
             "slope": j.slope,
             "seed": j.seed,
-            "test/acc": j.metrics.get("test/acc"),
-            "val/acc_best": j.metrics.get("val/acc_best"),
+            f"test/{metric}": j.metrics.get(f"test/{metric}"),
+            f"val/{metric}_best": j.metrics.get(f"val/{metric}_best"),
             "dead/mean": j.metrics.get("dead/mean"),
             "epochs": j.epochs,
             "seconds": j.seconds,
@@ -54,15 +58,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no jobs)"
     cols = list(rows[0])
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 1 else f"{v:.1f}"
-        return str(v)
-
-    cells = [[cell(r[c]) for c in cols] for r in rows]
+    formats = {c: _column_format(c, [r[c] for r in rows]) for c in cols}
+    cells = [[formats[c](r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
@@ -124,7 +121,7 @@ class Configuration:
 def _overrides(job: Path) -> dict[str, str]:
     path = job / ".hydra" / "overrides.yaml"
     items = yaml.safe_load(path.read_text()) if path.exists() else []
-    return dict(o.split("=", 1) for o in items or [] if "=" in o)
+    return dict(o.lstrip("~+").split("=", 1) for o in items or [] if "=" in o)
 
 
 def epoch_history(csv_path: Path) -> Any:
@@ -159,7 +156,9 @@ def load_jobs(sweep_dir: Path, history: bool = True) -> list[Job]:
             Job(
                 folder=folder,
                 status=res["status"],
-                overrides={k: v for k, v in overrides.items() if k not in REPEAT_KEYS},
+                overrides={
+                    k: v for k, v in overrides.items() if k not in REPEAT_KEYS and compared(k)
+                },
                 act=act,
                 slope=slope,
                 seed=cfg.get("seed", overrides.get("seed")),
@@ -223,25 +222,52 @@ def summarize(configs: list[Configuration], metric: str = "acc") -> list[dict[st
     return rows
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, tuple):
-        mean, std = v
-        if mean is None:
-            return "-"
-        return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
+# Columns of seconds get 2 decimals; a setting (slope) as many as its most precise value needs.
+SECONDS_COLUMNS = ("s/epoch", "seconds")
+SETTING_COLUMNS = ("slope",)
+
+
+def _decimals(v: float) -> int:
+    return len(f"{v:.6f}".rstrip("0").split(".")[1])
+
+
+def _column_format(name: str, values: list[Any]) -> Callable[[Any], str]:
+    """One format for every number of a column, so that a column reads evenly in every sweep:
+    4 decimals for metrics, 2 for seconds, a setting's own precision (slope 0 as 0.00 beside
+    0.01). Cells are numbers, (mean, std) pairs or None (`-`)."""
+    numbers = [x for v in values for x in (v if isinstance(v, tuple) else (v,))]
+    numbers = [x for x in numbers if isinstance(x, int | float) and not isinstance(x, bool)]
+    # A column with any fraction is all fractions: `model.act.negative_slope=0` arrives as int 0.
+    real = any(isinstance(x, float) for x in numbers)
+    if name in SECONDS_COLUMNS:
+        places = 2
+    elif name in SETTING_COLUMNS:
+        places = max((_decimals(x) for x in numbers if math.isfinite(x)), default=0)
+    else:
+        places = 4
+
+    def number(x: Any) -> str:
+        real_number = real and isinstance(x, int | float) and not isinstance(x, bool)
+        return f"{x:.{places}f}" if real_number else str(x)
+
+    def cell(v: Any) -> str:
+        if isinstance(v, tuple):
+            mean, std = v
+            if mean is None:
+                return "-"
+            return number(mean) if std is None else f"{number(mean)} ± {number(std)}"
+        return "-" if v is None else number(v)
+
+    return cell
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no jobs)"
     cols = list(rows[0])
+    formats = {c: _column_format(c, [r[c] for r in rows]) for c in cols}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(formats[c](r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 

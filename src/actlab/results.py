@@ -85,6 +85,40 @@ def describe(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Keys of the composed config that cannot change what a job computes: where its files go, how it
+# is logged and shown, how it was started or resumed, and the resources it runs on (threads and
+# device slots change at most the float rounding: README, "Parallel sweeps").
+NOT_COMPARED = (
+    "paths",
+    "data.data_dir",
+    "logger",
+    "callbacks.progress_bar",
+    "callbacks.model_summary",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "ckpt_path",
+    "resume",
+    "optimized_metric",
+    "threads",
+    "launch",
+)
+
+
+def compared(key: str) -> bool:
+    """Whether a config key (dotted, as in an override) can change a job's result."""
+    key = key.lstrip("~+")
+    return not any(key == k or key.startswith(f"{k}.") for k in NOT_COMPARED)
+
+
+def config_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`key: before -> now` for every key that can change a result and differs (sorted)."""
+    a, b = flatten(before), flatten(now)
+    absent = object()
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, absent) != b.get(k, absent))
+    keys = [k for k in keys if compared(k)]
+    return [f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in keys]
+
+
 def logged_config(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
     """The summary keys first (W&B table columns such as `act`), then the whole config, flat."""
     full = OmegaConf.to_container(cfg, resolve=True)

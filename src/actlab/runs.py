@@ -7,12 +7,15 @@ A run folder (a single run, or one job of a sweep) holds `.hydra/` (config.yaml,
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from actlab import ROOT
 from actlab.errors import UserError
+from actlab.results import read_results
 
 CKPT_ARG = "ckpt_path="
 
@@ -96,9 +99,56 @@ def resume_args(args: list[str]) -> list[str]:
         return args
     given = {_key(a) for a in args}
     saved = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
-    earlier = [o for o in saved if _key(o) not in given | {"ckpt_path"}]
+    # `+resume=true` told the sweep to skip finished jobs; it is not part of the job's config.
+    earlier = [o for o in saved if _key(o) not in given | {"ckpt_path", "resume"}]
     here = [] if "hydra.run.dir" in given else [f"hydra.run.dir={quote(str(folder))}"]
     return [*earlier, *args, *here]
+
+
+def trained_epochs(ckpt: Path) -> int:
+    """The epochs a checkpoint has completed (training saves them at epoch ends)."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        return int(state["epoch"]) + 1
+    except (OSError, RuntimeError, pickle.UnpicklingError, KeyError, TypeError) as e:
+        raise UserError(f"{ckpt} is not a training checkpoint ({e}): give a .ckpt file.") from e
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Only the network's weights (`net.*`) of a checkpoint: no epoch, optimizer or best."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    net = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    try:
+        model.net.load_state_dict(net)
+    except RuntimeError as e:
+        reason = str(e).splitlines()[-1].strip()
+        raise UserError(
+            f"the weights in {ckpt} do not fit this model ({reason}): give the model.* "
+            "settings they were trained with."
+        ) from e
+
+
+ATTEMPTS = "attempts"
+
+
+def set_aside(folder: Path) -> Path | None:
+    """Move an earlier attempt's files to `<folder>/attempts/<n>-<status>/`; None if none.
+
+    A run that starts from scratch in a folder that already holds one (a failed job of a sweep
+    run again) then starts clean: no appended metrics.csv or W&B run, no stale checkpoints, and
+    nothing of the earlier attempt lost. `.hydra/` (already this attempt's) and the log stay.
+    """
+    record = read_results(folder)
+    if record is None:
+        return None
+    attempts = folder / ATTEMPTS
+    n = len(list(attempts.iterdir())) + 1 if attempts.is_dir() else 1
+    dest = attempts / f"{n}-{record.get('status', 'unknown')}"
+    dest.mkdir(parents=True)
+    for path in folder.iterdir():
+        if path.name not in (ATTEMPTS, ".hydra") and path.suffix != ".log":
+            path.rename(dest / path.name)
+    return dest
 
 
 def check_output_dirs(args: list[str]) -> None:

@@ -17,14 +17,30 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from actlab import CONFIG_DIR
 from actlab import loggers as actlab_loggers
 from actlab.errors import Diverged, UserError, one_line_errors, user_error
-from actlab.launch import Slot, finished_before, usable_cores
-from actlab.results import RESULTS, describe, logged_config, provenance, write_json
-from actlab.runs import check_output_dirs, checkpoint_arg, require_checkpoint, resume_args
+from actlab.launch import ShareIdleCores, Slot, finished_before, usable_cores
+from actlab.results import (
+    RESULTS,
+    describe,
+    logged_config,
+    provenance,
+    read_results,
+    write_json,
+)
+from actlab.runs import (
+    check_output_dirs,
+    checkpoint_arg,
+    load_weights,
+    require_checkpoint,
+    resume_args,
+    run_dir,
+    set_aside,
+    trained_epochs,
+)
 from actlab.validation import validate
 
 log = logging.getLogger(__name__)
@@ -34,17 +50,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then test the best-by-val checkpoint; returns the record written to results.json."""
     hc = HydraConfig.get()
     out = Path(cfg.paths.output_dir)
-    if cfg.get("resume") and (done := finished_before(out, describe(cfg, hc.runtime.choices))):
-        log.info("%s: finished before, skipped (resume=true)", out.name)
-        return done
     record: dict[str, Any] = {
         "status": "running",
         "job": {"name": out.name, "num": hc.job.get("num"), "overrides": list(hc.overrides.task)},
         "config": describe(cfg, hc.runtime.choices),
-        **provenance(),
+        # Unresolved, as .hydra/config.yaml, which the next attempt overwrites: `+resume=true`
+        # compares it with the config of that attempt.
+        "composed_config": OmegaConf.to_container(cfg, resolve=False),
     }
-    if cfg.get("ckpt_path"):
-        record["resumed_from"] = cfg.ckpt_path
+    if cfg.get("resume") and (done := finished_before(out, record)):
+        log.info("%s: finished before, skipped (resume=true)", out.name)
+        return done
+    ckpt = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    # A checkpoint from a run folder resumes that run's whole state; one from elsewhere gives
+    # only its weights to a new run, which starts at epoch 0.
+    weights_only = ckpt is not None and run_dir(ckpt) is None
+    first_epoch = trained_epochs(ckpt) if ckpt and not weights_only else 0
+    continues = ckpt is not None and run_dir(ckpt) == out.resolve()
+    if continues and (done := _nothing_to_train(out, first_epoch, cfg)):
+        return done
+    if not continues and (earlier := set_aside(out)):
+        log.info("%s: the earlier attempt is kept in %s", out.name, earlier)
+    record.update(provenance())
+    if ckpt:
+        record["initialized_from" if weights_only else "resumed_from"] = cfg.ckpt_path
     write_json(out / RESULTS, record)
     start = time.perf_counter()
     loggers: list = []
@@ -60,6 +89,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_json(out / RESULTS, record)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, model, trainer = build(cfg, slot)
+        if weights_only:
+            load_weights(model, ckpt)
         loggers = trainer.loggers
         launch_info = {f"launch.{k}": v for k, v in record.get("launch", {}).items()}
         for lg in loggers:
@@ -67,7 +98,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 actlab_loggers.announce(lg)  # starts the W&B run: fails here, not mid-training
             lg.log_hyperparams({**logged_config(cfg, hc.runtime.choices), **launch_info})
 
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=None if weights_only else ckpt)
         fit_seconds = time.perf_counter() - start
         metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
         ckpt = trainer.checkpoint_callback
@@ -80,11 +111,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics=metrics,
             epochs=trainer.current_epoch,
             seconds=round(time.perf_counter() - start, 2),
-            seconds_per_epoch=round(fit_seconds / max(trainer.current_epoch, 1), 3),
+            # This attempt's time over this attempt's epochs (a resumed run starts later).
+            seconds_per_epoch=round(fit_seconds / max(trainer.current_epoch - first_epoch, 1), 3),
             best_checkpoint=best,
             device=str(trainer.strategy.root_device),
             threads=torch.get_num_threads(),
         )
+        for cb in trainer.callbacks:
+            if isinstance(cb, ShareIdleCores):
+                record["launch"]["threads_per_epoch"] = cb.threads
         write_json(out / RESULTS, record)
         log.info(
             "%s: test/acc=%.4f val/acc_best=%.4f epochs=%d %.1fs -> %s",
@@ -116,9 +151,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             slot.release()
         # Without finish() the next job of a multirun in this process would log into this run.
         if any(isinstance(lg, WandbLogger) for lg in loggers):
-            import wandb
+            actlab_loggers.finish_wandb(record["status"])
 
-            wandb.finish()
+
+def _nothing_to_train(out: Path, epochs: int, cfg: DictConfig) -> dict[str, Any] | None:
+    """The finished record of a run resumed with no epoch left to train, else None."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    earlier = read_results(out) or {}
+    if max_epochs is None or epochs < max_epochs or earlier.get("status") != "finished":
+        return None
+    log.info(
+        "%s: already trained %d epochs (trainer.max_epochs=%d), nothing to do: its record is "
+        "unchanged. A larger trainer.max_epochs trains it longer.",
+        out.name,
+        epochs,
+        max_epochs,
+    )
+    return earlier
 
 
 # Lightning adds a callback of each kind where the callbacks have none, unless told not to: here

@@ -48,7 +48,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ),
     ("model.dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("model.act.negative_slope", _number, "a finite number"),
-    ("trainer.max_epochs", lambda v: v is None or _int_at_least(-1)(v), "an integer >= -1"),
+    # -1 would train forever with no message, 0 would record an untrained model as finished.
+    ("trainer.max_epochs", lambda v: v is None or _int_at_least(1)(v), "an integer >= 1"),
     ("trainer.log_every_n_steps", _int_at_least(1), "an integer >= 1"),
     ("model.gradient_clip_val", lambda v: v is None or (_number(v) and v > 0), "null or > 0"),
     # The module optimizes manually (for speed), which Lightning's own clipping cannot serve.
