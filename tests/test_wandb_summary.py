@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import compose_train, run_train, script_env
+from hydra.utils import instantiate
 from test_report_sweep import FINISHED, make_job
 from test_train import wandb_inspect
 
@@ -174,8 +175,10 @@ def test_make_report_writes_the_summary_of_a_sweep_that_has_none_once(
     for slope, seed in FINISHED:
         make_job(sweep, slope, seed)
     make_job(sweep, 0.3, 0, status="failed")
-    # A sweep run with logger=csv ends without a W&B run.
-    report.SweepSummary().on_multirun_end(compose_train("logger=csv", f"hydra.sweep.dir={sweep}"))
+    # A sweep run with logger=csv ends (Hydra's callbacks, as configured) without a W&B run.
+    config = compose_train("logger=csv", f"hydra.sweep.dir={sweep}")
+    for callback in config.hydra.callbacks.values():
+        instantiate(callback).on_multirun_end(config)
     assert not (sweep / "wandb").exists()
     # Without W&B, `make report` writes its files only.
     monkeypatch.setenv("WANDB_MODE", "disabled")

@@ -14,7 +14,6 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from actlab import wandb_runs
 from actlab.results import RESULTS, read_results
 
 log = logging.getLogger(__name__)
@@ -71,8 +70,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 class SweepSummary(Callback):
-    """Prints the sweep's table when a multirun ends; says which jobs did not finish. A sweep
-    whose jobs logged to W&B also gets its summary run there (actlab.wandb_runs)."""
+    """Prints the sweep's table when a multirun ends; says which jobs did not finish."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -82,8 +80,6 @@ class SweepSummary(Callback):
         failed = [r["job"] for r in rows if r["status"] != "finished"]
         if failed:
             print(f"\n{len(failed)} job(s) did not finish: {', '.join(failed)}")
-        if (settings := wandb_runs.sweep_settings(config)) is not None:
-            wandb_runs.write_summary_run(sweep_dir, settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,6 +449,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {sweep_dir} holds no job folders (.hydra/); name a sweep folder.")
     print(write_report(sweep_dir))
     print(f"\nwrote {sweep_dir / 'report.md'} and its plots")
+    from actlab import wandb_runs  # here: it builds on this module
+
     if not wandb_runs.has_summary_run(sweep_dir):
         wandb_runs.write_summary_run(sweep_dir, wandb_runs.report_settings(sweep_dir))
 

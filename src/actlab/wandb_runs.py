@@ -1,7 +1,9 @@
-"""W&B runs that never prompt, and the one run that sums up a sweep.
+"""W&B runs that never prompt, and the run that sums up a sweep in W&B.
 
-The mode decision lives here rather than in actlab.loggers so that `make report` can write a
-summary run without importing Lightning (seconds on a small machine).
+The summary run is written when a multirun ends (the Hydra callback SweepSummaryRun, in
+configs/hydra/default.yaml) and by `make report` for a sweep that has none. Its figures are
+actlab.report's. The mode decision lives here rather than in actlab.loggers so that `make report`
+can start a W&B run without importing Lightning (seconds on a small machine).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import yaml
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from actlab import ROOT
+from actlab import ROOT, report
 from actlab.errors import UserError
 
 # The summary run's id, kept in the sweep folder as a job keeps its own (wandb/run_id): a sweep
@@ -75,6 +78,15 @@ def report_settings(sweep_dir: Path) -> dict[str, Any]:
     return settings
 
 
+class SweepSummaryRun(Callback):
+    """When a multirun ends (any launcher or sweeper): the summary run of a sweep whose jobs
+    logged to W&B."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if (settings := sweep_settings(config)) is not None:
+            write_summary_run(Path(config.hydra.sweep.dir), settings)
+
+
 def has_summary_run(sweep_dir: Path) -> bool:
     return (Path(sweep_dir) / SUMMARY_ID).is_file()
 
@@ -84,9 +96,11 @@ def write_summary_run(sweep_dir: Path, settings: dict[str, Any]) -> None:
 
     W&B not starting (no network, online without a key) is reported in one line rather than
     raised: the sweep's results are on disk and `make report SWEEP=<folder>` writes the run later.
-    With mode `disabled` (e.g. WANDB_MODE=disabled) nothing is written.
+    With mode `disabled` (e.g. WANDB_MODE=disabled), or no job folder, nothing is written.
     """
     sweep_dir = Path(sweep_dir)
+    if not report.job_dirs(sweep_dir):
+        return
     try:
         mode = wandb_mode(settings.get("mode", "auto"))
         if mode == "disabled":
@@ -101,8 +115,6 @@ def write_summary_run(sweep_dir: Path, settings: dict[str, Any]) -> None:
 def _log_summary(sweep_dir: Path, settings: dict[str, Any], mode: str) -> str:
     import wandb  # here, not at the top: sweeps and reports without W&B do not import it
 
-    from actlab import report
-
     jobs = report.load_jobs(sweep_dir)
     configs = report.group(jobs)
     metric = report.task_metric(jobs)
@@ -110,7 +122,6 @@ def _log_summary(sweep_dir: Path, settings: dict[str, Any], mode: str) -> str:
 
     id_file = sweep_dir / SUMMARY_ID
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-    os.environ.setdefault("WANDB_SILENT", "true")
     try:
         run = wandb.init(
             project=settings.get("project"),
@@ -125,7 +136,7 @@ def _log_summary(sweep_dir: Path, settings: dict[str, Any], mode: str) -> str:
             config={"sweep_dir": str(sweep_dir), "metric": metric, "jobs": len(jobs)},
             reinit="create_new",  # the jobs' runs of this process are finished, not reused
             settings=wandb.Settings(
-                init_timeout=settings.get("init_timeout", 30), console="off", x_disable_stats=True
+                init_timeout=settings.get("init_timeout", 30), console="off", silent=True
             ),
         )
     # Not only wandb.Error: see actlab.loggers.announce.
@@ -157,7 +168,10 @@ def _value(override: str) -> Any:
     """An override's value as the number it stands for (W&B tables sort and plot numbers)."""
     if override == "-":  # the key was not given to this job (report.group)
         return None
-    value = yaml.safe_load(override)
+    try:
+        value = yaml.safe_load(override)
+    except yaml.YAMLError:
+        return override
     return value if isinstance(value, int | float | str | bool) else override
 
 
@@ -170,20 +184,16 @@ def _table(wandb: Any, rows: list[dict[str, Any]]) -> Any:
 def _job_rows(sweep_dir: Path, configs: list[Any]) -> list[dict[str, Any]]:
     """The sweep table's rows (report.collect), each with the swept values that are not its
     activation, slope or seed (e.g. optimizer.lr)."""
-    from actlab import report
-
     swept = {
         j.folder.relative_to(sweep_dir).as_posix() or ".": c.extra for c in configs for j in c.jobs
     }
     rows = []
     for row in report.collect(sweep_dir):
         folder = row.pop("job")
-        items = list(row.items())
-        after_seed = list(row).index("seed") + 1
         extra = {k: _value(v) for k, v in swept.get(folder, {}).items()}
-        rows.append(
-            {"folder": folder, **dict(items[:after_seed]), **extra, **dict(items[after_seed:])}
-        )
+        # The swept values come right after the seed; the rest keeps the sweep table's order.
+        head = {k: row[k] for k in ("status", "act", "slope", "seed")}
+        rows.append({"folder": folder, **head, **extra, **row})
     return rows
 
 
@@ -203,8 +213,6 @@ def _config_rows(configs: list[Any], rows: list[dict[str, Any]]) -> list[dict[st
 
 def _val_curves(wandb: Any, configs: list[Any], metric: str) -> dict[str, Any]:
     """Validation metric per epoch, mean over each configuration's seeds, as the report plots it."""
-    from actlab import report
-
     lines = []
     for c in configs:
         curve = report._curve([j for j in c.jobs if j.finished] or c.jobs, f"val/{metric}")
