@@ -41,7 +41,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = script_env(NETRC=str(tmp / "no-netrc"), WANDB_CONFIG_DIR=str(tmp / "wandb-config"))
     proc = run_train(*SWEEP, f"hydra.sweep.dir={tmp / 'sweep'}", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "W&B sweep summary run: " in proc.stdout
+    # After the sweep's table, one line says where the summary run went.
+    assert proc.stdout.index("Sweep ") < proc.stdout.index("W&B sweep summary run: ")
     return tmp / "sweep"
 
 
