@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from test_report_sweep import FINISHED, make_job
 from test_train import wandb_inspect
 
-from actlab import report
+from actlab import report, wandb_runs
 
 # Small synthetic data, 2 epochs; optimizer.lr=-1 fails each of its jobs at the config check.
 SWEEP = [
@@ -197,3 +197,21 @@ def test_make_report_writes_the_summary_of_a_sweep_that_has_none_once(
     assert len(rows) == 5
     failed = [r for r in rows if r["slope"] == 0.3]
     assert [(r["status"], r["test/acc"]) for r in failed] == [("failed", None)]
+
+
+def test_the_summary_goes_where_the_sweep_sent_its_jobs() -> None:
+    default = compose_train()
+    settings = wandb_runs.sweep_settings(default)
+    # Each job's own folder is no place for the summary: it goes to the sweep folder.
+    assert "save_dir" not in settings
+    assert settings["project"] == default.logger.wandb.project
+    given = compose_train(
+        "logger.wandb.project=mine", "logger.wandb.mode=offline", "logger.wandb.save_dir=/w"
+    )
+    assert wandb_runs.sweep_settings(given) == {
+        "project": "mine",
+        "mode": "offline",
+        "init_timeout": 30,
+        "save_dir": "/w",
+    }
+    assert wandb_runs.sweep_settings(compose_train("logger=csv")) is None

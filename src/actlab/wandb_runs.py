@@ -26,7 +26,7 @@ from actlab.errors import UserError
 # The summary run's id, kept in the sweep folder as a job keeps its own (wandb/run_id): a sweep
 # that has it has a summary run, and a resumed sweep updates that run instead of adding one.
 SUMMARY_ID = Path("wandb") / "summary_run_id"
-# The settings of the logger group's wandb node that say where a run goes.
+# The settings of the logger group's wandb node that say where a run goes (and save_dir).
 SETTINGS = ("project", "entity", "mode", "init_timeout")
 
 
@@ -64,7 +64,13 @@ def sweep_settings(config: DictConfig) -> dict[str, Any] | None:
     node = OmegaConf.select(config, "logger.wandb")
     if not isinstance(node, DictConfig):
         return None
-    return {k: node[k] for k in SETTINGS if k in node}
+    settings = {k: node[k] for k in SETTINGS if k in node}
+    # Each job's W&B folder is its own (${paths.output_dir}); the summary's is the sweep folder,
+    # unless the jobs were all sent to one folder.
+    save_dir = OmegaConf.to_container(node, resolve=False).get("save_dir")
+    if isinstance(save_dir, str) and "${" not in save_dir:
+        settings["save_dir"] = save_dir
+    return settings
 
 
 def report_settings(sweep_dir: Path) -> dict[str, Any]:
@@ -122,6 +128,8 @@ def _log_summary(sweep_dir: Path, settings: dict[str, Any], mode: str) -> str:
 
     id_file = sweep_dir / SUMMARY_ID
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    save_dir = Path(settings.get("save_dir", sweep_dir))
+    save_dir.mkdir(parents=True, exist_ok=True)
     try:
         run = wandb.init(
             project=settings.get("project"),
@@ -131,7 +139,7 @@ def _log_summary(sweep_dir: Path, settings: dict[str, Any], mode: str) -> str:
             job_type="sweep-summary",
             id=run_id,
             resume="allow",
-            dir=sweep_dir,
+            dir=save_dir,
             mode=mode,
             config={"sweep_dir": str(sweep_dir), "metric": metric, "jobs": len(jobs)},
             reinit="create_new",  # the jobs' runs of this process are finished, not reused
@@ -160,6 +168,7 @@ def _log_summary(sweep_dir: Path, settings: dict[str, Any], mode: str) -> str:
             }
         )
         run.summary.update(_best(configs, rows, metric))
+    id_file.parent.mkdir(exist_ok=True)
     id_file.write_text(run_id + "\n")
     return where
 
