@@ -21,12 +21,13 @@ from hydra.utils import instantiate
 
 from actlab.data import IDXSource, MNISTDataModule, SyntheticSource, md5, read_idx, write_idx
 from actlab.errors import UserError
-from actlab.loggers import announce, wandb_api_key_configured, wandb_logger
+from actlab.loggers import announce, wandb_logger
 from actlab.results import write_json
 from actlab.runs import check_output_dirs
 from actlab.train import CONFIG_DIR
 from actlab.train import main as train_main
 from actlab.validation import validate
+from actlab.wandb_runs import wandb_api_key_configured
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -46,7 +46,7 @@ def test_verbatim_multirun_gives_three_jobs_results_and_wandb_runs(tmp_path: Pat
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())  # not the summary wandb/
     assert [j.name.split("model.act=")[1].split(",")[0] for j in jobs] == ["leaky", "none", "relu"]
     assert (sweep / "multirun.yaml").exists()
     for job in jobs:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import csv
 import logging
-import netrc
 import os
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -18,22 +16,9 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from actlab.errors import UserError
+from actlab.wandb_runs import wandb_mode
 
 log = logging.getLogger(__name__)
-
-
-def wandb_api_key_configured() -> bool:
-    """True when W&B would find a key without prompting: WANDB_API_KEY or a netrc entry.
-
-    The netrc file is the one W&B reads: $NETRC when set, else ~/.netrc.
-    """
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -66,14 +51,7 @@ def wandb_logger(
     (wandb/run_id): a run resumed there continues the same W&B run (online), or syncs into it
     (offline). `init_timeout` bounds the wait for an unreachable server.
     """
-    has_key = wandb_api_key_configured()
-    if mode == "auto":
-        mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
-    if mode == "online" and not has_key:
-        raise UserError(
-            "logger.wandb.mode=online but no W&B API key is configured: set WANDB_API_KEY or run "
-            "`wandb login`, or leave the mode at auto to log offline and `make sync` later."
-        )
+    mode = wandb_mode(mode)
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     act = hc.runtime.choices.get("model.act")

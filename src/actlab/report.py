@@ -412,22 +412,30 @@ def plot_dead(configs: list[Configuration], out: Path) -> Path | None:
     return path
 
 
-def write_report(sweep_dir: Path) -> str:
-    """report.md and the PNG plots into the sweep folder; returns the table."""
+def plot_all(
+    configs: list[Configuration], rows: list[dict[str, Any]], metric: str, out: Path
+) -> list[Path]:
+    """The report's plots as PNG files in `out`: those the sweep has data for."""
     import matplotlib
 
     matplotlib.use("Agg")
+    plots = [
+        plot_curves(configs, metric, out),
+        plot_slope(rows, metric, out),
+        plot_dead(configs, out),
+    ]
+    return [p for p in plots if p is not None]
+
+
+def write_report(sweep_dir: Path) -> str:
+    """report.md and the PNG plots into the sweep folder; returns the table."""
     sweep_dir = Path(sweep_dir)
     jobs = load_jobs(sweep_dir)
     configs = group(jobs)
     metric = task_metric(jobs)
     rows = summarize(configs, metric)
     table = markdown_table(rows)
-    plots = [
-        plot_curves(configs, metric, sweep_dir),
-        plot_slope(rows, metric, sweep_dir),
-        plot_dead(configs, sweep_dir),
-    ]
+    plots = plot_all(configs, rows, metric, sweep_dir)
     lines = [
         f"# Sweep {sweep_dir.name}",
         "",
@@ -443,7 +451,7 @@ def write_report(sweep_dir: Path) -> str:
             + (f" ({j.error})" if j.error else "")
             for j in unfinished
         )
-    lines += [table, ""] + [f"![{p.stem}]({p.name})" for p in plots if p is not None]
+    lines += [table, ""] + [f"![{p.stem}]({p.name})" for p in plots]
     (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
     return table
 
@@ -468,6 +476,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {sweep_dir} holds no job folders (.hydra/); name a sweep folder.")
     print(write_report(sweep_dir))
     print(f"\nwrote {sweep_dir / 'report.md'} and its plots")
+    from actlab import wandb_runs  # here: it builds on this module
+
+    if not wandb_runs.has_summary_run(sweep_dir):
+        wandb_runs.write_summary_run(sweep_dir, wandb_runs.report_settings(sweep_dir))
 
 
 if __name__ == "__main__":
