@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -100,6 +101,19 @@ def run_train(
 ) -> subprocess.CompletedProcess:
     """`python train.py <overrides>` as a user runs it."""
     return run_command([sys.executable, ROOT / "train.py", *overrides], cwd=cwd, env=env)
+
+
+def wandb_leet(run_dir: Path, *flags: str) -> str:
+    """What W&B's own reader (`wandb leet inspect`) prints of an offline run: no account needed."""
+    wandb = Path(sys.executable).with_name("wandb")
+    proc = run_command([wandb, "leet", "inspect", *flags, run_dir])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def wandb_inspect(run_dir: Path) -> dict:
+    """An offline run's state, exit code, config and summary, as W&B reads them back."""
+    return json.loads(wandb_leet(run_dir, "--summary", "--json"))
 
 
 def compose_train(*overrides: str) -> DictConfig:

@@ -9,17 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_command, run_train
+from conftest import FAST, run_command, run_train, wandb_inspect
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-
-
-def wandb_inspect(run_dir: Path) -> dict:
-    """What W&B's own client reads back from an offline run (no account, no network)."""
-    wandb = Path(sys.executable).with_name("wandb")
-    proc = run_command([wandb, "leet", "inspect", "--summary", "--json", run_dir])
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def best_checkpoint_test_acc(job: Path, checkpoint: str) -> float:

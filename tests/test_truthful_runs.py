@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import shutil
-import subprocess
 import sys
 from itertools import count
 from pathlib import Path
@@ -15,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import wandb_inspect
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -58,19 +58,6 @@ def results(folder: Path) -> dict:
 def metric_rows(folder: Path) -> list[dict[str, str]]:
     with open(folder / "csv" / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-def wandb_inspect(run_dir: Path) -> dict:
-    """What W&B's own reader says about an offline run (state, exit code, summary)."""
-    wandb = Path(sys.executable).with_name("wandb")
-    proc = subprocess.run(
-        [str(wandb), "leet", "inspect", "--summary", "--json", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(proc.stdout)
 
 
 # --- 3. What W&B and the tables say ----------------------------------------------------------

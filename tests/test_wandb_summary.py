@@ -5,15 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_train, run_train, script_env
+from conftest import compose_train, run_train, script_env, wandb_inspect, wandb_leet
 from hydra.utils import instantiate
 from test_report_sweep import FINISHED, make_job
-from test_train import wandb_inspect
 
 from actlab import report, wandb_runs
 
@@ -61,15 +58,8 @@ def offline_run(folder: Path) -> Path:
 
 def run_record(run: Path) -> dict:
     """The run record of an offline run's .wandb log: project, group, job type, name."""
-    wandb = Path(sys.executable).with_name("wandb")
-    out = subprocess.run(
-        [str(wandb), "leet", "inspect", "--json", str(run)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    records = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    out = wandb_leet(run, "--json")
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
     return next(r["run"] for r in records if r["type"] == "run")
 
 
