@@ -123,10 +123,11 @@ start_mariadb() {
 }
 
 start() {
-  if alive slurmctld; then
+  if status >/dev/null; then
     say "already running (pid $(cat "$DIR/slurmctld.pid"))"
     return 0
   fi
+  stop >/dev/null # a cluster with a daemon down (say, MariaDB: no sacct) starts afresh
   if [[ $(id -u) != 0 ]]; then
     say "needs root (it runs munged, MariaDB and the SLURM daemons)"
     exit 3

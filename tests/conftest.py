@@ -1,25 +1,40 @@
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from actlab import ROOT
 from actlab.data import IDXSource, md5, write_idx
 from actlab.train import CONFIG_DIR
+from actlab.train import main as train_main
 
 # Quick, offline defaults for a training run in a test; a test adds its own overrides.
 FAST = ["data=synthetic", "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0"]
 TESTS = Path(__file__).resolve().parent
+# Small synthetic data, no progress bar: the whole path in seconds, offline. Add a logger.
+QUICK = [
+    "data=synthetic",
+    "data.source.n_train=600",
+    "data.source.n_test=100",
+    "data.val_size=100",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+    "++trainer.enable_progress_bar=false",
+]
+
 # A bound on a whole command, not a measure of its speed: far beyond what the slowest machine
 # needs, so only a run that hangs reaches it, and then the test fails with all it printed.
 COMMAND_TIMEOUT = 900
@@ -114,6 +129,28 @@ def wandb_leet(run_dir: Path, *flags: str) -> str:
 def wandb_inspect(run_dir: Path) -> dict:
     """An offline run's state, exit code, config and summary, as W&B reads them back."""
     return json.loads(wandb_leet(run_dir, "--summary", "--json"))
+
+
+def here(*args: str, main: Callable[[], None] = train_main) -> str:
+    """`python train.py ARGS` (or eval.py with main=eval_main) in this process; returns stdout."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["script.py", *args])
+        out = io.StringIO()
+        mp.setattr(sys, "stdout", out)
+        try:
+            main()
+        finally:
+            GlobalHydra.instance().clear()
+    return out.getvalue()
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+def metric_rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def compose_train(*overrides: str) -> DictConfig:

@@ -166,3 +166,4 @@ def test_ddp_on_two_cpu_processes_with_the_wandb_logger(tmp_path: Path) -> None:
     assert record["status"] == "finished", record.get("error")
     assert list(tmp_path.glob("runs/*/wandb/offline-run-*"))
     assert list(tmp_path.glob("runs/*/train_ddp_process_1.log"))  # rank 1 ran
+    assert not list(tmp_path.glob("runs/*/attempts"))  # and left rank 0's files alone

@@ -6,21 +6,18 @@ process through the same entry points (`main()` with sys.argv), to pay Lightning
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import io
 import json
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import COMMAND_TIMEOUT, run_command, script_env
+from conftest import COMMAND_TIMEOUT, QUICK, here, metric_rows, results, run_command, script_env
 from hydra.core.global_hydra import GlobalHydra
 
 from actlab import ROOT
@@ -28,16 +25,6 @@ from actlab.eval import main as eval_main
 from actlab.runs import resume_args
 from actlab.train import main as train_main
 
-# Small synthetic data, no progress bar: the whole path in seconds, offline. Add a logger.
-QUICK = [
-    "data=synthetic",
-    "data.source.n_train=600",
-    "data.source.n_test=100",
-    "data.val_size=100",
-    "callbacks.progress_bar=null",
-    "callbacks.model_summary=null",
-    "++trainer.enable_progress_bar=false",
-]
 # A linear model whose learning rate triples every epoch: val/acc peaks at epoch 1 and falls
 # after, so the best checkpoint is not the last one and the scheduler's state matters.
 LINEAR = [
@@ -56,28 +43,6 @@ def run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     proc = run_command([sys.executable, ROOT / script, *args], cwd=cwd, env=script_env(home=cwd))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def here(*args: str, main: Callable[[], None] = train_main) -> str:
-    """`python train.py ARGS` (or eval.py with main=eval_main) in this process; returns stdout."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["script.py", *args])
-        out = io.StringIO()
-        mp.setattr(sys, "stdout", out)
-        try:
-            main()
-        finally:
-            GlobalHydra.instance().clear()
-    return out.getvalue()
-
-
-def results(folder: Path) -> dict:
-    return json.loads((folder / "results.json").read_text())
-
-
-def metric_rows(folder: Path) -> list[dict[str, str]]:
-    with open(folder / "csv" / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,16 @@ the epochs rule, the parallel launcher's threads and the sweep table."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import shutil
-import sys
 from itertools import count
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import wandb_inspect
+from conftest import QUICK, here, metric_rows, results, wandb_inspect
 from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 import actlab.train
 from actlab import report
@@ -24,41 +20,7 @@ from actlab.errors import UserError
 from actlab.launch import DeviceSlots
 from actlab.runs import resume_args
 from actlab.train import CONFIG_DIR
-from actlab.train import main as train_main
 from actlab.validation import validate
-
-QUICK = [
-    "data=synthetic",
-    "data.source.n_train=600",
-    "data.source.n_test=100",
-    "data.val_size=100",
-    "callbacks.progress_bar=null",
-    "callbacks.model_summary=null",
-    "++trainer.enable_progress_bar=false",
-]
-
-
-def here(*args: str) -> str:
-    """`python train.py ARGS` in this process; returns what it printed."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", ["train.py", *args])
-        out = io.StringIO()
-        mp.setattr(sys, "stdout", out)
-        try:
-            train_main()
-        finally:
-            GlobalHydra.instance().clear()
-    return out.getvalue()
-
-
-def results(folder: Path) -> dict:
-    return json.loads((folder / "results.json").read_text())
-
-
-def metric_rows(folder: Path) -> list[dict[str, str]]:
-    with open(folder / "csv" / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
 
 # --- 3. What W&B and the tables say ----------------------------------------------------------
 
@@ -97,7 +59,7 @@ def test_wandb_run_of_a_job_that_did_not_finish_says_so(tmp_path: Path) -> None:
     )
     seen = {}
     for job in (tmp_path / "sweep").iterdir():
-        if job.is_dir():
+        if (job / ".hydra").is_dir():  # a job folder (the sweep's own wandb/ is its summary)
             (run_dir,) = (job / "wandb").glob("offline-run-*")
             seen[results(job)["status"]] = wandb_inspect(run_dir)
     assert set(seen) == {"diverged", "finished"}

@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from actlab import CONFIG_DIR
@@ -69,12 +70,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     continues = ckpt is not None and run_dir(ckpt) == out.resolve()
     if continues and (done := _nothing_to_train(out, first_epoch, cfg)):
         return done
-    if not continues and (earlier := set_aside(out)):
+    # Under DDP every rank runs this function; the job's folder and record are rank 0's alone.
+    primary = rank_zero_only.rank == 0
+
+    def save() -> None:
+        if primary:
+            write_json(out / RESULTS, record)
+
+    if primary and not continues and (earlier := set_aside(out)):
         log.info("%s: the earlier attempt is kept in %s", out.name, earlier)
     record.update(provenance())
     if ckpt:
         record["initialized_from" if weights_only else "resumed_from"] = cfg.ckpt_path
-    write_json(out / RESULTS, record)
+    save()
     start = time.perf_counter()
     loggers: list = []
     trainer: L.Trainer | None = None
@@ -86,7 +94,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         slot = instantiate(cfg.launch).acquire() if cfg.get("launch") else None
         if slot:
             record["launch"] = slot.info()
-            write_json(out / RESULTS, record)
+            save()
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, model, trainer = build(cfg, slot)
         if weights_only:
@@ -120,7 +128,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for cb in trainer.callbacks:
             if isinstance(cb, ShareIdleCores):
                 record["launch"]["threads_per_epoch"] = cb.threads
-        write_json(out / RESULTS, record)
+        save()
         log.info(
             "%s: test/acc=%.4f val/acc_best=%.4f epochs=%d %.1fs -> %s",
             out.name,
@@ -142,7 +150,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             record.update(status=status, error=f"{type(e).__name__}: {e}")
         record["seconds"] = round(time.perf_counter() - start, 2)
         with contextlib.suppress(UserError):  # a full disk must not hide the original error
-            write_json(out / RESULTS, record)
+            save()
         if e is not raised:  # the user's mistake, not Hydra's "Error in call to target"
             raise e from None
         raise

@@ -231,14 +231,19 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         return [returns[i] for i in range(len(jobs))]
 
     def settle(self, overrides: Sequence[str], job: Any) -> JobReturn:
-        """The job's return, or, for a job that wrote none, a failed record in its folder."""
-        try:
-            return job.results()[0]
-        except Exception as e:  # submitit's UncompletedJobError: killed, cancelled, timed out
-            error = (
-                f"SLURM job {job.job_id} ended {job.state} without a result ({type(e).__name__})"
-            )
-            return self.record_failed(overrides, error)
+        """The return of a job that has left the queue, or a failed record in its folder.
+
+        A job writes its result before it ends, so one without a result was killed (cancelled,
+        timed out, out of memory). Its state comes from the accounting; submitit's own wait is
+        not used for it, as it waits for ever where `sacct` cannot answer.
+        """
+        if Path(job.paths.result_pickle).exists():
+            try:
+                return job.results()[0]
+            except Exception as e:  # the job raised: its folder already records the failure
+                return self.record_failed(overrides, f"SLURM job {job.job_id} raised {e!r}")
+        error = f"SLURM job {job.job_id} ended {_final_state(job.job_id)} without a result"
+        return self.record_failed(overrides, error)
 
     def record_failed(self, overrides: Sequence[str], error: str) -> JobReturn:
         """Record a job that wrote no result as failed in its folder (unless it finished)."""
