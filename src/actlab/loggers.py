@@ -53,14 +53,20 @@ class AppendingCSVLogger(CSVLogger):
 
 
 def wandb_logger(
-    save_dir: str, project: str, mode: str = "auto", init_timeout: float = 30, **kwargs
+    save_dir: str,
+    project: str,
+    mode: str = "auto",
+    init_timeout: float = 30,
+    new_run: bool = False,
+    **kwargs,
 ) -> WandbLogger:
     """A WandbLogger that never prompts: online with a key, offline without (mode=auto).
 
     In a multirun the W&B group is the sweep folder's name and the run name the job's overrides,
     so W&B's tables line up with the folders under logs/. The run id is kept in the folder
     (wandb/run_id): a run resumed there continues the same W&B run (online), or syncs into it
-    (offline). `init_timeout` bounds the wait for an unreachable server.
+    (offline). `init_timeout` bounds the wait for an unreachable server. `new_run` starts the
+    run now, beside any other open in this process (the members of a pack, actlab.pack).
     """
     has_key = wandb_api_key_configured()
     if mode == "auto":
@@ -83,13 +89,20 @@ def wandb_logger(
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id + "\n")
     os.environ.setdefault("WANDB_SILENT", "true")
+    settings = wandb.Settings(init_timeout=init_timeout)
+    if new_run:
+        run = wandb.init(
+            dir=save_dir, project=project, mode=mode, id=run_id, resume="allow",
+            settings=settings, reinit="create_new", **kwargs,
+        )  # fmt: skip
+        return WandbLogger(experiment=run, save_dir=save_dir, project=project)
     return WandbLogger(
         save_dir=save_dir,
         project=project,
         mode=mode,
         id=run_id,
         resume="allow",
-        settings=wandb.Settings(init_timeout=init_timeout),
+        settings=settings,
         **kwargs,
     )
 
