@@ -107,9 +107,11 @@ def test_slope_zero_is_relu_and_slope_one_is_no_activation_in_one_pack() -> None
             p.grad = None
         losses.sum().backward()
         opt.step()
+    # Equal up to float32 rounding: slices of a batched matmul at other offsets may round apart.
     for p in params:
-        assert torch.equal(p[0], p[1]) and torch.equal(p[2], p[3])
-        assert not torch.equal(p[0], p[2])
+        torch.testing.assert_close(p[1], p[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(p[3], p[2], atol=1e-6, rtol=0)
+        assert (p[0] - p[2]).abs().max() > 1e-2  # ReLU and no activation did train apart
 
 
 def test_diverging_and_invalid_members_leave_the_others_alone(

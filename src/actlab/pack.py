@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import _save_config
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from torch import nn
@@ -356,6 +357,7 @@ def hydra_of(full: DictConfig | None) -> Iterator[None]:
 def member_from(full: DictConfig, index: int) -> Member:
     """A member from the config the sweeper composed for it: writes its `.hydra/` folder."""
     full = OmegaConf.create(OmegaConf.to_container(full))  # its own root, for `${paths...}`
+    full.hydra.mode = RunMode[full.hydra.mode]  # an enum again, as HydraConfig.get() gives it
     out = Path(full.hydra.runtime.output_dir)
     task = copy.deepcopy(full)
     with read_write(task), open_dict(task):
