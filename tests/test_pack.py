@@ -16,7 +16,7 @@ from torch import nn
 from actlab import ROOT, pack
 from actlab.pack import StackedMLP, StackedOptimizer
 from actlab.results import read_results
-from tests.conftest import FAST, run_train
+from tests.conftest import FAST, compose_train, run_train
 
 GRID = ["model.act=relu,leaky,none", "seed=0,1", "optimizer.lr=0.01,0.03"]
 SWEEP = [*FAST, "trainer.max_epochs=2", "logger=csv"]
@@ -25,8 +25,8 @@ SWEEP = [*FAST, "trainer.max_epochs=2", "logger=csv"]
 WEIGHT_ATOL = 1e-4
 
 
-def _sweep(tmp: Path, *args: str) -> dict[str, Path]:
-    proc = run_train("-m", *SWEEP, *args, f"hydra.sweep.dir={tmp}", timeout=900)
+def _sweep(tmp: Path, *args: str, base: list[str] = SWEEP) -> dict[str, Path]:
+    proc = run_train("-m", *base, *args, f"hydra.sweep.dir={tmp}", timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return {p.parent.name: p.parent for p in tmp.glob("*/.hydra")}
 
@@ -199,3 +199,47 @@ def test_ctrl_c_leaves_members_interrupted_and_resume_reruns_only_unfinished(
     assert read_results(first)["status"] == "finished"
     assert read_results(first)["pack"]["size"] == 1
     assert (second / "results.json").read_text() == untouched
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ([], None),
+        (["model.act=elu", "optimizer=adam", "optimizer.lr=0.1", "seed=3"], None),
+        (["model.act=prelu"], "cannot be stacked"),
+        (["model.act=rrelu"], "cannot be stacked"),
+        (["trainer=ddp"], "trainer."),
+        (["debug=limit"], "trainer."),
+        (["model.dropout=0.1"], "dropout"),
+        (["scheduler=step"], "scheduler"),
+        (["callbacks=with_early_stopping"], "early_stopping"),
+    ],
+)
+def test_jobs_that_cannot_pack_say_why(overrides: list[str], reason: str | None) -> None:
+    got = pack.solo_reason(compose_train(*overrides))
+    assert got is None if reason is None else reason in got
+
+
+def test_a_pack_too_big_for_the_device_is_refused_before_training() -> None:
+    with pytest.raises(pack.UserError, match="lower hydra.sweeper.max_members"):
+        pack.check_memory(10**6, 10**6, 64, 266, torch.device("cpu"))
+    pack.check_memory(2, 203_530, 64, 266, torch.device("cpu"))  # act_compare's size fits
+
+
+@pytest.mark.mnist
+@pytest.mark.slow
+def test_packed_members_match_solo_jobs_on_real_mnist(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "actlab.data"], cwd=ROOT, check=True, timeout=300)
+    base = [a for a in SWEEP if not a.startswith(("data=", "trainer.max_epochs="))]
+    base.append("trainer.max_epochs=1")
+    grid = ["model.act=relu,leaky,none", "seed=0,1"]
+    solo = _sweep(tmp_path / "solo", *grid, base=base)
+    packed = _sweep(tmp_path / "packed", "hydra/sweeper=packed", *grid, base=base)
+    assert sorted(solo) == sorted(packed) and len(solo) == 6
+    for name, folder in packed.items():
+        s, p = read_results(solo[name]), read_results(folder)
+        for key in ("val/acc_best", "test/acc"):
+            assert abs(p["metrics"][key] - s["metrics"][key]) <= 0.001, (name, key)
+        ws, wp = _weights(s["best_checkpoint"]), _weights(p["best_checkpoint"])
+        for key in ws:
+            torch.testing.assert_close(wp[key], ws[key], atol=WEIGHT_ATOL, rtol=0)

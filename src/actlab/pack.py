@@ -506,7 +506,6 @@ class PackTrainer:
                 )
                 log.error("%s: %s", m.out.name, error)
                 m.end("diverged", error, seconds=self.seconds())
-                m.record.pop("metrics", None)
 
     @torch.no_grad()
     def evaluate(self, split: tuple[torch.Tensor, torch.Tensor], units: bool) -> dict:

@@ -68,7 +68,6 @@ class PackedSweeper(BasicSweeper):
             len(batch),
             len(solo),
         )
-        self.overrides = [batch + solo]
         # Packs' members carry the sweep's job numbers; solo jobs are numbered after them.
         results = self.launcher.launch(batch + solo, initial_job_idx=len(jobs[0]))
         for r in results:
