@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 from torch import nn
 
 from actlab import ROOT, pack
@@ -243,3 +245,24 @@ def test_packed_members_match_solo_jobs_on_real_mnist(tmp_path: Path) -> None:
         ws, wp = _weights(s["best_checkpoint"]), _weights(p["best_checkpoint"])
         for key in ws:
             torch.testing.assert_close(wp[key], ws[key], atol=WEIGHT_ATOL, rtol=0)
+
+
+def test_ckpt_path_resumes_a_member_as_its_solo_job_would(
+    tmp_path: Path, sweeps: tuple[dict, dict]
+) -> None:
+    name = next(n for n in sweeps[1] if "model.act=relu" in n and "seed=0" in n)
+    member = tmp_path / name
+    shutil.copytree(sweeps[1][name], member)
+    proc = run_train(f"ckpt_path='{member}/checkpoints/last.ckpt'", "trainer.max_epochs=3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    overrides = [str(o) for o in OmegaConf.load(member / ".hydra" / "overrides.yaml")]
+    solo = tmp_path / "solo"
+    proc = run_train(*overrides, "trainer.max_epochs=3", f"hydra.run.dir={solo}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    resumed, fresh = read_results(member), read_results(solo)
+    assert resumed["epochs"] == fresh["epochs"] == 3
+    assert resumed["metrics"]["test/acc"] == pytest.approx(fresh["metrics"]["test/acc"], abs=1e-3)
+    ws = _weights(str(solo / "checkpoints" / "last.ckpt"))
+    wp = _weights(str(member / "checkpoints" / "last.ckpt"))
+    for key in ws:
+        torch.testing.assert_close(wp[key], ws[key], atol=WEIGHT_ATOL, rtol=0)

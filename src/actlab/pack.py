@@ -407,6 +407,7 @@ class PackTrainer:
         self.keep_best = bool(callbacks.get("model_checkpoint"))
         self.keep_last = bool(callbacks.get("last_checkpoint"))
         self.global_step = 0
+        self._loop_template: dict[str, Any] | None = None
         self.start = time.perf_counter()
         self.datamodule = instantiate(first.data)
         self.datamodule.prepare_data()
@@ -449,7 +450,11 @@ class PackTrainer:
                 idx = orders[:, s * bs : (s + 1) * bs]
                 xb, yb = x[idx], y[idx]
                 logits = self.model(xb)
-                losses = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(1)
+                losses = (
+                    F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
+                    .view(K, -1)
+                    .mean(1)
+                )
                 for p in self.params:
                     p.grad = None
                 losses.sum().backward()
@@ -581,6 +586,7 @@ class PackTrainer:
             "global_step": self.global_step,
             "pytorch-lightning_version": L.__version__,
             "state_dict": {**state, "val_acc_best.max_value": torch.tensor(m.best)},
+            "loops": self._loops(epoch),
             "optimizer_states": [self.optimizer.member_state(m.index, self.groups[m.index])],
             "lr_schedulers": [],
             "callbacks": {},
@@ -588,6 +594,35 @@ class PackTrainer:
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
+
+    def _loops(self, epoch: int) -> dict[str, Any]:
+        """Lightning's loop state at the end of `epoch`, so `ckpt_path=` resumes after it."""
+        if self._loop_template is None:
+            t = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+            self._loop_template = {
+                f"{k}_loop": getattr(t, f"{k}_loop").state_dict()
+                for k in ("fit", "validate", "test", "predict")
+            }
+        loops = copy.deepcopy(self._loop_template)
+        fit = loops["fit_loop"]
+        steps = self.global_step // (epoch + 1)
+        val = -(-len(self.datamodule.val[0]) // int(self.members[0].cfg.data.eval_batch_size))
+        for progress, current, total in (
+            (fit["epoch_loop.batch_progress"], steps, self.global_step),
+            (fit["epoch_loop.manual_optimization.optim_step_progress"], self.global_step, None),
+            (fit["epoch_loop.val_loop.batch_progress"], val, val),
+        ):
+            for scope, n in (("current", current), ("total", total or current)):
+                for key in progress[scope]:
+                    progress[scope][key] = n
+        fit["epoch_loop.batch_progress"]["is_last_batch"] = True
+        fit["epoch_loop.val_loop.batch_progress"]["is_last_batch"] = True
+        fit["epoch_loop.state_dict"] = {"_batches_that_stepped": self.global_step}
+        for scope in ("current", "total"):
+            fit["epoch_progress"][scope].update(
+                completed=epoch, processed=epoch + 1, ready=epoch + 1, started=epoch + 1
+            )
+        return loops
 
     def test(self) -> None:
         """Each running member's best-by-val weights (its last without a best) on the test set."""
