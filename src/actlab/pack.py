@@ -306,9 +306,9 @@ class Member:
     out: Path
     choices: dict[str, Any]
     index: int
+    full: DictConfig  # with its `hydra` node, as the sweeper composed it
     record: dict[str, Any] = field(default_factory=dict)
     loggers: list = field(default_factory=list)
-    full: DictConfig | None = None  # with its `hydra` node, as the sweeper composed it
     status: str = "running"
     best: float = -math.inf
     best_state: dict[str, torch.Tensor] | None = None
@@ -339,11 +339,8 @@ class Member:
 
 
 @contextlib.contextmanager
-def hydra_of(full: DictConfig | None) -> Iterator[None]:
+def hydra_of(full: DictConfig) -> Iterator[None]:
     """HydraConfig set to a member's own (its folder, overrides, choices) for a moment."""
-    if full is None:
-        yield
-        return
     instance = HydraConfig.instance()
     saved = instance.cfg
     # set_config() wants Hydra's typed node; a member's comes back from members.yaml untyped.
@@ -370,14 +367,16 @@ def member_from(full: DictConfig, index: int) -> Member:
         resolved = copy.deepcopy(task)
         OmegaConf.resolve(resolved)  # `${hydra:...}` must not depend on which member is current
     choices = OmegaConf.to_container(full.hydra.runtime.choices)
-    return Member(resolved, out, choices, index, full=full)
+    return Member(resolved, out, choices, index, full)
 
 
 def max_members(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
 
-def check_memory(nets: int, params_per_member: int, batch: int, widths: int, dev: torch.device):
+def check_memory(
+    nets: int, params_per_member: int, batch: int, widths: int, dev: torch.device
+) -> None:
     """Refuse, before training, a pack whose tensors would not fit the device's free memory."""
     # params, grads, two optimizer states; activations and their grads for a batch.
     need = nets * 4 * (4 * params_per_member + 4 * batch * widths)
@@ -417,15 +416,15 @@ class PackTrainer:
             L.seed_everything(m.cfg.seed, workers=True, verbose=False)  # as the solo job does
             solo = instantiate(m.cfg.model)
             nets.append(solo.net)
-            acts.append(next(a for a in solo.net if not isinstance(a, nn.Linear | nn.Dropout)))
+            # hidden_sizes=[] is a linear model: nothing to activate.
+            hidden = (a for a in solo.net if not isinstance(a, nn.Linear | nn.Dropout))
+            acts.append(next(hidden, nn.Identity()))
             opt = instantiate(m.cfg.optimizer)(params=solo.parameters())
             self.groups.append(opt.state_dict()["param_groups"])
         self.names = [f"net.{n}" for n, _ in nets[0].named_parameters()]
         n_params = sum(p.numel() for p in nets[0].parameters())
         widths = sum(p.shape[0] for p in nets[0].parameters() if p.dim() == 2)
         check_memory(len(members), n_params, int(first.data.batch_size), widths, device)
-        if len(acts) < len(members):  # hidden_sizes=[]: a linear model, nothing to activate
-            acts = [nn.Identity() for _ in members]
         self.model = StackedMLP(nets, acts).to(device)
         # The solo order (layer 1 weight, bias, layer 2 weight, ...), as in its optimizer state.
         pairs = zip(self.model.weights, self.model.biases, strict=True)
