@@ -448,7 +448,9 @@ SWEEPS = {
 }
 
 
-def measure_sweeps(epochs: int, threads: int, workdir: Path, say: Callable) -> dict[str, Any]:
+def measure_sweeps(
+    epochs: int, threads: int, workdir: Path, say: Callable, data: str = "mnist"
+) -> dict[str, Any]:
     """Wall time of act_compare run each way, and its training seconds per member-epoch."""
     out: dict[str, Any] = {}
     for name, extra in SWEEPS.items():
@@ -459,6 +461,7 @@ def measure_sweeps(epochs: int, threads: int, workdir: Path, say: Callable) -> d
         args = [
             "-m",
             "experiment=act_compare",
+            f"data={data}",
             "logger=csv",
             f"trainer.max_epochs={epochs}",
             "callbacks.progress_bar.refresh_rate=0",
@@ -629,6 +632,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sweep-epochs", type=int, default=10, help="act_compare sweeps' epochs (0: skip them)"
     )
+    parser.add_argument("--sweep-data", default="mnist", help="their data (synthetic: a check)")
     parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench")
     args = parser.parse_args(argv)
@@ -661,7 +665,9 @@ def main(argv: list[str] | None = None) -> None:
             result["startup"] = measure_startup(args.startup_rounds, workdir, say)
         if args.sweep_epochs:
             say(f"act_compare, {args.sweep_epochs} epochs: one job per config, packed, parallel")
-            result["sweeps"] = measure_sweeps(args.sweep_epochs, args.threads, workdir, say)
+            result["sweeps"] = measure_sweeps(
+                args.sweep_epochs, args.threads, workdir, say, args.sweep_data
+            )
     result["machine"]["load_average_after"] = os.getloadavg()
     result["bench_seconds"] = round(time.perf_counter() - started, 1)
 
