@@ -451,7 +451,11 @@ SWEEPS = {
 def measure_sweeps(
     epochs: int, threads: int, workdir: Path, say: Callable, data: str = "mnist"
 ) -> dict[str, Any]:
-    """Wall time of act_compare run each way, and its training seconds per member-epoch."""
+    """Wall time of act_compare run each way, and its fit seconds per member-epoch.
+
+    Fit seconds per member-epoch: a job's `seconds_per_epoch` (its fit, set-up included, over its
+    epochs) divided by its pack's size; against the plain loop's whole epoch on the same data.
+    """
     out: dict[str, Any] = {}
     for name, extra in SWEEPS.items():
         sweep_dir = workdir / name.replace(" ", "_")
@@ -486,7 +490,8 @@ def measure_sweeps(
             "train_s_per_member_epoch": statistics.median(per_member),
         }
         say(f"  {name}: {wall:.1f} s, {out[name]['train_s_per_member_epoch']:.3f} s/member-epoch")
-    cfg = compose([f"paths.data_dir={ROOT / 'data'}", f"threads={threads}"], workdir / "plain")
+    overrides = [f"data={data}", f"paths.data_dir={ROOT / 'data'}", f"threads={threads}"]
+    cfg = compose(overrides, workdir / "plain")
     out["plain loop epoch_s"] = _median(run_plain(cfg, 64, 2), "epoch_s")
     return out
 
@@ -568,7 +573,7 @@ def table(result: dict[str, Any]) -> str:
             "",
             f"experiment=act_compare (9 jobs), plain loop epoch {plain:.3f} s:",
             "",
-            _row("sweep", "wall (s)", "speed-up", "s per member-epoch", "vs plain epoch"),
+            _row("sweep", "wall (s)", "speed-up", "fit s per member-epoch", "vs plain epoch"),
             _row(*["---"] * 5),
         ]
         for name, v in sweeps.items():
