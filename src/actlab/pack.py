@@ -588,11 +588,30 @@ class PackTrainer:
             "loops": self._loops(epoch),
             "optimizer_states": [self.optimizer.member_state(m.index, self.groups[m.index])],
             "lr_schedulers": [],
-            "callbacks": {},
+            "callbacks": self._checkpointer_states(m),
         }
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
+
+    def _checkpointer_states(self, m: Member) -> dict[str, Any]:
+        """The member's ModelCheckpoint states, so a resumed solo run knows its best so far."""
+        states = {}
+        for name in ("model_checkpoint", "last_checkpoint"):
+            node = (m.cfg.get("callbacks") or {}).get(name)
+            if not node:
+                continue
+            cb = instantiate(node)
+            if cb.monitor is None:
+                cb.best_model_path = str(m.last_path or "")
+            elif m.best_path is not None:
+                best = torch.tensor(m.best)
+                cb.best_model_path = cb.kth_best_model_path = str(m.best_path)
+                cb.best_model_score = cb.kth_value = best
+                cb.best_k_models = {str(m.best_path): best}
+                cb.current_score = torch.tensor(m.metrics["val/acc"])
+            states[cb.state_key] = cb.state_dict()
+        return states
 
     def _loops(self, epoch: int) -> dict[str, Any]:
         """Lightning's loop state at the end of `epoch`, so `ckpt_path=` resumes after it."""
