@@ -14,6 +14,10 @@ Each measurement is one epoch after a warm-up epoch; the variants are interleave
 medians, ratios medians of per-round ratios.
 Then `python train.py` is launched as a user would to time process start -> first training step
 (against `python -c "import lightning"` launched the same way) and the peak RSS of the process.
+The sweep section (`--sweep-epochs`) runs `experiment=act_compare` (3 activations x 3 seeds) three
+ways: one job per configuration, packed (`hydra/sweeper=packed`), and packed under
+`hydra/launcher=parallel` (split into packs that fill the device slots); each against the plain
+loop's epoch measured in the same run.
 """
 
 from __future__ import annotations
@@ -437,6 +441,61 @@ def measure_startup(rounds: int, workdir: Path, say: Callable) -> dict[str, Any]
     }
 
 
+SWEEPS = {
+    "one job per config": [],
+    "packed": ["hydra/sweeper=packed"],
+    "packed + parallel": ["hydra/sweeper=packed", "hydra/launcher=parallel"],
+}
+
+
+def measure_sweeps(
+    epochs: int, threads: int, workdir: Path, say: Callable, data: str = "mnist"
+) -> dict[str, Any]:
+    """Wall time of act_compare run each way, and its fit seconds per member-epoch.
+
+    Fit seconds per member-epoch: a job's `seconds_per_epoch` (its fit, set-up included, over its
+    epochs) divided by its pack's size; against the plain loop's whole epoch on the same data.
+    """
+    out: dict[str, Any] = {}
+    for name, extra in SWEEPS.items():
+        sweep_dir = workdir / name.replace(" ", "_")
+        if "hydra/launcher=parallel" in extra:
+            slots = max(1, usable_cores())
+            extra = [*extra, f"hydra.sweeper.max_members={-(-9 // slots)}"]
+        args = [
+            "-m",
+            "experiment=act_compare",
+            f"data={data}",
+            "logger=csv",
+            f"trainer.max_epochs={epochs}",
+            "callbacks.progress_bar.refresh_rate=0",
+            f"paths.data_dir={ROOT / 'data'}",
+            f"hydra.sweep.dir={sweep_dir}",
+            *extra,
+        ]
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True
+        )
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} sweep failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")]
+        # A pack's seconds_per_epoch trains all its members: per member, divide by its size.
+        per_member = [r["seconds_per_epoch"] / r.get("pack", {}).get("size", 1) for r in records]
+        out[name] = {
+            "wall_s": round(wall, 1),
+            "jobs": len(records),
+            "finished": sum(r["status"] == "finished" for r in records),
+            "train_s_per_member_epoch": statistics.median(per_member),
+        }
+        say(f"  {name}: {wall:.1f} s, {out[name]['train_s_per_member_epoch']:.3f} s/member-epoch")
+    overrides = [f"data={data}", f"paths.data_dir={ROOT / 'data'}", f"threads={threads}"]
+    cfg = compose(overrides, workdir / "plain")
+    out["plain loop epoch_s"] = _median(run_plain(cfg, 64, 2), "epoch_s")
+    return out
+
+
 def _row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -506,6 +565,24 @@ def table(result: dict[str, Any]) -> str:
                     f"{v['peak_rss_gb']:.2f}",
                 )
             )
+    sweeps = result.get("sweeps")
+    if sweeps:
+        plain = sweeps["plain loop epoch_s"]
+        base = sweeps["one job per config"]["wall_s"]
+        rows += [
+            "",
+            f"experiment=act_compare (9 jobs), plain loop epoch {plain:.3f} s:",
+            "",
+            _row("sweep", "wall (s)", "speed-up", "fit s per member-epoch", "vs plain epoch"),
+            _row(*["---"] * 5),
+        ]
+        for name, v in sweeps.items():
+            if name in SWEEPS:
+                t = v["train_s_per_member_epoch"]
+                rows.append(
+                    _row(name, v["wall_s"], f"{base / v['wall_s']:.2f}x", f"{t:.3f}",
+                         f"{t / plain:.2f}x")
+                )  # fmt: skip
     checks = targets(result)
     if checks:
         rows += ["", _row("target", "measured", "goal", ""), _row(*["---"] * 4)]
@@ -535,6 +612,13 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]
         )
         rss = max(v["peak_rss_gb"] for k, v in s.items() if k.startswith("train.py"))
         out.append(("peak RSS of train.py (GB)", rss, "<=", 1.2))
+    sw = result.get("sweeps")
+    if sw:
+        packed = sw["packed"]
+        ratio = packed["train_s_per_member_epoch"] / sw["plain loop epoch_s"]
+        out.append(("packed s per member-epoch / plain epoch", ratio, "<=", 1.0))
+        speedup = sw["one job per config"]["wall_s"] / packed["wall_s"]
+        out.append(("packed sweep wall speed-up", speedup, ">=", 1.6))
     return [(n, v, op, g, v <= g if op == "<=" else v >= g) for n, v, op, g in out]
 
 
@@ -550,6 +634,10 @@ def main(argv: list[str] | None = None) -> None:
         "--epochs", type=int, default=2, help="measured epochs per run (after 1 warm-up)"
     )
     parser.add_argument("--startup-rounds", type=int, default=3, help="0 skips the start-up runs")
+    parser.add_argument(
+        "--sweep-epochs", type=int, default=10, help="act_compare sweeps' epochs (0: skip them)"
+    )
+    parser.add_argument("--sweep-data", default="mnist", help="their data (synthetic: a check)")
     parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench")
     args = parser.parse_args(argv)
@@ -580,6 +668,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.startup_rounds:
             say("start-up and memory of `python train.py` (20 training steps, then test)")
             result["startup"] = measure_startup(args.startup_rounds, workdir, say)
+        if args.sweep_epochs:
+            say(f"act_compare, {args.sweep_epochs} epochs: one job per config, packed, parallel")
+            result["sweeps"] = measure_sweeps(
+                args.sweep_epochs, args.threads, workdir, say, args.sweep_data
+            )
     result["machine"]["load_average_after"] = os.getloadavg()
     result["bench_seconds"] = round(time.perf_counter() - started, 1)
 

@@ -7,6 +7,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -42,14 +43,20 @@ class AppendingCSVLogger(CSVLogger):
 
 
 def wandb_logger(
-    save_dir: str, project: str, mode: str = "auto", init_timeout: float = 30, **kwargs
+    save_dir: str,
+    project: str,
+    mode: str = "auto",
+    init_timeout: float = 30,
+    new_run: bool = False,
+    **kwargs,
 ) -> WandbLogger:
     """A WandbLogger that never prompts: online with a key, offline without (mode=auto).
 
     In a multirun the W&B group is the sweep folder's name and the run name the job's overrides,
     so W&B's tables line up with the folders under logs/. The run id is kept in the folder
     (wandb/run_id): a run resumed there continues the same W&B run (online), or syncs into it
-    (offline). `init_timeout` bounds the wait for an unreachable server.
+    (offline). `init_timeout` bounds the wait for an unreachable server. `new_run` starts the
+    run now, beside any other open in this process (the members of a pack, actlab.pack).
     """
     mode = wandb_mode(mode)
     hc = HydraConfig.get()
@@ -65,13 +72,20 @@ def wandb_logger(
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id + "\n")
     os.environ.setdefault("WANDB_SILENT", "true")
+    settings = wandb.Settings(init_timeout=init_timeout)
+    if new_run:
+        run = wandb.init(
+            dir=save_dir, project=project, mode=mode, id=run_id, resume="allow",
+            settings=settings, reinit="create_new", **kwargs,
+        )  # fmt: skip
+        return WandbLogger(experiment=run, save_dir=save_dir, project=project)
     logger = WandbLogger(
         save_dir=save_dir,
         project=project,
         mode=mode,
         id=run_id,
         resume="allow",
-        settings=wandb.Settings(init_timeout=init_timeout),
+        settings=settings,
         **kwargs,
     )
     # Lightning always passes anonymous=None, which W&B warns has no effect, on every run.
@@ -99,11 +113,12 @@ def announce(logger: WandbLogger) -> None:
         log.info("W&B run: %s", run.url)
 
 
-def finish_wandb(status: str) -> None:
-    """End the job's W&B run with its `status` in the summary and, unless it finished, a
-    non-zero exit code: W&B otherwise marks a diverged or failed run `finished`, exit 0."""
+def finish_wandb(status: str, run: Any = None) -> None:
+    """End a W&B run (the job's, by default) with its `status` in the summary and, unless it
+    finished, a non-zero exit code: W&B otherwise marks a diverged or failed run `finished`."""
     import wandb
 
-    if wandb.run is not None:
-        wandb.run.summary["status"] = status
-    wandb.finish(exit_code=0 if status == "finished" else 1)
+    run = run if run is not None else wandb.run
+    if run is not None:
+        run.summary["status"] = status
+        run.finish(exit_code=0 if status == "finished" else 1)

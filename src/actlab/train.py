@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then test the best-by-val checkpoint; returns the record written to results.json."""
+    if cfg.get("pack") is not None:  # a job of `hydra/sweeper=packed`: several runs as one
+        from actlab.pack import train_pack
+
+        return train_pack(cfg)
     hc = HydraConfig.get()
     out = Path(cfg.paths.output_dir)
     record: dict[str, Any] = {

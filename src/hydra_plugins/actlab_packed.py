@@ -1,0 +1,105 @@
+"""`hydra/sweeper=packed`: Hydra's basic sweeper, except that jobs that can train together do.
+
+The grid is expanded as the basic sweeper does (`hydra.sweeper.params` included). Each job's
+config is composed; jobs whose configs differ only in `actlab.pack.MEMBER_KEYS` form a pack,
+written to `<sweep>/.packs/pack-<i>/members.yaml` and handed to the configured launcher as ONE
+job (`+pack=<i>`), so the basic, parallel and SLURM launchers all run packs. A job that cannot
+pack runs as an ordinary job of the same sweep, with one log line saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from actlab.pack import MANIFEST, pack_key, solo_reason
+
+log = logging.getLogger(__name__)
+PACKS = ".packs"
+
+
+class PackedSweeper(BasicSweeper):
+    def __init__(
+        self,
+        max_batch_size: int | None = None,
+        params: dict[str, str] | None = None,
+        max_members: int | None = None,
+    ) -> None:
+        super().__init__(max_batch_size=None, params=params)
+        self.max_members = max_members
+
+    def sweep(self, arguments: list[str]) -> Any:
+        assert self.config is not None and self.launcher is not None
+        assert self.hydra_context is not None
+        loader = self.hydra_context.config_loader
+        parser = OverridesParser.create(config_loader=loader)
+        jobs = self.split_arguments(parser.parse_overrides(self._parse_config() + arguments), None)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+
+        groups: dict[str, list[tuple[int, list[str], DictConfig]]] = {}
+        solo: list[list[str]] = []
+        for num, job in enumerate(jobs[0]):
+            cfg = loader.load_sweep_config(self.config, list(job))
+            reason = solo_reason(cfg)
+            if reason:
+                log.info("%s runs as a solo job: %s", cfg.hydra.job.override_dirname, reason)
+                solo.append(job)
+            else:
+                groups.setdefault(pack_key(cfg), []).append((num, job, cfg))
+        batch: list[list[str]] = []
+        for members in groups.values():
+            limit = self.max_members or _default_members(members[0][2])
+            for start in range(0, len(members), limit):
+                chunk = members[start : start + limit]
+                if len(chunk) == 1:
+                    solo.append(chunk[0][1])
+                    continue
+                batch.append(self._pack(len(batch), chunk, sweep_dir))
+        log.info(
+            "packed sweep: %d jobs as %d pack(s) and %d solo job(s)",
+            len(jobs[0]),
+            len(batch),
+            len(solo),
+        )
+        # Packs' members carry the sweep's job numbers; solo jobs are numbered after them.
+        results = self.launcher.launch(batch + solo, initial_job_idx=len(jobs[0]))
+        for r in results:
+            _ = r.return_value
+        return [results]
+
+    def _pack(
+        self, index: int, members: list[tuple[int, list[str], DictConfig]], sweep_dir: Path
+    ) -> list[str]:
+        """Write the members' configs for pack `index`; returns the pack job's overrides."""
+        folder = sweep_dir / PACKS / f"pack-{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        fulls = []
+        for num, _, cfg in members:
+            with open_dict(cfg):
+                cfg.hydra.job.num = num
+                cfg.hydra.job.id = str(num)
+                cfg.hydra.sweep.dir = str(sweep_dir)
+                cfg.hydra.runtime.output_dir = str(sweep_dir / str(cfg.hydra.sweep.subdir))
+            fulls.append(cfg)
+        OmegaConf.save(OmegaConf.create(fulls), folder / MANIFEST)
+        return [
+            *members[0][1],
+            f"+pack={index}",
+            f"hydra.sweep.subdir={PACKS}/pack-{index}",
+            "hydra.output_subdir=null",
+        ]
+
+
+def _default_members(cfg: DictConfig) -> int:
+    import torch
+
+    from actlab.pack import _device, max_members
+
+    return max_members(torch.device(_device(cfg)))
