@@ -153,6 +153,18 @@ def metric_rows(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def run_folder_with_checkpoint(folder: Path, overrides: list[str]) -> Path:
+    """A run folder as training leaves it (.hydra/ with these overrides), and its (empty)
+    checkpoints/last.ckpt: enough for resume_args to find the run."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    return ckpt
+
+
 def compose_train(*overrides: str) -> DictConfig:
     """The composed training config (with its `hydra` node), as `python train.py` would see it."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

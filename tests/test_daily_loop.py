@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COMMAND_TIMEOUT, QUICK, here, metric_rows, results, run_command, script_env
+from conftest import (
+    COMMAND_TIMEOUT,
+    QUICK,
+    here,
+    metric_rows,
+    results,
+    run_command,
+    run_folder_with_checkpoint,
+    script_env,
+)
 from hydra.core.global_hydra import GlobalHydra
 
 from actlab import ROOT
@@ -187,14 +196,13 @@ def test_eval_tests_a_checkpoint_with_its_run_config(interrupted: dict, resumed:
 
 def test_resume_args_put_the_run_overrides_first(tmp_path: Path) -> None:
     folder = tmp_path / "model.act=leaky,optimizer.lr=0.1"
-    (folder / ".hydra").mkdir(parents=True)
-    (folder / ".hydra" / "config.yaml").write_text("seed: 0\n")
-    (folder / ".hydra" / "overrides.yaml").write_text(
-        "- model.act=leaky\n- optimizer.lr=0.1\n- trainer.max_epochs=3\n- ckpt_path=old.ckpt\n"
-    )
-    ckpt = folder / "checkpoints" / "last.ckpt"
-    ckpt.parent.mkdir()
-    ckpt.write_bytes(b"")
+    overrides = [
+        "model.act=leaky",
+        "optimizer.lr=0.1",
+        "trainer.max_epochs=3",
+        "ckpt_path=old.ckpt",
+    ]
+    ckpt = run_folder_with_checkpoint(folder, overrides)
     args = resume_args([f"ckpt_path={ckpt}", "trainer.max_epochs=5"])
     assert args == [
         "model.act=leaky",

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import QUICK, here, metric_rows, results, wandb_inspect
+from conftest import QUICK, here, metric_rows, results, run_folder_with_checkpoint, wandb_inspect
 from hydra import compose, initialize_config_dir
 
 import actlab.train
@@ -141,12 +141,7 @@ def test_a_resumed_job_stays_in_its_configurations_row(tmp_path: Path) -> None:
 
 def test_resume_true_is_not_carried_into_a_later_resume(tmp_path: Path) -> None:
     folder = tmp_path / "job"
-    (folder / ".hydra").mkdir(parents=True)
-    (folder / ".hydra" / "config.yaml").write_text("seed: 0\n")
-    (folder / ".hydra" / "overrides.yaml").write_text("- model.act=leaky\n- +resume=true\n")
-    ckpt = folder / "checkpoints" / "last.ckpt"
-    ckpt.parent.mkdir()
-    ckpt.write_bytes(b"")
+    ckpt = run_folder_with_checkpoint(folder, ["model.act=leaky", "+resume=true"])
     args = resume_args([f"ckpt_path={ckpt}", "trainer.max_epochs=5"])
     assert args == [
         "model.act=leaky",
