@@ -84,6 +84,10 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # A background job of a non-interactive shell starts with SIGINT ignored, and Python
+        # then never turns it into KeyboardInterrupt: the run must take Ctrl-C wherever the
+        # tests run.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         while not Path(f"{hold}.reached").exists():
