@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from conftest import (
     script_env,
 )
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from actlab import ROOT
 from actlab.eval import main as eval_main
@@ -196,6 +198,28 @@ def test_eval_tests_a_checkpoint_with_its_run_config(interrupted: dict, resumed:
     assert saved["metrics"]["test/acc"] == resumed["record"]["metrics"]["test/acc"]
     assert saved["metrics"]["test/loss"] == resumed["record"]["metrics"]["test/loss"]
     assert (folder / ".hydra" / "config.yaml").is_file()  # eval leaves the training config
+
+
+def test_eval_of_a_gpu_run_on_a_machine_without_one_says_what_to_add(
+    interrupted: dict, resumed: dict, tmp_path: Path
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the run's accelerator is there")
+    folder = shutil.copytree(interrupted["folder"], tmp_path / "gpu_run")
+    config = folder / ".hydra" / "config.yaml"
+    trained = OmegaConf.load(config)
+    trained.trainer.accelerator = "gpu"  # as a run trained with trainer=gpu records it
+    OmegaConf.save(trained, config)
+    best = folder / "checkpoints" / Path(resumed["record"]["best_checkpoint"]).name
+    with pytest.raises(SystemExit) as e:
+        here(f"ckpt_path={best}", main=eval_main)
+    assert str(e.value.code) == (
+        "error: gpu_run trained with trainer.accelerator=gpu and no GPU is visible here: "
+        "add accelerator=cpu to test it on the CPU."
+    )
+    here(f"ckpt_path={best}", "accelerator=cpu", main=eval_main)
+    saved = json.loads((folder / f"eval_{best.stem}.json").read_text())
+    assert saved["metrics"]["test/acc"] == resumed["record"]["metrics"]["test/acc"]
 
 
 def test_resume_args_put_the_run_overrides_first(tmp_path: Path) -> None:

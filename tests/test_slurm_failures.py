@@ -65,7 +65,11 @@ def test_a_request_no_node_can_run_is_refused_at_submission(tmp_path: Path, slur
     assert queued(name) == [""]  # nothing was submitted
 
 
-def test_a_held_job_is_given_up_and_the_sweep_ends(tmp_path: Path, slurm_cluster) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["solo", "packed"])
+def test_a_held_job_is_given_up_and_the_sweep_ends(
+    tmp_path: Path, slurm_cluster, packed: bool
+) -> None:
+    """Packed, the two jobs are one array task; its members are recorded, not left unlisted."""
     sweep, name = tmp_path / "sweep", f"actlab-held-{os.getpid()}"
     command = sweep_command(
         sweep,
@@ -73,6 +77,7 @@ def test_a_held_job_is_given_up_and_the_sweep_ends(tmp_path: Path, slurm_cluster
         "hydra.launcher.cpus_per_task=1",
         "+hydra.launcher.additional_parameters.hold=true",
         "hydra.launcher.unrunnable_after_s=0",
+        *(["hydra/sweeper=packed"] if packed else []),
     )
     try:
         proc = run(command)

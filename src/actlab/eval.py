@@ -25,7 +25,7 @@ from actlab.runs import (
     require_run_dir,
     trained_config,
 )
-from actlab.validation import validate
+from actlab.validation import missing_accelerator, validate
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trained = trained_config(folder)
     if cfg.get("data_dir"):
         trained.paths.data_dir = cfg.data_dir
+    if cfg.get("accelerator"):
+        trained.trainer.accelerator = cfg.accelerator
+    elif missing_accelerator(trained):
+        raise UserError(
+            f"{folder.name} trained with trainer.accelerator={trained.trainer.accelerator} and "
+            "no GPU is visible here: add accelerator=cpu to test it on the CPU."
+        )
     validate(trained)
     start = time.perf_counter()
     datamodule = instantiate(trained.data)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import math
 import os
@@ -44,7 +45,7 @@ from actlab import loggers as actlab_loggers
 from actlab.data import batch_order
 from actlab.errors import UserError
 from actlab.launch import finished_before, usable_cores
-from actlab.results import RESULTS, describe, logged_config, provenance, write_json
+from actlab.results import RESULTS, describe, logged_config, provenance, read_results, write_json
 from actlab.runs import set_aside
 
 log = logging.getLogger(__name__)
@@ -52,14 +53,11 @@ log = logging.getLogger(__name__)
 MANIFEST = "members.yaml"
 # Config keys in which the members of one pack may differ.
 MEMBER_KEYS = ("seed", "model.act", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay")
-# Activations as a LeakyReLU slope: where(h > 0, h, slope * h) has the same values and gradients.
-SLOPES: dict[str, Callable[[DictConfig], float]] = {
-    "torch.nn.ReLU": lambda a: 0.0,
-    "torch.nn.Identity": lambda a: 1.0,
-    "torch.nn.LeakyReLU": lambda a: float(a.get("negative_slope", 0.01)),
-}
-# Element-wise, no weights, no randomness: applied to each member's slice.
-ELEMENTWISE = (
+# Element-wise, no weights, no randomness: each run of equal ones applied to its members' slice.
+STACKABLE = (
+    "torch.nn.ReLU",
+    "torch.nn.LeakyReLU",
+    "torch.nn.Identity",
     "torch.nn.ELU",
     "torch.nn.GELU",
     "torch.nn.SiLU",
@@ -84,7 +82,7 @@ CALLBACKS = {"model_checkpoint", "last_checkpoint", "model_summary", "progress_b
 def solo_reason(cfg: DictConfig) -> str | None:
     """Why this job cannot be a pack member (it then runs as a solo job), or None."""
     act = cfg.model.act.get("_target_")
-    if act not in SLOPES and act not in ELEMENTWISE:
+    if act not in STACKABLE:
         return f"model.act {act} has weights or randomness and cannot be stacked"
     if cfg.model.get("task", "classification") != "classification":
         return "model.task is not classification"
@@ -143,11 +141,18 @@ def pack_key(cfg: DictConfig) -> str:
 # The stacked model and its optimizer
 
 
+def runs(keys: list[Any]) -> list[tuple[int, int]]:
+    """[start, stop) of each run of equal consecutive keys."""
+    bounds = [0] + [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]] + [len(keys)]
+    return list(itertools.pairwise(bounds))
+
+
 class StackedMLP(nn.Module):
     """K MLPs with the same layer sizes: weights [K, in, out], biases [K, 1, out].
 
-    `acts` is one activation module per member; when all are LeakyReLU slopes (ReLU 0, identity
-    1) a single `where` serves the whole stack, otherwise each member's slice gets its own.
+    `acts` is one activation module per member (the solo job's own). Consecutive members with
+    the same activation get one call on their slice of the stack (a contiguous view): the solo
+    kernel, at its speed, where a broadcast `where` over per-member slopes costs 20x a ReLU.
     """
 
     def __init__(self, nets: list[nn.Sequential], acts: list[nn.Module]) -> None:
@@ -162,18 +167,15 @@ class StackedMLP(nn.Module):
             for i in range(len(linears[0]))
         )
         self.acts = acts
-        slopes = [_slope(a) for a in acts]
-        self.fused = all(s is not None for s in slopes)
-        if self.fused:
-            self.register_buffer("slopes", torch.tensor(slopes).view(-1, 1, 1))
+        self.runs = runs([repr(a) for a in acts])
 
     def __len__(self) -> int:
         return self.weights[0].shape[0]
 
     def act(self, h: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            return torch.where(h > 0, h, h * self.slopes)
-        return torch.stack([a(h[k]) for k, a in enumerate(self.acts)])
+        if len(self.runs) == 1:
+            return self.acts[0](h)
+        return torch.cat([self.acts[a](h[a:b]) for a, b in self.runs])
 
     def forward(
         self,
@@ -203,77 +205,81 @@ class StackedMLP(nn.Module):
         return out
 
 
-def _slope(act: nn.Module) -> float | None:
-    if isinstance(act, nn.LeakyReLU):
-        return float(act.negative_slope)
-    if isinstance(act, nn.ReLU):
-        return 0.0
-    if isinstance(act, nn.Identity):
-        return 1.0
-    return None
-
-
 class StackedOptimizer:
     """torch.optim.SGD or Adam on stacked parameters, each member with its own numbers.
 
-    Follows the update of torch's implementations step for step (SGD: weight decay into the
-    gradient, momentum buffer started as the first gradient; Adam: bias-corrected moments);
-    `active` freezes members (diverged ones): their slices are left exactly as they are.
+    Consecutive members with the same numbers are updated together, on their slice, by the
+    operations of torch's single-tensor SGD and Adam with those numbers as scalars: elementwise,
+    each member's update is the one its solo optimizer computes, bit for bit. A frozen member
+    (diverged) is left out of every later update.
     """
 
     def __init__(self, params: list[nn.Parameter], target: str, members: list[DictConfig]) -> None:
         self.params, self.adam = params, target == "torch.optim.Adam"
-
-        def per_member(key: str, default: float) -> torch.Tensor:
-            values = [float(m.get(key, default) or 0.0) for m in members]
-            return torch.tensor(values, device=params[0].device).view(-1, 1, 1)
-
-        self.lr = per_member("lr", 0.0)
-        self.momentum = per_member("momentum", 0.0)
-        self.weight_decay = per_member("weight_decay", 0.0)
-        self.any_decay = bool(self.weight_decay.any())
+        self.numbers = [
+            tuple(float(m.get(key) or 0.0) for key in ("lr", "momentum", "weight_decay"))
+            for m in members
+        ]
         first = members[0]
         self.betas = tuple(first.get("betas", (0.9, 0.999)))
         self.eps = float(first.get("eps", 1e-8))
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in params]
         self.steps = 0
-        self.active = torch.ones(len(members), dtype=torch.bool, device=params[0].device)
-        self.frozen = False
+        self.active = [True] * len(members)
+        self._runs()
+
+    def _runs(self) -> None:
+        keys = [n if on else None for n, on in zip(self.numbers, self.active, strict=True)]
+        self.runs = [(a, b, keys[a]) for a, b in runs(keys) if keys[a] is not None]
 
     def freeze(self, k: int) -> None:
         self.active[k] = False
-        self.frozen = True
+        self._runs()
 
     @torch.no_grad()
     def step(self) -> None:
         self.steps += 1
         for p, state in zip(self.params, self.state, strict=True):
-            g = p.grad
-            if self.any_decay:
-                g = g.addcmul(self.weight_decay, p)
-            update = self._adam(g, state) if self.adam else self._sgd(g, state)
-            if self.frozen:
-                update = torch.where(self.active.view(-1, 1, 1), update, 0.0)
-            p.sub_(update)
+            if not state:
+                self._init_state(p, state)
+            for a, b, (lr, momentum, weight_decay) in self.runs:
+                g = p.grad[a:b]
+                if weight_decay:
+                    g = g.add(p[a:b], alpha=weight_decay)
+                s = {k: v[a:b] for k, v in state.items()}
+                if self.adam:
+                    self._adam(p[a:b], g, s, lr)
+                else:
+                    self._sgd(p[a:b], g, s, lr, momentum)
 
-    def _sgd(self, g: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = g.clone()
-        else:
-            buf.mul_(self.momentum).add_(g)
-        return self.lr * buf
+    def _init_state(self, p: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        if self.adam:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+        elif any(n[1] for n in self.numbers):
+            state["momentum_buffer"] = torch.zeros_like(p)
 
-    def _adam(self, g: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _sgd(
+        self, p: torch.Tensor, g: torch.Tensor, s: dict[str, torch.Tensor], lr: float, m: float
+    ) -> None:
+        if m:
+            buf = s["momentum_buffer"]
+            if self.steps == 1:
+                buf.copy_(g)  # torch starts the buffer as the first gradient
+            else:
+                buf.mul_(m).add_(g)
+            g = buf
+        p.add_(g, alpha=-lr)
+
+    def _adam(
+        self, p: torch.Tensor, g: torch.Tensor, s: dict[str, torch.Tensor], lr: float
+    ) -> None:
         b1, b2 = self.betas
-        if not state:
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m, v = s["exp_avg"], s["exp_avg_sq"]
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        step_size = self.lr / (1 - b1**self.steps)
-        denom = (v.sqrt() / math.sqrt(1 - b2**self.steps)).add_(self.eps)
-        return step_size * m / denom
+        step_size = lr / (1 - b1**self.steps)
+        denom = (v.sqrt() / (1 - b2**self.steps) ** 0.5).add_(self.eps)  # as torch rounds it
+        p.addcdiv_(m, denom, value=-step_size)
 
     def member_state(self, k: int, groups: list[dict[str, Any]]) -> dict[str, Any]:
         """Member k's state in torch.optim's own state_dict format (`groups` from its optimizer)."""
@@ -281,6 +287,8 @@ class StackedOptimizer:
         for i, s in enumerate(self.state):
             weight = i % 2 == 0  # the solo order: weight, bias of each layer
             tensors = {n: (t[k].T if weight else t[k, 0]).clone() for n, t in s.items()}
+            if not self.numbers[k][1]:
+                tensors.pop("momentum_buffer", None)  # torch keeps none without momentum
             if self.adam and tensors:
                 tensors["step"] = torch.tensor(float(self.steps))
             if tensors:
@@ -374,6 +382,42 @@ def member_from(full: DictConfig, index: int) -> Member:
     return Member(resolved, out, choices, index, full)
 
 
+def start_record(m: Member) -> dict[str, Any]:
+    """The record a solo job of this config starts with (actlab.train), so that `+resume=true`
+    judges a member and a solo job alike."""
+    composed = OmegaConf.to_container(m.full, resolve=False)
+    del composed["hydra"]
+    return {
+        "status": "running",
+        "job": {
+            "name": m.out.name,
+            "num": m.full.hydra.job.get("num"),
+            "overrides": list(m.full.hydra.overrides.task),
+        },
+        "config": describe(m.cfg, m.choices),
+        "composed_config": composed,
+    }
+
+
+def fail_unended(pack_dir: Path, error: str) -> list[str]:
+    """Record `failed` each member of a pack that ended without a result (SLURM cancelled it,
+    it timed out or was killed for memory, or it never started): a member left `running` or
+    without a folder would be neither resumed as unfinished nor listed. Returns their names."""
+    failed = []
+    for i, full in enumerate(OmegaConf.load(pack_dir / MANIFEST)):
+        out = Path(full.hydra.runtime.output_dir)
+        record = read_results(out)
+        if record is None:
+            m = member_from(full, i)  # never started: its .hydra/ lists it in the sweep table
+            record = start_record(m)
+        if record.get("status") != "running":
+            continue  # it ended on its own (finished, diverged, failed) before the pack died
+        record.update(status="failed", error=error)
+        write_json(out / RESULTS, record)
+        failed.append(out.name)
+    return failed
+
+
 def max_members(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
@@ -451,7 +495,9 @@ class PackTrainer:
             sums = torch.zeros(3, K, device=self.device)  # loss, correct, n
             for s in range(steps):
                 idx = orders[:, s * bs : (s + 1) * bs]
-                xb, yb = x[idx], y[idx]
+                flat = idx.flatten()
+                xb = x.index_select(0, flat).view(K, -1, *x.shape[1:])
+                yb = y.index_select(0, flat).view(K, -1)
                 logits = self.model(xb)
                 losses = (
                     F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
@@ -677,47 +723,84 @@ def train_pack(cfg: DictConfig) -> dict[str, Any]:
     hc = HydraConfig.get()
     pack_dir = Path(hc.runtime.output_dir)
     fulls = OmegaConf.load(pack_dir / MANIFEST)
-    members = []
-    for full in fulls:
-        m = member_from(full, len(members))
-        composed = OmegaConf.to_container(full, resolve=False)
-        del composed["hydra"]
-        # The record a solo job of this config starts with (actlab.train), so that `+resume=true`
-        # judges a member and a solo job alike.
-        m.record = {
-            "status": "running",
-            "job": {
-                "name": m.out.name,
-                "num": full.hydra.job.get("num"),
-                "overrides": list(full.hydra.overrides.task),
-            },
-            "config": describe(m.cfg, m.choices),
-            "composed_config": composed,
-        }
-        try:
-            if m.cfg.get("resume") and finished_before(m.out, m.record):
-                log.info("%s: finished before, skipped (resume=true)", m.out.name)
+    with member_logs() as logs:
+        members = []
+        for full in fulls:
+            m = member_from(full, len(members))
+            m.record = start_record(m)
+            try:
+                if m.cfg.get("resume") and finished_before(m.out, m.record):
+                    log.info("%s: finished before, skipped (resume=true)", m.out.name)
+                    continue
+            except UserError as e:  # a finished run of another config: left as it is
+                log.error("%s: job failed: %s", m.out.name, e)
                 continue
-        except UserError as e:  # a finished run of another config: left as it is
-            log.error("%s: job failed: %s", m.out.name, e)
-            continue
-        if earlier := set_aside(m.out):
-            log.info("%s: the earlier attempt is kept in %s", m.out.name, earlier)
-        m.record.update(provenance())
-        m.write()
-        try:
-            validate(m.cfg)
-        except UserError as e:
-            log.error("%s: job failed: %s", m.out.name, e)
-            m.end("failed", f"UserError: {e}")
-            continue
-        members.append(m)
-    for i, m in enumerate(members):
-        m.index = i
-        m.record["pack"] = {"id": pack_dir.name, "size": len(members), "member": i}
-    if not members:
-        return {"status": "finished", "metrics": {}}
-    return _fit_members(cfg, members)
+            earlier = set_aside(m.out)
+            logs.add(m)
+            if earlier:
+                log.info("%s: the earlier attempt is kept in %s", m.out.name, earlier)
+            m.record.update(provenance())
+            m.write()
+            try:
+                validate(m.cfg)
+            except UserError as e:
+                log.error("%s: job failed: %s", m.out.name, e)
+                m.end("failed", f"UserError: {e}")
+                logs.drop(m)  # the pack's lines are not about it
+                continue
+            members.append(m)
+        # Members with the same optimizer numbers and activation next to each other: each run
+        # of them is updated and activated by one operation on its slice of the stack.
+        members.sort(key=lambda m: OmegaConf.to_yaml(m.cfg.optimizer) + repr(m.cfg.model.act))
+        for i, m in enumerate(members):
+            m.index = i
+            m.record["pack"] = {"id": pack_dir.name, "size": len(members), "member": i}
+        if not members:
+            return {"status": "finished", "metrics": {}}
+        return _fit_members(cfg, members)
+
+
+class _MemberLogs(logging.Handler):
+    """Each member's `train.log`, as a solo job has one: the pack's lines, except that a line
+    about one member (`<its folder>: ...`) goes to that member's log only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: dict[str, Any] = {}
+
+    def add(self, m: Member) -> None:
+        self.files[m.out.name] = open(m.out / "train.log", "a")  # noqa: SIM115
+
+    def drop(self, m: Member) -> None:
+        self.files.pop(m.out.name).close()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = self.format(record) + "\n"
+        name = record.getMessage().partition(":")[0]
+        for f in [self.files[name]] if name in self.files else self.files.values():
+            f.write(text)
+            f.flush()
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def member_logs() -> Iterator[_MemberLogs]:
+    root = logging.getLogger()
+    handler = _MemberLogs()
+    # Formatted and filtered as Hydra's job log is.
+    if hydra_log := next((h for h in root.handlers if isinstance(h, logging.FileHandler)), None):
+        handler.setFormatter(hydra_log.formatter)
+        handler.setLevel(hydra_log.level)
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
@@ -750,8 +833,11 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
         if cfg.get("test", True):
             trainer.test()
         epochs = trainer.epochs
+        pack_epoch = fit_seconds / max(epochs, 1)
         for m in trainer.running:
             m.record["metrics"] = m.metrics
+            # Its share of the pack's epoch, comparable with a solo job's s/epoch.
+            m.record["pack"]["seconds_per_epoch"] = round(pack_epoch, 3)
             log.info(
                 "%s: test/acc=%.4f val/acc_best=%.4f epochs=%d -> %s",
                 m.out.name,
@@ -764,7 +850,7 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
                 "finished",
                 epochs=epochs,
                 seconds=trainer.seconds(),
-                seconds_per_epoch=round(fit_seconds / max(epochs, 1), 3),
+                seconds_per_epoch=round(pack_epoch / len(members), 3),
                 best_checkpoint=str(m.best_path) if m.best_path else None,
                 device=str(device),
                 threads=torch.get_num_threads(),

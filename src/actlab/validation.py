@@ -102,14 +102,21 @@ def _data_fits_model(cfg: DictConfig) -> list[str]:
     return [f"the data ({target}) needs {wanted}: add these overrides"]
 
 
-def _accelerator_present(cfg: DictConfig) -> list[str]:
+def missing_accelerator(cfg: DictConfig) -> bool:
+    """The config asks for a GPU and this machine shows none."""
     accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
     if accelerator not in ("gpu", "cuda"):
-        return []
+        return False
     import torch
 
-    if torch.cuda.is_available() or (accelerator == "gpu" and torch.backends.mps.is_available()):
+    mps = accelerator == "gpu" and torch.backends.mps.is_available()
+    return not (torch.cuda.is_available() or mps)
+
+
+def _accelerator_present(cfg: DictConfig) -> list[str]:
+    if not missing_accelerator(cfg):
         return []
+    accelerator = cfg.trainer.accelerator
     return [f"trainer.accelerator={accelerator} but no GPU is visible: use trainer=cpu"]
 
 

@@ -25,6 +25,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 from omegaconf import OmegaConf
 
 from actlab.errors import UserError
+from actlab.pack import MANIFEST, fail_unended
 from actlab.results import RESULTS, describe, read_results, write_json
 
 log = logging.getLogger(__name__)
@@ -254,11 +255,14 @@ class SlurmLauncher(_SubmititSlurmLauncher):
             "job": {"name": out.name, "overrides": list(overrides)},
             "config": describe(cfg, cfg.hydra.runtime.choices),
         }
-        if not (out / ".hydra").is_dir():  # killed before it started: list it in the summary
-            (out / ".hydra").mkdir(parents=True)
-            OmegaConf.save(list(overrides), out / ".hydra" / "overrides.yaml")
         if record.get("status") != "finished":
             record.update(status="failed", error=error)
             write_json(out / RESULTS, record)
         log.error("%s (%s)", error, out.name)
+        if (out / MANIFEST).exists():  # a pack: its members are the sweep's jobs, listed instead
+            for name in fail_unended(out, error):
+                log.error("%s (%s, a member of %s)", error, name, out.name)
+        elif not (out / ".hydra").is_dir():  # killed before it started: list it in the summary
+            (out / ".hydra").mkdir(parents=True)
+            OmegaConf.save(list(overrides), out / ".hydra" / "overrides.yaml")
         return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
