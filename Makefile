@@ -54,9 +54,9 @@ format: $(STAMP) ## ruff fix and format
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-sync: $(STAMP) ## upload the offline W&B runs under logs/ (needs WANDB_API_KEY or `wandb login`)
-	@runs=$$(find logs -type d -name 'offline-run-*'); \
-	if [ -z "$$runs" ]; then echo "no offline W&B runs under logs/"; else .venv/bin/wandb sync $$runs; fi
+sync: $(STAMP) ## upload the offline W&B runs under logs/ (DIR=... elsewhere; needs a W&B key)
+	@runs=$$(find $(or $(DIR),logs) -type d -name 'offline-run-*'); \
+	if [ -z "$$runs" ]; then echo "no offline W&B runs under $(or $(DIR),logs)/"; else .venv/bin/wandb sync $$runs; fi
 
 clean: ## remove the venv and caches (keeps data/ and logs/)
 	rm -rf .venv .pytest_cache .ruff_cache src/*.egg-info
