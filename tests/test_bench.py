@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 
 import lightning as L
+import pytest
 import torch
 from torch import nn
 
-from actlab.bench import PerSampleDataModule, plain_epoch
+from actlab.bench import PerSampleDataModule, measure_pack_sizes, plain_epoch, table
 from actlab.data import MNISTDataModule, SyntheticSource, batch_order
 from actlab.model import MLPClassifier
 
@@ -90,3 +91,17 @@ def test_epoch_scheduler_steps_once_per_epoch(tmp_path):
     trainer = _bare_trainer(3)
     trainer.fit(model, datamodule=dm)
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.05 * 0.5**3
+
+
+def test_pack_sizes_section_measures_a_pack_against_solo_jobs(tmp_path):
+    """The section a GPU session runs (`--pack-sizes 1 8 64 256`), here small on the CPU."""
+    out = measure_pack_sizes([2], 1, tmp_path, lambda msg: None, data="synthetic")
+    assert out["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    solo, pack = out["one job per config"], out["pack K=2"]
+    assert solo["jobs"] == 4 and pack["jobs"] == 2
+    for way in (solo, pack):
+        assert way["member_epochs_per_s_wall"] == pytest.approx(way["jobs"] / way["wall_s"], 0.02)
+        assert way["member_epochs_per_s_fit"] > way["member_epochs_per_s_wall"]
+    assert (tmp_path / "pack_K2" / ".packs" / "pack-0" / "members.yaml").is_file()
+    printed = table({"pack_sizes": out})
+    assert "| pack K=2 | 2 |" in printed and "| one job per config | 4 |" in printed

@@ -17,7 +17,9 @@ Then `python train.py` is launched as a user would to time process start -> firs
 The sweep section (`--sweep-epochs`) runs `experiment=act_compare` (3 activations x 3 seeds) three
 ways: one job per configuration, packed (`hydra/sweeper=packed`), and packed under
 `hydra/launcher=parallel` (split into packs that fill the device slots); each against the plain
-loop's epoch measured in the same run.
+loop's epoch measured in the same run. The pack-size section (`--pack-sizes`, off by default) gives
+member-epochs per second of one pack of each size K, against solo jobs (and, on a GPU, against
+4 solo jobs sharing it).
 """
 
 from __future__ import annotations
@@ -448,6 +450,34 @@ SWEEPS = {
 }
 
 
+def run_sweep(args: list[str], sweep_dir: Path) -> tuple[float, list[dict[str, Any]]]:
+    """`python train.py -m <args>` into `sweep_dir`: its wall time and its jobs' records."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *args, f"hydra.sweep.dir={sweep_dir}"],
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        raise RuntimeError(f"the sweep {' '.join(args)} failed:\n{tail}")
+    records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")]
+    if not all(r["status"] == "finished" for r in records):
+        raise RuntimeError(f"the sweep {' '.join(args)} left unfinished jobs in {sweep_dir}")
+    return wall, records
+
+
+def _sweep_args(data: str, epochs: int) -> list[str]:
+    return [
+        f"data={data}",
+        "logger=csv",
+        f"trainer.max_epochs={epochs}",
+        "callbacks.progress_bar.refresh_rate=0",
+        f"paths.data_dir={ROOT / 'data'}",
+    ]
+
+
 def measure_sweeps(
     epochs: int, threads: int, workdir: Path, say: Callable, data: str = "mnist"
 ) -> dict[str, Any]:
@@ -462,38 +492,62 @@ def measure_sweeps(
     cfg = compose(overrides, workdir / "plain")
     out: dict[str, Any] = {"plain loop epoch_s": _median(run_plain(cfg, 64, 3), "epoch_s")}
     for name, extra in SWEEPS.items():
-        sweep_dir = workdir / name.replace(" ", "_")
         if "hydra/launcher=parallel" in extra:
             slots = max(1, usable_cores())
             extra = [*extra, f"hydra.sweeper.max_members={-(-9 // slots)}"]
-        args = [
-            "-m",
-            "experiment=act_compare",
-            f"data={data}",
-            "logger=csv",
-            f"trainer.max_epochs={epochs}",
-            "callbacks.progress_bar.refresh_rate=0",
-            f"paths.data_dir={ROOT / 'data'}",
-            f"hydra.sweep.dir={sweep_dir}",
-            *extra,
-        ]
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True
-        )
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name} sweep failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-        records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")]
+        args = ["experiment=act_compare", *_sweep_args(data, epochs), *extra]
+        wall, records = run_sweep(args, workdir / name.replace(" ", "_"))
         # A member's seconds_per_epoch is its share of its pack's epoch.
         per_member = [r["seconds_per_epoch"] for r in records]
         out[name] = {
             "wall_s": round(wall, 1),
             "jobs": len(records),
-            "finished": sum(r["status"] == "finished" for r in records),
             "train_s_per_member_epoch": statistics.median(per_member),
         }
         say(f"  {name}: {wall:.1f} s, {out[name]['train_s_per_member_epoch']:.3f} s/member-epoch")
+    return out
+
+
+def measure_pack_sizes(
+    sizes: list[int], epochs: int, workdir: Path, say: Callable, data: str = "mnist"
+) -> dict[str, Any]:
+    """Member-epochs per second of one pack of K members (ReLU, seeds 0..K-1) for each K, of one
+    job per configuration, and, on a GPU, of `launch.jobs_per_gpu=4` (4 solo jobs sharing it).
+
+    Two rates each: by wall time (process start, data, test and records included) and by fit
+    time (`seconds_per_epoch`: a pack's whole epoch, a solo job's own).
+    """
+    gpu = torch.cuda.is_available()
+    common = [*_sweep_args(data, epochs), *(["trainer=gpu"] if gpu else [])]
+    ways = {"one job per config": ["seed=range(0,4)"]}
+    if gpu:
+        ways["jobs_per_gpu=4"] = [
+            "seed=range(0,8)",
+            "hydra/launcher=parallel",
+            "launch.jobs_per_gpu=4",
+        ]
+    for k in sizes:  # a pack of 1 is a solo job
+        ways[f"pack K={k}"] = ["hydra/sweeper=packed", f"hydra.sweeper.max_members={k}",
+                              f"seed=range(0,{k})"]  # fmt: skip
+    out: dict[str, Any] = {"device": "cuda" if gpu else "cpu"}
+    for name, extra in ways.items():
+        folder = name.replace(" ", "_").replace("=", "")  # `=` in hydra.sweep.dir needs quotes
+        wall, records = run_sweep([*common, *extra], workdir / folder)
+        jobs = len(records)
+        pack_epoch = records[0].get("pack", {}).get("seconds_per_epoch")
+        if pack_epoch:
+            fit_rate = jobs / pack_epoch
+        elif "hydra/launcher=parallel" not in extra:  # one job at a time
+            fit_rate = 1 / statistics.median(r["seconds_per_epoch"] for r in records)
+        else:
+            fit_rate = None  # jobs overlap: only the wall rate says what they achieve together
+        out[name] = {
+            "jobs": jobs,
+            "wall_s": round(wall, 1),
+            "member_epochs_per_s_wall": jobs * epochs / wall,
+            "member_epochs_per_s_fit": fit_rate,
+        }
+        say(f"  {name}: {jobs * epochs / wall:.2f} member-epochs/s by wall time")
     return out
 
 
@@ -584,6 +638,25 @@ def table(result: dict[str, Any]) -> str:
                     _row(name, v["wall_s"], f"{base / v['wall_s']:.2f}x", f"{t:.3f}",
                          f"{t / plain:.2f}x")
                 )  # fmt: skip
+    packs = result.get("pack_sizes")
+    if packs:
+        base = packs["one job per config"]["member_epochs_per_s_wall"]
+        rows += [
+            "",
+            f"member-epochs per second on {packs['device']} (ReLU, seeds 0..K-1):",
+            "",
+            _row("way", "jobs", "wall (s)", "by wall time", "x one job per config", "by fit time"),
+            _row(*["---"] * 6),
+        ]
+        for name, v in packs.items():
+            if name == "device":
+                continue
+            fit = v["member_epochs_per_s_fit"]
+            rate = v["member_epochs_per_s_wall"]
+            rows.append(
+                _row(name, v["jobs"], v["wall_s"], f"{rate:.2f}", f"{rate / base:.1f}x",
+                     "-" if fit is None else f"{fit:.2f}")
+            )  # fmt: skip
     checks = targets(result)
     if checks:
         rows += ["", _row("target", "measured", "goal", ""), _row(*["---"] * 4)]
@@ -620,6 +693,11 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]
         out.append(("packed s per member-epoch / plain epoch", ratio, "<=", 1.0))
         speedup = sw["one job per config"]["wall_s"] / packed["wall_s"]
         out.append(("packed sweep wall speed-up", speedup, ">=", 1.6))
+    packs = result.get("pack_sizes")
+    if packs and packs["device"] == "cuda" and "pack K=64" in packs:
+        rate = packs["pack K=64"]["member_epochs_per_s_wall"]
+        base = packs["one job per config"]["member_epochs_per_s_wall"]
+        out.append(("GPU pack K=64 / one job per config", rate / base, ">=", 20.0))
     return [(n, v, op, g, v <= g if op == "<=" else v >= g) for n, v, op, g in out]
 
 
@@ -639,6 +717,11 @@ def main(argv: list[str] | None = None) -> None:
         "--sweep-epochs", type=int, default=10, help="act_compare sweeps' epochs (0: skip them)"
     )
     parser.add_argument("--sweep-data", default="mnist", help="their data (synthetic: a check)")
+    parser.add_argument(
+        "--pack-sizes", type=int, nargs="*", default=[],
+        help="member-epochs/s of one pack of each size K (e.g. 1 8 64 256 on a GPU)",
+    )  # fmt: skip
+    parser.add_argument("--pack-epochs", type=int, default=2, help="epochs of those sweeps")
     parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench")
     args = parser.parse_args(argv)
@@ -673,6 +756,11 @@ def main(argv: list[str] | None = None) -> None:
             say(f"act_compare, {args.sweep_epochs} epochs: one job per config, packed, parallel")
             result["sweeps"] = measure_sweeps(
                 args.sweep_epochs, args.threads, workdir, say, args.sweep_data
+            )
+        if args.pack_sizes:
+            say(f"packs of {args.pack_sizes} members, {args.pack_epochs} epochs")
+            result["pack_sizes"] = measure_pack_sizes(
+                args.pack_sizes, args.pack_epochs, workdir, say, args.sweep_data
             )
     result["machine"]["load_average_after"] = os.getloadavg()
     result["bench_seconds"] = round(time.perf_counter() - started, 1)
