@@ -45,7 +45,14 @@ from actlab import loggers as actlab_loggers
 from actlab.data import batch_order
 from actlab.errors import UserError
 from actlab.launch import finished_before, usable_cores
-from actlab.results import RESULTS, describe, logged_config, provenance, read_results, write_json
+from actlab.results import (
+    RESULTS,
+    logged_config,
+    provenance,
+    read_results,
+    running_record,
+    write_json,
+)
 from actlab.runs import set_aside
 
 log = logging.getLogger(__name__)
@@ -383,20 +390,14 @@ def member_from(full: DictConfig, index: int) -> Member:
 
 
 def start_record(m: Member) -> dict[str, Any]:
-    """The record a solo job of this config starts with (actlab.train), so that `+resume=true`
-    judges a member and a solo job alike."""
+    """The record a solo job of this config starts with, so that `+resume=true` judges a member
+    and a solo job alike."""
     composed = OmegaConf.to_container(m.full, resolve=False)
     del composed["hydra"]
-    return {
-        "status": "running",
-        "job": {
-            "name": m.out.name,
-            "num": m.full.hydra.job.get("num"),
-            "overrides": list(m.full.hydra.overrides.task),
-        },
-        "config": describe(m.cfg, m.choices),
-        "composed_config": composed,
-    }
+    hydra = m.full.hydra
+    return running_record(
+        m.out.name, hydra.job.get("num"), list(hydra.overrides.task), m.cfg, m.choices, composed
+    )
 
 
 def fail_unended(pack_dir: Path, error: str) -> list[str]:

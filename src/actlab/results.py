@@ -85,6 +85,27 @@ def describe(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def running_record(
+    name: str,
+    num: Any,
+    overrides: list[str],
+    cfg: DictConfig,
+    choices: dict[str, Any],
+    composed: dict[str, Any],
+) -> dict[str, Any]:
+    """What a job's results.json says when it starts, solo or as a pack member alike.
+
+    `composed` is its config unresolved, as .hydra/config.yaml (which the next attempt
+    overwrites): `+resume=true` compares it with the config of that attempt.
+    """
+    return {
+        "status": "running",
+        "job": {"name": name, "num": num, "overrides": overrides},
+        "config": describe(cfg, choices),
+        "composed_config": composed,
+    }
+
+
 # Keys of the composed config that cannot change what a job computes: where its files go, how it
 # is logged and shown, how it was started or resumed, and the resources it runs on (threads and
 # device slots change at most the float rounding: README, "Parallel sweeps").

@@ -26,10 +26,10 @@ from actlab.errors import Diverged, UserError, one_line_errors, user_error
 from actlab.launch import ShareIdleCores, Slot, finished_before, usable_cores
 from actlab.results import (
     RESULTS,
-    describe,
     logged_config,
     provenance,
     read_results,
+    running_record,
     write_json,
 )
 from actlab.runs import (
@@ -55,14 +55,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return train_pack(cfg)
     hc = HydraConfig.get()
     out = Path(cfg.paths.output_dir)
-    record: dict[str, Any] = {
-        "status": "running",
-        "job": {"name": out.name, "num": hc.job.get("num"), "overrides": list(hc.overrides.task)},
-        "config": describe(cfg, hc.runtime.choices),
-        # Unresolved, as .hydra/config.yaml, which the next attempt overwrites: `+resume=true`
-        # compares it with the config of that attempt.
-        "composed_config": OmegaConf.to_container(cfg, resolve=False),
-    }
+    record = running_record(
+        out.name,
+        hc.job.get("num"),
+        list(hc.overrides.task),
+        cfg,
+        hc.runtime.choices,
+        OmegaConf.to_container(cfg, resolve=False),
+    )
     if cfg.get("resume") and (done := finished_before(out, record)):
         log.info("%s: finished before, skipped (resume=true)", out.name)
         return done
