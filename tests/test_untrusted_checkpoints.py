@@ -7,6 +7,7 @@ Lightning's own load. The file never appears and the command ends with one `erro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -213,10 +214,9 @@ def test_resume_true_never_runs_a_crafted_last_ckpt(tmp_path: Path, marker: Path
     assert results(job)["status"] == "failed"
     fail.unlink()
     craft(job / "checkpoints" / "last.ckpt", marker)
-    try:
+    # A sweep with a job that did not finish exits non-zero (item 6): its record tells.
+    with contextlib.suppress(SystemExit):
         here(*args, "+resume=true")
-    except SystemExit as e:  # a sweep with a job that did not finish may exit non-zero
-        assert str(e.code).startswith("error:") or isinstance(e.code, int)
     assert not marker.exists()
     record = results(job)
     if record["status"] == "finished":

@@ -76,8 +76,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint I/O, reading with `load` (`ckpt_path=` of fit and test)."""
 
     def load_checkpoint(
-        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+        self, path: str | Path, map_location: Any = "cpu", weights_only: bool | None = None
     ) -> dict[str, Any]:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return load(path, map_location=map_location if map_location is not None else "cpu")
+        return load(path, map_location)  # weights only, whatever the caller asks
