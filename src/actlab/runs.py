@@ -145,7 +145,7 @@ def check_before_run(args: list[str]) -> DictConfig | None:
         model = instantiate(cfg.model)
     # A checkpoint from a run folder restores the whole module, one from elsewhere its `net.*`.
     only = None if run_dir(ckpt) is not None else "net."
-    _check_fits(ckpt, state["state_dict"], model.state_dict(), only)
+    _check_fits(state["state_dict"], model.state_dict(), only)
     return cfg
 
 
@@ -153,7 +153,7 @@ def _shape(t: object) -> str:
     return str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _check_fits(ckpt: Path, saved: dict, built: dict, only: str | None) -> None:
+def _check_fits(saved: dict, built: dict, only: str | None) -> None:
     """One line naming the first tensor where the checkpoint and the config's model differ."""
     keys = [k for k in [*built, *(k for k in saved if k not in built)] if k.startswith(only or "")]
     differ = [
