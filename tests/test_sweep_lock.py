@@ -153,9 +153,10 @@ def test_a_lock_of_another_host_is_stale_only_after_its_heartbeat_bound(
 
 
 def test_a_lock_of_this_host_is_stale_when_its_process_is_gone_or_another(tmp_path: Path) -> None:
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": 0.0, "heartbeat": 0.0}
-    # This very process, by its start time: held, however old the heartbeat.
-    _write_lock(tmp_path, **me, start_time=process_start_time(os.getpid()))
+    parent = os.getppid()  # a process that runs as long as this test
+    me = {"host": socket.gethostname(), "pid": parent, "since": 0.0, "heartbeat": 0.0}
+    # That process, by its start time: held, however old the heartbeat.
+    _write_lock(tmp_path, **me, start_time=process_start_time(parent))
     assert _try(tmp_path) is not None
     # The same pid, another start time: the kernel gave the holder's pid to another process.
     _write_lock(tmp_path, **me, start_time=12345.0)

@@ -127,6 +127,9 @@ class SweepLock:
             tmp.unlink()
 
     def acquire(self) -> SweepLock:
+        global _held
+        if _held is not None:  # an earlier multirun of this process ended by an exception
+            _held.release()
         self._made_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         while not self._write_new():
@@ -141,6 +144,7 @@ class SweepLock:
         self._beat = threading.Thread(target=self._heartbeat, name="sweep-lock", daemon=True)
         self._beat.start()
         atexit.register(self.release)
+        _held = self
         return self
 
     def _take_over(self, holder: dict[str, Any], reason: str) -> None:
@@ -176,8 +180,11 @@ class SweepLock:
         # A forked child inherits this object (and atexit): only the holder releases.
         if self._stop.is_set() or os.getpid() != self.holder["pid"]:
             return
+        global _held
         self._stop.set()
         atexit.unregister(self.release)
+        if _held is self:
+            _held = None
         if self._ours():
             self.path.unlink(missing_ok=True)
         self._forget_folder()
@@ -190,6 +197,11 @@ class SweepLock:
 
     def __str__(self) -> str:
         return str(self.path)
+
+
+# The lock this process holds. Hydra runs one multirun at a time in a process, so a lock still
+# held when the next starts is one whose sweep raised (in a notebook, a test) before its end.
+_held: SweepLock | None = None
 
 
 def _refusal(folder: Path, holder: dict[str, Any]) -> str:
