@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import COMMAND_TIMEOUT, QUICK, run_train, script_env
 
-from actlab import ROOT
+from actlab import ROOT, sweep_lock
 from actlab.errors import UserError
 from actlab.results import read_results
 from actlab.sweep_lock import LOCK, STALE_AFTER_S, SweepLock, process_start_time
@@ -176,3 +176,20 @@ def test_a_refused_sweep_leaves_no_folder_of_its_own(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode != 0 and len(_error_lines(proc)) == 1, proc.stdout + proc.stderr
     assert not sweep.exists()
+
+
+def test_the_holder_refreshes_its_heartbeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sweep_lock, "HEARTBEAT_S", 0.01)
+    lock = SweepLock(tmp_path).acquire()
+    try:
+        first = json.loads((tmp_path / LOCK).read_text())
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while json.loads((tmp_path / LOCK).read_text())["heartbeat"] == first["heartbeat"]:
+            assert time.monotonic() < deadline, "no heartbeat"
+            time.sleep(0.01)
+        assert json.loads((tmp_path / LOCK).read_text())["since"] == first["since"]
+    finally:
+        lock.release()
+    assert not (tmp_path / LOCK).exists()

@@ -87,9 +87,10 @@ def _stale(holder: dict[str, Any], now: float) -> str | None:
     try:
         host, pid = str(holder["host"]), int(holder["pid"])
         beat = float(holder["heartbeat"])
+        start = None if holder.get("start_time") is None else float(holder["start_time"])
     except (KeyError, TypeError, ValueError):
         return "the lock file is not one a sweep wrote"
-    alive = process_alive(host, pid, holder.get("start_time"))
+    alive = process_alive(host, pid, start)
     if alive is False:
         return f"its process (pid {pid} on {host}) is gone"
     if alive is None and now - beat > STALE_AFTER_S:
@@ -111,6 +112,7 @@ class SweepLock:
             "heartbeat": now,
         }
         self._stop = threading.Event()
+        self._writing = threading.Lock()  # a heartbeat must not rewrite a lock just released
         self._made_folder = False
 
     def _write_new(self) -> bool:
@@ -166,11 +168,14 @@ class SweepLock:
                 return
             self.holder["heartbeat"] = time.time()
             tmp = self.path.with_name(f"{LOCK}.beat.{self.holder['pid']}")
-            try:
-                tmp.write_text(json.dumps(self.holder))
-                os.replace(tmp, self.path)
-            except OSError as e:  # a full or unreachable disk: the sweep goes on regardless
-                log.warning("could not refresh %s: %s", self.path, e)
+            with self._writing:
+                if self._stop.is_set():
+                    return
+                try:
+                    tmp.write_text(json.dumps(self.holder))
+                    os.replace(tmp, self.path)
+                except OSError as e:  # a full or unreachable disk: the sweep goes on regardless
+                    log.warning("could not refresh %s: %s", self.path, e)
 
     def _ours(self) -> bool:
         held = _read(self.path) or {}
@@ -181,12 +186,13 @@ class SweepLock:
         if self._stop.is_set() or os.getpid() != self.holder["pid"]:
             return
         global _held
-        self._stop.set()
+        with self._writing:
+            self._stop.set()
+            if self._ours():
+                self.path.unlink(missing_ok=True)
         atexit.unregister(self.release)
         if _held is self:
             _held = None
-        if self._ours():
-            self.path.unlink(missing_ok=True)
         self._forget_folder()
 
     def _forget_folder(self) -> None:
