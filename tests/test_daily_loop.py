@@ -309,8 +309,10 @@ def test_results_record_seed_versions_and_git_state(sweep: dict) -> None:
     assert all(record["versions"][k] for k in ("lightning", "hydra-core", "torchmetrics"))
     git = ["git", "-C", str(ROOT)]
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    dirty = subprocess.run(
-        [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    dirty = subprocess.run(  # untracked files count, but not runs' outputs and data
+        [*git, "status", "--porcelain", "--", ".", ":(exclude)logs", ":(exclude)data"],
+        capture_output=True,
+        text=True,
     ).stdout
     assert record["git_commit"] == head.strip()
     assert record["git_dirty"] is bool(dirty.strip())

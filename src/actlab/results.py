@@ -147,6 +147,12 @@ def logged_config(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
     return {**describe(cfg, choices), **flatten(full)}
 
 
+# Folders whose untracked files do not make a checkout dirty, and how many untracked files a
+# record lists (then only their number).
+UNRECORDED = ("logs", "data")
+UNTRACKED_LISTED = 20
+
+
 def provenance() -> dict[str, Any]:
     """Library versions and the git state, so a number can be traced to the code that made it."""
     versions = {}
@@ -155,16 +161,22 @@ def provenance() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
+    base = {"python": platform.python_version(), "versions": versions}
     try:
         commit = _git(ROOT, "rev-parse", "HEAD")
-        dirty = bool(_git(ROOT, "status", "--porcelain", "--untracked-files=no"))
+        changed = bool(_git(ROOT, "status", "--porcelain", "--untracked-files=no"))
+        # A new activation module or config counts as much as an edited one; runs' outputs and
+        # downloaded data do not (nor what .gitignore ignores).
+        others = _git(ROOT, "ls-files", "--others", "--exclude-standard", "-z", "--", ".")
+        untracked = [f for f in others.split("\0") if f and f.split("/")[0] not in UNRECORDED]
     except (OSError, subprocess.SubprocessError):  # no git, not a checkout, or git hung
-        commit, dirty = None, None
+        return {**base, "git_commit": None, "git_dirty": None}
     return {
-        "python": platform.python_version(),
-        "versions": versions,
+        **base,
         "git_commit": commit,
-        "git_dirty": dirty,
+        "git_dirty": changed or bool(untracked),
+        "git_untracked": untracked[:UNTRACKED_LISTED],
+        "git_untracked_more": max(0, len(untracked) - UNTRACKED_LISTED),
     }
 
 

@@ -6,8 +6,10 @@ A run folder (a single run, or one job of a sweep) holds `.hydra/` (config.yaml,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -243,8 +245,9 @@ def check_output_dirs(args: list[str]) -> None:
     """Fail in one line, before Hydra tries, where the run folder cannot be made.
 
     Looks at the folders the command line names (hydra.run.dir, hydra.sweep.dir, paths.log_dir;
-    the repository's logs/ by default): the nearest one that exists must be a folder this user
-    can write to.
+    the repository's logs/ by default) by doing what Hydra will do: making the folder (then
+    removing what was made) or, where it exists, a file in it. Asking os.access would not do:
+    root passes it for /proc or a read-only mount, where Hydra then fails.
     """
     given = {_key(a): _unquote(a.split("=", 1)[1]) for a in args if "=" in a}
     names = ("hydra.run.dir", "hydra.sweep.dir", "paths.log_dir")
@@ -252,11 +255,25 @@ def check_output_dirs(args: list[str]) -> None:
     for folder in folders:
         if "${" in folder:
             continue
-        existing = Path(folder).absolute()
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        path = Path(folder).absolute()
+        missing = []
+        while not path.exists() and path != path.parent:
+            missing.append(path)
+            path = path.parent
+        try:
+            if missing:
+                missing[0].mkdir(parents=True, exist_ok=True)
+            else:
+                fd, probe = tempfile.mkstemp(dir=path, prefix=".actlab-probe-")
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as e:
             raise UserError(
-                f"cannot create the run folder under {folder}: {existing} is not a folder you can "
-                "write to. Fix its permissions or point paths.log_dir at another folder."
-            )
+                f"cannot create the run folder under {folder} ({e.strerror}): {path} is not a "
+                "folder you can write to. Fix its permissions or point paths.log_dir at another "
+                "folder."
+            ) from None
+        finally:
+            for made in missing:  # deepest first; a folder another process filled stays
+                with contextlib.suppress(OSError):
+                    made.rmdir()

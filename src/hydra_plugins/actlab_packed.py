@@ -17,7 +17,9 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from actlab.errors import UserError
 from actlab.pack import MANIFEST, pack_key, solo_reason
+from hydra_plugins.actlab_grid import distinct_jobs
 
 log = logging.getLogger(__name__)
 PACKS = ".packs"
@@ -31,6 +33,13 @@ class PackedSweeper(BasicSweeper):
         max_members: int | None = None,
     ) -> None:
         super().__init__(max_batch_size=None, params=params)
+        if max_members is not None and (
+            type(max_members) is not int or max_members < 1  # bool is an int, too
+        ):
+            raise UserError(
+                f"hydra.sweeper.max_members={max_members}: give an integer >= 1, or null for "
+                "the default (32 on a CPU, 256 on a GPU)."
+            )
         self.max_members = max_members
 
     def sweep(self, arguments: list[str]) -> Any:
@@ -38,15 +47,15 @@ class PackedSweeper(BasicSweeper):
         assert self.hydra_context is not None
         loader = self.hydra_context.config_loader
         parser = OverridesParser.create(config_loader=loader)
-        jobs = self.split_arguments(parser.parse_overrides(self._parse_config() + arguments), None)
+        overrides = parser.parse_overrides(self._parse_config() + arguments)
+        jobs = distinct_jobs(self.split_arguments(overrides, None)[0], loader, self.config)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
         groups: dict[str, list[tuple[int, list[str], DictConfig]]] = {}
         solo: list[list[str]] = []
-        for num, job in enumerate(jobs[0]):
-            cfg = loader.load_sweep_config(self.config, list(job))
+        for num, (job, cfg) in enumerate(jobs):
             reason = solo_reason(cfg)
             if reason:
                 log.info("%s runs as a solo job: %s", cfg.hydra.job.override_dirname, reason)
@@ -64,12 +73,12 @@ class PackedSweeper(BasicSweeper):
                 batch.append(self._pack(len(batch), chunk, sweep_dir))
         log.info(
             "packed sweep: %d jobs as %d pack(s) and %d solo job(s)",
-            len(jobs[0]),
+            len(jobs),
             len(batch),
             len(solo),
         )
         # Packs' members carry the sweep's job numbers; solo jobs are numbered after them.
-        results = self.launcher.launch(batch + solo, initial_job_idx=len(jobs[0]))
+        results = self.launcher.launch(batch + solo, initial_job_idx=len(jobs))
         for r in results:
             _ = r.return_value
         return [results]
