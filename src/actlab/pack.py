@@ -402,9 +402,8 @@ def start_record(m: Member) -> dict[str, Any]:
 
 def fail_unended(pack_dir: Path, error: str) -> list[str]:
     """Record `failed` each member of a pack that ended without a result (SLURM cancelled it,
-    it timed out or was killed for memory, or it never started): a member left `running` (or
-    `requeued`, by a start that never came) or without a folder would be neither resumed as
-    unfinished nor listed. Returns their names."""
+    it timed out or was killed for memory, or it never started): a member left `running` or
+    without a folder would be neither resumed as unfinished nor listed. Returns their names."""
     failed = []
     for i, full in enumerate(OmegaConf.load(pack_dir / MANIFEST)):
         out = Path(full.hydra.runtime.output_dir)
@@ -412,7 +411,7 @@ def fail_unended(pack_dir: Path, error: str) -> list[str]:
         if record is None:
             m = member_from(full, i)  # never started: its .hydra/ lists it in the sweep table
             record = start_record(m)
-        if record.get("status") not in ("running", "requeued"):
+        if record.get("status") != "running":
             continue  # it ended on its own (finished, diverged, failed) before the pack died
         record.update(status="failed", error=error)
         write_json(out / RESULTS, record)

@@ -47,7 +47,6 @@ HOPELESS = {
     "JobHeldAdmin",
 }
 POLL_SECONDS = 2.0
-REQUEUED = "requeued"
 
 
 @dataclass
@@ -159,8 +158,9 @@ class SlurmLauncher(_SubmititSlurmLauncher):
     local launchers. A request that no node can satisfy is refused before submission.
 
     A job signalled before its time limit or on preemption (USR2, `signal_delay_s` ahead) is
-    requeued by submitit, as often as `max_num_timeout` allows for time limits; its record says
-    `requeued` meanwhile. Started again, it continues from its last checkpoint in its folder.
+    requeued by submitit, as often as `max_num_timeout` allows for time limits; meanwhile its
+    record says `interrupted`, with its last checkpoint, as after Ctrl-C, and that it was
+    requeued. Started again, it continues from its last checkpoint in its folder.
     """
 
     def __call__(
@@ -213,7 +213,7 @@ class SlurmLauncher(_SubmititSlurmLauncher):
             record["last_checkpoint"] = str(last) if last.is_file() else None
             if requeued:
                 record.update(
-                    status=REQUEUED,
+                    status="interrupted",
                     requeues=requeues + 1,
                     error=f"SLURM job {env.job_id} was requeued (time limit near, or preempted): "
                     f"it continues from {record['last_checkpoint'] or 'the start'}",
