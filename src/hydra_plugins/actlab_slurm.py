@@ -194,9 +194,12 @@ class SlurmLauncher(_SubmititSlurmLauncher):
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """What submitit requeues on USR2: the same call, which continues where the job stopped
         (see __call__). The records still running now are those the signal stops."""
-        self.signalled = [
-            f for f in records(self.folder) if (read_results(f) or {}).get("status") == "running"
-        ]
+        folder = getattr(self, "folder", None)  # None: signalled before the job began
+        self.signalled = (
+            [f for f in records(folder) if (read_results(f) or {}).get("status") == "running"]
+            if folder
+            else []
+        )
         return super().checkpoint(*args, **kwargs)
 
     def after_signal(self, requeues: int) -> None:
