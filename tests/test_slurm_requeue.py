@@ -82,19 +82,20 @@ def start_sweep(tmp: Path, name: str, *overrides: str) -> subprocess.Popen:
     )
 
 
-def held_task(name: str, sweep: subprocess.Popen, hold: Path) -> str:
-    """The SLURM id of the sweep's first task (the held job), once it holds at epoch 1."""
+def held_task(name: str, sweep: subprocess.Popen, hold: Path, index: int = 0) -> str:
+    """The SLURM id of the sweep's task `index` (a held job), once it holds at epoch 1."""
     wait_until(Path(f"{hold}.reached").exists, "the job held at epoch 1", sweep)
     ids = slurm("squeue", "-h", "-r", "-n", name, "-o", "%i").stdout.split()
-    return ids[0] if len(ids) == 1 else next(i for i in ids if i.endswith("_0"))
+    return ids[0] if len(ids) == 1 else next(i for i in ids if i.endswith(f"_{index}"))
 
 
-def requeue(job_id: str, sweep: subprocess.Popen) -> None:
-    """Signal the job as SLURM does before its time limit; wait until SLURM has requeued it.
+def requeue(job_id: str, sweep: subprocess.Popen, *command: str) -> None:
+    """Signal the job as SLURM does before its time limit (or requeue it as SLURM does on
+    preemption: `scontrol requeue`); wait until SLURM has requeued it.
 
     scancel may report the job "can not be altered now": it requeued itself while being
     signalled. Whether it was signalled shows in its restart count."""
-    slurm("scancel", "--signal=USR2", job_id)
+    slurm(*(command or ("scancel", "--signal=USR2")), job_id)
     wait_until(
         lambda: "JobState=PENDING" in (s := job_state(job_id)) and "Restarts=1" in s,
         "the job to be requeued",
@@ -142,22 +143,32 @@ def assert_continued(held: Path, straight: Path) -> None:
 
 
 def test_a_requeued_job_continues_from_its_last_checkpoint(tmp_path: Path, slurm_cluster) -> None:
-    hold, name = tmp_path / "hold", f"actlab-requeue-{os.getpid()}"
-    hold.touch()
+    """job0 is signalled (USR2: submitit requeues it), job1 requeued by SLURM itself (as on
+    preemption in REQUEUE mode: killed, no signal handled), job2 runs straight through."""
+    name = f"actlab-requeue-{os.getpid()}"
+    signalled, requeued = tmp_path / "signalled", tmp_path / "requeued"
+    signalled.touch()
+    requeued.touch()
     never = tmp_path / "never"  # the straight job's hold file, which never exists
-    sweep = start_sweep(tmp_path, name, *HOLD_SOLO, f"+callbacks.hold.hold={hold},{never}")
+    sweep = start_sweep(
+        tmp_path, name, *HOLD_SOLO, f"+callbacks.hold.hold={signalled},{requeued},{never}"
+    )
     try:
-        job_id = held_task(name, sweep, hold)
-        requeue(job_id, sweep)
-        hold.unlink()
+        first = held_task(name, sweep, signalled, 0)
+        second = held_task(name, sweep, requeued, 1)
+        requeue(first, sweep)
+        signalled.unlink()
+        requeue(second, sweep, "scontrol", "requeue")
+        requeued.unlink()
         out = finish(sweep, name)
     finally:
         sweep.kill()
         slurm("scancel", "-n", name)
     assert sweep.returncode == 0, out
-    held, straight = tmp_path / "sweep" / "job0", tmp_path / "sweep" / "job1"
-    assert_continued(held, straight)
-    assert f"SLURM job {job_id} was requeued" in (held / "train.log").read_text()
+    jobs = tmp_path / "sweep"
+    assert_continued(jobs / "job0", jobs / "job2")
+    assert_continued(jobs / "job1", jobs / "job2")
+    assert f"SLURM job {first} was requeued" in (jobs / "job0" / "train.log").read_text()
 
 
 @pytest.mark.xfail(
