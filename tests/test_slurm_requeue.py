@@ -227,7 +227,7 @@ def test_a_job_at_its_time_limit_with_no_requeue_left_fails_resumable(
     )
     try:
         job_id = held_task(name, sweep, hold)
-        assert slurm("scancel", "--signal=USR2", job_id).returncode == 0
+        slurm("scancel", "--signal=USR2", job_id)  # its record says whether it came
         out = finish(sweep, name)
     finally:
         sweep.kill()
