@@ -74,7 +74,8 @@ def start_sweep(tmp: Path, name: str, *overrides: str) -> subprocess.Popen:
             *overrides,
         ],
         cwd=ROOT,
-        env=script_env(WANDB_MODE="offline"),
+        # As in a sweep started from a requeued SLURM job: its jobs must not count its restarts.
+        env=script_env(WANDB_MODE="offline", SLURM_RESTART_COUNT="5"),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

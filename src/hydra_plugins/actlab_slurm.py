@@ -250,6 +250,9 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         params = dict(self.params)
         self.unrunnable_after_s = params.pop("unrunnable_after_s", 60.0)
         check_request(params)
+        # SLURM sets it only in a job it restarted: a job would inherit the submitter's (a sweep
+        # started from a requeued job) and take itself for restarted.
+        os.environ.pop("SLURM_RESTART_COUNT", None)
         executor = submitit.AutoExecutor(
             folder=params.pop("submitit_folder"),
             cluster="slurm",
