@@ -59,6 +59,31 @@ class FirstNonFiniteLoss(L.Callback):
             self.path.write_text(json.dumps({"global_step": trainer.global_step}))
 
 
+class FailAtEpoch(L.Callback):
+    """While the file `fail` exists, the run raises at the start of epoch `epoch`: a run that
+    fails in the middle of its training (its earlier epochs checkpointed). Without the file it
+    does nothing, so the same command, resumed, trains through."""
+
+    def __init__(self, epoch: int, fail: str) -> None:
+        self.epoch, self.fail = epoch, Path(fail)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch and self.fail.exists():
+            raise RuntimeError(f"FailAtEpoch: failed at the start of epoch {self.epoch}")
+
+
+class ReplaceBestCheckpoint(L.Callback):
+    """At the end of fitting, copies the file `source` over the run's best checkpoint: the test
+    that follows makes Lightning itself load `source`."""
+
+    def __init__(self, source: str) -> None:
+        self.source = Path(source)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        best = Path(trainer.checkpoint_callback.best_model_path)
+        best.write_bytes(self.source.read_bytes())
+
+
 class HoldAtEpochCSVLogger(AppendingCSVLogger):
     """HoldAtEpoch for a run without Lightning's callbacks (a pack's members): the CSV logger
     (`logger.csv._target_=probes.HoldAtEpochCSVLogger`), held when it is first given a metric of

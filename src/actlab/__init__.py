@@ -1,5 +1,6 @@
 """actlab: what does an activation function do to a network's training?"""
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -15,4 +16,10 @@ OmegaConf.register_new_resolver("root", lambda: str(ROOT), replace=True)
 # for); nothing a user can change.
 warnings.filterwarnings(
     "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+)
+
+# Every Trainer Lightning builds advertises its own cloud logger (and, with a default checkpoint
+# callback, its model registry) in one "💡 Tip" line: not something to act on in this project.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud")
 )

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from actlab import CONFIG_DIR
+from actlab.checkpoints import SafeCheckpointIO
 from actlab.errors import UserError, one_line_errors
 from actlab.results import provenance, write_json
 from actlab.runs import (
@@ -58,6 +59,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         enable_checkpointing=False,
         enable_model_summary=False,
         profiler=None,
+        plugins=[SafeCheckpointIO()],
     )
     # Lightning asks for the callbacks that wrote the checkpoint; testing does not need them.
     warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actlab import CONFIG_DIR
 from actlab import loggers as actlab_loggers
+from actlab.checkpoints import SafeCheckpointIO
 from actlab.errors import Diverged, UserError, one_line_errors, user_error
 from actlab.launch import ShareIdleCores, Slot, finished_before, usable_cores
 from actlab.results import (
@@ -33,11 +34,15 @@ from actlab.results import (
     write_json,
 )
 from actlab.runs import (
+    check_before_run,
     check_output_dirs,
     checkpoint_arg,
+    keep_attempt,
     load_weights,
+    nothing_to_train,
     require_checkpoint,
     resume_args,
+    resumed_here,
     run_dir,
     set_aside,
     trained_epochs,
@@ -168,18 +173,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _nothing_to_train(out: Path, epochs: int, cfg: DictConfig) -> dict[str, Any] | None:
     """The finished record of a run resumed with no epoch left to train, else None."""
-    max_epochs = cfg.trainer.get("max_epochs")
-    earlier = read_results(out) or {}
-    if max_epochs is None or epochs < max_epochs or earlier.get("status") != "finished":
+    done = nothing_to_train(out, epochs, cfg.trainer.get("max_epochs"))
+    if done is None:
         return None
-    log.info(
-        "%s: already trained %d epochs (trainer.max_epochs=%d), nothing to do: its record is "
-        "unchanged. A larger trainer.max_epochs trains it longer.",
-        out.name,
-        epochs,
-        max_epochs,
-    )
-    return earlier
+    log.info(done)
+    return read_results(out)
 
 
 # Lightning adds a callback of each kind where the callbacks have none, unless told not to: here
@@ -206,7 +204,15 @@ def build(
         if flag not in cfg.trainer
     }
     device = slot.trainer_kwargs() if slot else {}
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **flags, **device)
+    # Lightning reads `ckpt_path=` of fit and test with the project's safe loader.
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        plugins=[SafeCheckpointIO()],
+        **flags,
+        **device,
+    )
     return datamodule, model, trainer
 
 
@@ -249,9 +255,20 @@ def run(cfg: DictConfig) -> float | None:
 def main() -> None:
     """`python train.py [overrides]`; `ckpt_path=<run>/checkpoints/last.ckpt` resumes that run."""
     with one_line_errors():
-        require_checkpoint(checkpoint_arg(sys.argv[1:]))
-        sys.argv[1:] = resume_args(sys.argv[1:])
-        check_output_dirs(sys.argv[1:])
+        ckpt = checkpoint_arg(sys.argv[1:])
+        require_checkpoint(ckpt)
+        sys.argv[1:] = args = resume_args(sys.argv[1:])
+        check_output_dirs(args)
+        # Under DDP the other ranks run this again with the same command: rank 0 alone checks.
+        cfg = check_before_run(args) if rank_zero_only.rank == 0 else None
+        folder = resumed_here(args) if cfg is not None else None
+        if folder is not None:
+            epochs, max_epochs = trained_epochs(ckpt), cfg.trainer.get("max_epochs")
+            if done := nothing_to_train(folder, epochs, max_epochs):
+                print(done)  # the folder is left as it was: Hydra has not run
+                return
+            # Printed, not logged: Hydra sets up logging (in the run folder) only after this.
+            print(f"{folder.name}: the earlier attempt's record is kept in {keep_attempt(folder)}")
         run()
 
 
