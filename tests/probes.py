@@ -15,6 +15,8 @@ from pathlib import Path
 
 import lightning as L
 
+from actlab.loggers import AppendingCSVLogger
+
 
 class HoldAtEpoch(L.Callback):
     """While the file `hold` exists, the run stops at the start of epoch `epoch` and waits there.
@@ -80,3 +82,21 @@ class ReplaceBestCheckpoint(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         best = Path(trainer.checkpoint_callback.best_model_path)
         best.write_bytes(self.source.read_bytes())
+
+
+class HoldAtEpochCSVLogger(AppendingCSVLogger):
+    """HoldAtEpoch for a run without Lightning's callbacks (a pack's members): the CSV logger
+    (`logger.csv._target_=probes.HoldAtEpochCSVLogger`), held when it is first given a metric of
+    epoch `epoch`, before it writes it. A pack logs its members' steps after every member's
+    checkpoints of the epoch before are saved (`trainer.log_every_n_steps=1` logs each step)."""
+
+    def __init__(self, *args, epoch: int, hold: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch, self.hold = epoch, Path(hold)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if metrics.get("epoch") == self.epoch and self.hold.exists():
+            Path(f"{self.hold}.reached").write_text(str(self.epoch))
+            while self.hold.exists():
+                time.sleep(0.05)
+        super().log_metrics(metrics, step)

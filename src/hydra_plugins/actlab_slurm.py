@@ -1,5 +1,6 @@
 """`hydra/launcher=slurm`: submitit's SLURM launcher that survives a job SLURM killed, refuses a
-request the cluster cannot run, and gives up on jobs that can never start.
+request the cluster cannot run, gives up on jobs that can never start, and continues a job SLURM
+requeued (time limit near, preemption) from its last checkpoint in its own folder.
 
 It lives here because Hydra loads launcher classes only from the `hydra_plugins` package.
 """
@@ -7,6 +8,7 @@ It lives here because Hydra loads launcher classes only from the `hydra_plugins`
 # No `from __future__ import annotations`: Hydra's plugin scan runs this module outside
 # sys.modules, where a dataclass cannot resolve string annotations.
 import logging
+import os
 import re
 import subprocess
 import time
@@ -17,16 +19,17 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn, JobStatus, setup_globals
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
     SlurmLauncher as _SubmititSlurmLauncher,
 )
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from actlab.errors import UserError
 from actlab.pack import MANIFEST, fail_unended
 from actlab.results import RESULTS, describe, read_results, write_json
+from actlab.runs import quote
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,90 @@ class SlurmLauncher(_SubmititSlurmLauncher):
     for a reason in HOPELESS) is waited on for ever. Here each such job is recorded as failed in
     its folder (results.json) with the reason, and the other jobs' results are kept, as under the
     local launchers. A request that no node can satisfy is refused before submission.
+
+    A job signalled before its time limit or on preemption (USR2, `signal_delay_s` ahead) is
+    requeued by submitit, as often as `max_num_timeout` allows for time limits; meanwhile its
+    record says `interrupted`, with its last checkpoint, as after Ctrl-C, and that it was
+    requeued. Started again, it continues from its last checkpoint in its folder.
     """
+
+    def __call__(
+        self,
+        sweep_overrides: list[str],
+        job_dir_key: str,
+        job_num: int,
+        job_id: str,
+        singleton_state: dict[type, Singleton],
+    ) -> JobReturn:
+        """The job, on its SLURM node. SLURM counts its starts: a restarted job continues."""
+        import submitit
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        _, self.folder = self.job_config(sweep_overrides, job_num)
+        self.signalled: list[Path] = []
+        requeues = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        overrides = continued(sweep_overrides, self.folder) if requeues else list(sweep_overrides)
+        try:
+            returned = super().__call__(overrides, job_dir_key, job_num, job_id, singleton_state)
+        finally:
+            if self.signalled:  # submitit's signal handler called checkpoint()
+                self.after_signal(requeues)
+        if requeues and not self.signalled and submitit.JobEnvironment().global_rank == 0:
+            for folder in records(self.folder):
+                if record := read_results(folder):
+                    write_json(folder / RESULTS, {**record, "requeues": requeues})
+        return returned
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """What submitit requeues on USR2: the same call, which continues where the job stopped
+        (see __call__). The records still running now are those the signal stops."""
+        folder = getattr(self, "folder", None)  # None: signalled before the job began
+        self.signalled = (
+            [f for f in records(folder) if (read_results(f) or {}).get("status") == "running"]
+            if folder
+            else []
+        )
+        return super().checkpoint(*args, **kwargs)
+
+    def after_signal(self, requeues: int) -> None:
+        """Say in each stopped record whether it was requeued or, its requeues used up, failed."""
+        import submitit
+
+        env = submitit.JobEnvironment()
+        # submitit saved the call it requeues with its time-outs left: negative once used up.
+        delayed = submitit.helpers.DelayedSubmission.load(env.paths.submitted_pickle)
+        requeued = delayed._timeout_countdown >= 0
+        for folder in self.signalled:
+            last = folder / "checkpoints" / "last.ckpt"
+            record = read_results(folder) or {}
+            record["last_checkpoint"] = str(last) if last.is_file() else None
+            if requeued:
+                record.update(
+                    status="interrupted",
+                    requeues=requeues + 1,
+                    error=f"SLURM job {env.job_id} was requeued (time limit near, or preempted): "
+                    f"it continues from {record['last_checkpoint'] or 'the start'}",
+                )
+            else:
+                record.update(
+                    status="failed",
+                    requeues=requeues,
+                    error=f"SLURM job {env.job_id} reached its time limit "
+                    f"(hydra.launcher.timeout_min={self.params['timeout_min']}) with its requeues "
+                    f"used up (hydra.launcher.max_num_timeout={self.params['max_num_timeout']}): "
+                    "+resume=true continues it from its last checkpoint",
+                )
+            write_json(folder / RESULTS, record)
+            log.warning("%s: %s", folder.name, record["error"])
+
+    def job_config(self, overrides: Sequence[str], num: int) -> tuple[Any, Path]:
+        """A job's composed config and its folder (`hydra.sweep.subdir` may name its number)."""
+        assert self.hydra_context is not None and self.config is not None
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg.hydra.job):
+            cfg.hydra.job.num = num
+        return cfg, Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
@@ -164,6 +250,9 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         params = dict(self.params)
         self.unrunnable_after_s = params.pop("unrunnable_after_s", 60.0)
         check_request(params)
+        # SLURM sets it only in a job it restarted: a job would inherit the submitter's (a sweep
+        # started from a requeued job) and take itself for restarted.
+        os.environ.pop("SLURM_RESTART_COUNT", None)
         executor = submitit.AutoExecutor(
             folder=params.pop("submitit_folder"),
             cluster="slurm",
@@ -182,9 +271,11 @@ class SlurmLauncher(_SubmititSlurmLauncher):
             for o, n in zip(job_overrides, nums, strict=True)
         ]
         jobs = executor.map_array(self, *zip(*args, strict=True))
-        return self.collect(job_overrides, jobs)
+        return self.collect(job_overrides, jobs, initial_job_idx)
 
-    def collect(self, job_overrides: Sequence[Sequence[str]], jobs: list[Any]) -> list[JobReturn]:
+    def collect(
+        self, job_overrides: Sequence[Sequence[str]], jobs: list[Any], first_num: int
+    ) -> list[JobReturn]:
         """Each job's return once it has left the queue; a job that can never start is cancelled
         after `unrunnable_after_s` and recorded failed."""
         returns: dict[int, JobReturn] = {}
@@ -212,13 +303,14 @@ class SlurmLauncher(_SubmititSlurmLauncher):
                     continue
                 # Left the queue. SLURM creates a job's output file when it starts.
                 if Path(job.paths.stdout).exists() or Path(job.paths.result_pickle).exists():
-                    returns[i] = self.settle(overrides, job)
+                    returns[i] = self.settle(overrides, job, first_num + i)
                 elif i in cancelled:
                     returns[i] = self.record_failed(
                         overrides,
                         f"SLURM job {job.job_id} could not start: pending for {cancelled[i]} for "
                         f"{self.unrunnable_after_s:g} s (hydra.launcher.unrunnable_after_s), "
                         "then cancelled",
+                        first_num + i,
                     )
                 else:
                     state, reason = seen.get(i, ("PENDING", "?"))
@@ -226,12 +318,13 @@ class SlurmLauncher(_SubmititSlurmLauncher):
                         overrides,
                         f"SLURM job {job.job_id} ended {_final_state(job.job_id)} before it "
                         f"started (last seen {state}, reason {reason})",
+                        first_num + i,
                     )
             if len(returns) < len(jobs):
                 time.sleep(POLL_SECONDS)
         return [returns[i] for i in range(len(jobs))]
 
-    def settle(self, overrides: Sequence[str], job: Any) -> JobReturn:
+    def settle(self, overrides: Sequence[str], job: Any, num: int) -> JobReturn:
         """The return of a job that has left the queue, or a failed record in its folder.
 
         A job writes its result before it ends, so one without a result was killed (cancelled,
@@ -242,15 +335,16 @@ class SlurmLauncher(_SubmititSlurmLauncher):
             try:
                 return job.results()[0]
             except Exception as e:  # the job raised: its folder already records the failure
-                return self.record_failed(overrides, f"SLURM job {job.job_id} raised {e!r}")
-        error = f"SLURM job {job.job_id} ended {_final_state(job.job_id)} without a result"
-        return self.record_failed(overrides, error)
+                return self.record_failed(overrides, f"SLURM job {job.job_id} raised {e!r}", num)
+        state = _final_state(job.job_id)
+        if state == "TIMEOUT":
+            state += f" (its time limit, hydra.launcher.timeout_min={self.params['timeout_min']})"
+        error = f"SLURM job {job.job_id} ended {state} without a result"
+        return self.record_failed(overrides, error, num)
 
-    def record_failed(self, overrides: Sequence[str], error: str) -> JobReturn:
+    def record_failed(self, overrides: Sequence[str], error: str, num: int) -> JobReturn:
         """Record a job that wrote no result as failed in its folder (unless it finished)."""
-        assert self.hydra_context is not None and self.config is not None
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        out = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
+        cfg, out = self.job_config(overrides, num)
         record = read_results(out) or {
             "job": {"name": out.name, "overrides": list(overrides)},
             "config": describe(cfg, cfg.hydra.runtime.choices),
@@ -266,3 +360,22 @@ class SlurmLauncher(_SubmititSlurmLauncher):
             (out / ".hydra").mkdir(parents=True)
             OmegaConf.save(list(overrides), out / ".hydra" / "overrides.yaml")
         return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+
+
+def records(folder: Path) -> list[Path]:
+    """The folders whose results.json a job writes: its own, or each member's of a pack."""
+    if (folder / MANIFEST).exists():
+        return [Path(full.hydra.runtime.output_dir) for full in OmegaConf.load(folder / MANIFEST)]
+    return [folder]
+
+
+def continued(overrides: Sequence[str], folder: Path) -> list[str]:
+    """The overrides that continue a restarted job where it stopped: a pack's unfinished members
+    (`+resume=true`), a solo job from its last.ckpt, or, without one, from the start."""
+    if (folder / MANIFEST).exists():
+        return [*overrides, "++resume=true"]
+    last = folder.absolute() / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return list(overrides)
+    kept = [o for o in overrides if o.lstrip("~+").split("=", 1)[0] != "ckpt_path"]
+    return [*kept, f"ckpt_path={quote(str(last))}"]
