@@ -63,7 +63,7 @@ class Kill:
 
 
 STEP = "actlab.model.MLPClassifier.training_step"
-SAVE = "actlab.runs.save_checkpoint"
+SAVE = "actlab.checkpoints.save"
 SOLO_KILLS = [
     Kill("before the first record", "actlab.results.write_json", 1),
     Kill("the first record in its temporary file", "os.replace", 1, match="results.json"),
