@@ -94,7 +94,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if primary and not continues and (earlier := set_aside(out)):
         log.info("%s: the earlier attempt is kept in %s", out.name, earlier)
-    if primary and continued:  # a single run's is kept by main(), before Hydra writes
+    # A single run's `ckpt_path=` continuation was kept by main(), before Hydra wrote `.hydra/`;
+    # a sweep's job (`+resume=true`, a SLURM requeue) is kept here.
+    if primary and continues and (continued or hc.mode == RunMode.MULTIRUN):
         earlier = keep_attempt(out, ckpt, hydra_written=True)
         log.info("%s: the earlier attempt's record is kept in %s", out.name, earlier)
     # A continuation's record starts from the metrics its checkpoint was saved with.
