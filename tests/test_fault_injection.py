@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import QUICK, TESTS, here, metric_rows, results, run_command, script_env
 
-from actlab import ROOT
+from actlab import ROOT, checkpoints
 from actlab.results import read_results
 
 pytestmark = pytest.mark.slow
@@ -114,9 +114,9 @@ def _train(args: list[str], env: dict[str, str], kill: Kill | None = None):
 
 
 def _whole(job: Path) -> dict[str, int]:
-    """Each checkpoint's epoch (every one must load) and the record's status (it must parse)."""
-    ckpts = job.glob("checkpoints/*.ckpt")
-    state = {p.name: torch.load(p, weights_only=False)["epoch"] for p in ckpts}
+    """Each checkpoint's epoch (every one must load, by the project's loader) and the record's
+    status (it must parse)."""
+    state = {p.name: checkpoints.load(p)["epoch"] for p in job.glob("checkpoints/*.ckpt")}
     if (job / "results.json").exists():
         state["status"] = results(job)["status"]
     return state
@@ -139,7 +139,7 @@ def _killed_and_resumed(tmp: Path, env: dict, kills: list[Kill], base: list[str]
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    state = checkpoints.load(ckpt)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith("net.")}
 
 
@@ -153,10 +153,12 @@ def _check_continued(job: Path, straight: Path, after_kill: dict) -> None:
     assert best.name == Path(expected["best_checkpoint"]).name
     assert sorted(p.name for p in (job / "checkpoints").iterdir()) == [best.name, "last.ckpt"]
     for name in (best.name, "last.ckpt"):
-        theirs = _weights(straight / "checkpoints" / name)
-        assert all(
-            torch.equal(w, theirs[k]) for k, w in _weights(job / "checkpoints" / name).items()
+        ours, theirs = (
+            _weights(job / "checkpoints" / name),
+            _weights(straight / "checkpoints" / name),
         )
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(w, theirs[k]) for k, w in ours.items())
     # Each epoch's validation row once, with the uninterrupted run's numbers.
     val = [(r["epoch"], r["val/acc"]) for r in metric_rows(job) if r.get("val/acc")]
     assert val == [(r["epoch"], r["val/acc"]) for r in metric_rows(straight) if r.get("val/acc")]
