@@ -8,8 +8,12 @@ through PYTHONPATH (see conftest.script_env).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -100,3 +104,57 @@ class HoldAtEpochCSVLogger(AppendingCSVLogger):
             while self.hold.exists():
                 time.sleep(0.05)
         super().log_metrics(metrics, step)
+
+
+class KillAt:
+    """SIGKILLs this process at the n-th call of `point`, a function or method by its dotted
+    name (`os.replace`, `torch.save`, `actlab.results.write_json`,
+    `actlab.model.MLPClassifier.training_step`): before the call, or just after it returns
+    with `after=True`. With `match`, only the calls with a path argument (a str, a path, an
+    open file) that contains it count (`match="last.ckpt"`). The function is replaced where it
+    is defined and in every module that imported it by name, so install it before the code
+    under test is imported (tests/kill_at.py does).
+    """
+
+    def __init__(self, point: str, n: int, after: bool = False, match: str | None = None) -> None:
+        owner, name = _resolve(point)
+        original = getattr(owner, name)
+        calls = 0
+
+        def kill_at(*args, **kwargs):
+            nonlocal calls
+            hit = match is None or any(match in p for p in _paths([*args, *kwargs.values()]))
+            calls += hit
+            if hit and calls == n and not after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            result = original(*args, **kwargs)
+            if hit and calls == n and after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        setattr(owner, name, kill_at)
+        for module in list(sys.modules.values()):
+            for attr, value in list(vars(module).items()):
+                if value is original and module is not owner:
+                    setattr(module, attr, kill_at)
+
+
+def _paths(args: list) -> list[str]:
+    named = [getattr(a, "name", None) for a in args]  # an open file
+    return [os.fspath(a) for a in args if isinstance(a, str | os.PathLike)] + [
+        n for n in named if isinstance(n, str)
+    ]
+
+
+def _resolve(point: str) -> tuple[object, str]:
+    """The object that holds the function named `point`, and the function's name in it."""
+    parts = point.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            owner = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:-1]:
+            owner = getattr(owner, part)
+        return owner, parts[-1]
+    raise ValueError(f"no function {point}")

@@ -172,11 +172,6 @@ def test_a_requeued_job_continues_from_its_last_checkpoint(tmp_path: Path, slurm
     assert f"SLURM job {first} was requeued" in (jobs / "job0" / "train.log").read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a requeued pack reruns its unfinished members from scratch until `+resume=true` "
-    "continues a pack's members from their last.ckpt (issue 17, f17-resume)",
-)
 def test_a_requeued_pack_continues_its_members(tmp_path: Path, slurm_cluster) -> None:
     """Two packs of two members (relu, none): the first held and requeued as one job, the other
     its reference run straight through."""

@@ -1,4 +1,4 @@
-"""Reading a checkpoint, which is untrusted input: torch's weights-only unpickler, nothing else.
+"""Checkpoints: read as untrusted input (torch's weights-only unpickler), written atomically.
 
 A `.ckpt` file is a pickle, and a pickle may name any function to call while it is read: a
 shared "pretrained" file could run a command as the user who loads it. Every load of this
@@ -8,6 +8,9 @@ anything of the file runs. The project's checkpoints (solo runs, pack members, e
 of configs/callbacks) hold no other type. A user whose own module or callbacks save one names
 it in ACTLAB_SAFE_GLOBALS: an environment variable, not a config key, because a run folder's
 saved overrides are replayed on resume and must not be able to allow anything.
+
+Every checkpoint this project writes (Lightning's through SafeCheckpointIO, a pack member's)
+goes through `save`: a kill at any moment leaves the earlier file or the new one, whole.
 """
 
 from __future__ import annotations
@@ -72,8 +75,62 @@ def _unreadable(path: str | Path, e: Exception) -> UserError:
     )
 
 
+def save(checkpoint: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file beside `path`, synced to disk, then renamed over it.
+
+    Lightning writes a temporary file in $TMPDIR and moves it into place: a copy, cut short by
+    a kill, where $TMPDIR is on another file system (as on most clusters), and never synced.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint I/O, reading with `load` (`ckpt_path=` of fit and test)."""
+    """Lightning's checkpoint I/O, reading with `load` (`ckpt_path=` of fit and test) and
+    writing with `save`.
+
+    The file a ModelCheckpoint drops (its previous best) is removed only once the next file is
+    saved (the same epoch's last.ckpt) or training ends: killed in between, last.ckpt still
+    names a best checkpoint that exists.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.doomed: list[Path] = []
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError("SafeCheckpointIO takes no storage_options")
+        save(checkpoint, Path(path))
+        self._remove_doomed(keep=Path(path))
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        self.doomed.append(Path(path))
+
+    def teardown(self) -> None:
+        self._remove_doomed()
+
+    def _remove_doomed(self, keep: Path | None = None) -> None:
+        for path in self.doomed:
+            if path != keep:
+                path.unlink(missing_ok=True)
+        self.doomed = []
 
     def load_checkpoint(
         self, path: str | Path, map_location: Any = "cpu", weights_only: bool | None = None

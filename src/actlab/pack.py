@@ -38,9 +38,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import _save_config
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from torch import nn
 
+from actlab import checkpoints
 from actlab import loggers as actlab_loggers
 from actlab.data import batch_order
 from actlab.errors import UserError
@@ -53,7 +55,7 @@ from actlab.results import (
     running_record,
     write_json,
 )
-from actlab.runs import set_aside
+from actlab.runs import drop_rows_after, keep_attempt, resumable, set_aside, trained_epochs
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +305,12 @@ class StackedOptimizer:
         return {"state": state, "param_groups": copy.deepcopy(groups)}
 
 
+def _put(stacked: torch.Tensor, k: int, solo: torch.Tensor, weight: bool) -> None:
+    """Member k's slice of a stacked tensor set from its solo job's tensor (the inverse of
+    member_state)."""
+    (stacked[k] if weight else stacked[k, 0]).copy_(solo.T if weight else solo)
+
+
 def clip_per_member(params: list[nn.Parameter], max_norm: float) -> None:
     """torch.nn.utils.clip_grad_norm_ for each member's gradients on its own."""
     dims = [tuple(range(1, p.dim())) for p in params]
@@ -335,6 +343,8 @@ class Member:
     best_path: Path | None = None
     last_path: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    resumed: Path | None = None  # the last.ckpt it continues from (`+resume=true`)
+    first_epoch: int = 0
 
     def write(self) -> None:
         with contextlib.suppress(UserError):  # a full disk must not hide the original error
@@ -482,6 +492,36 @@ class PackTrainer:
             self.params, first.optimizer._target_, [m.cfg.optimizer for m in members]
         )
         self.seeds = [int(m.cfg.seed) for m in members]
+        self.first_epoch = members[0].first_epoch  # train_pack packs members of one epoch
+        if self.first_epoch:
+            self._restore()
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        """Each member's state at the end of its last.ckpt's epoch: weights, optimizer state and
+        step count, best so far (value, checkpoint, weights), metrics."""
+        for m in self.members:
+            ckpt = checkpoints.load(m.resumed)
+            self.global_step = self.optimizer.steps = int(ckpt["global_step"])
+            opt = ckpt["optimizer_states"][0]["state"]
+            for i, (name, p, state) in enumerate(
+                zip(self.names, self.params, self.optimizer.state, strict=True)
+            ):
+                weight = name.endswith("weight")
+                _put(p, m.index, ckpt["state_dict"][name], weight)
+                if not state:
+                    self.optimizer._init_state(p, state)
+                for key, t in state.items():
+                    if key in opt.get(i, {}):
+                        _put(t, m.index, opt[i][key], weight)
+            m.best = float(ckpt["state_dict"]["val_acc_best.max_value"])
+            m.metrics = dict(ckpt.get("metrics") or {})
+            m.last_path = m.resumed
+            for key, cb in ckpt["callbacks"].items():
+                if "'monitor': None" not in key and cb.get("best_model_path"):
+                    m.best_path = Path(cb["best_model_path"])
+                    best = checkpoints.load(m.best_path)
+                    m.best_state = {n: best["state_dict"][n] for n in self.names}
 
     def _tensors(self, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(self.device) for t in split)
@@ -491,7 +531,7 @@ class PackTrainer:
         n, bs = len(x), int(self.members[0].cfg.data.batch_size)
         steps = -(-n // bs)
         K = len(self.members)
-        for epoch in range(self.epochs):
+        for epoch in range(self.first_epoch, self.epochs):
             orders = torch.stack([batch_order(s, epoch, n) for s in self.seeds]).to(self.device)
             sums = torch.zeros(3, K, device=self.device)  # loss, correct, n
             for s in range(steps):
@@ -614,6 +654,7 @@ class PackTrainer:
             for lg in m.loggers:
                 lg.save()
             state = self.model.member_state(k, self.names)
+            old = None
             if improved:
                 m.best_state = state
                 if self.keep_best:
@@ -622,15 +663,15 @@ class PackTrainer:
                         m.out / "checkpoints" / f"best-epoch{epoch:03d}.ckpt",
                     )
                     self.save(m, m.best_path, state, epoch)
-                    if old and old != m.best_path:
-                        old.unlink(missing_ok=True)
             if self.keep_last:
                 m.last_path = m.out / "checkpoints" / "last.ckpt"
                 self.save(m, m.last_path, state, epoch)
+            # Only now: killed before, last.ckpt still names a best checkpoint that exists.
+            if old and old != m.best_path:
+                old.unlink(missing_ok=True)
 
     def save(self, m: Member, path: Path, state: dict[str, torch.Tensor], epoch: int) -> None:
         """A checkpoint in the solo job's format: eval.py and `ckpt_path=` read it."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         ckpt = {
             "epoch": epoch,
             "global_step": self.global_step,
@@ -640,10 +681,9 @@ class PackTrainer:
             "optimizer_states": [self.optimizer.member_state(m.index, self.groups[m.index])],
             "lr_schedulers": [],
             "callbacks": self._checkpointer_states(m),
+            "metrics": dict(m.metrics),
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
+        checkpoints.save(ckpt, path)
 
     def _checkpointer_states(self, m: Member) -> dict[str, Any]:
         """The member's ModelCheckpoint states, so a resumed solo run knows its best so far."""
@@ -729,17 +769,27 @@ def train_pack(cfg: DictConfig) -> dict[str, Any]:
         for full in fulls:
             m = member_from(full, len(members))
             m.record = start_record(m)
+            # The pack job's own `resume` too: a SLURM requeue appends `++resume=true` to it.
+            resume = cfg.get("resume") or m.cfg.get("resume")
             try:
-                if m.cfg.get("resume") and finished_before(m.out, m.record):
+                if resume and finished_before(m.out, m.record):
                     log.info("%s: finished before, skipped (resume=true)", m.out.name)
                     continue
             except UserError as e:  # a finished run of another config: left as it is
                 log.error("%s: job failed: %s", m.out.name, e)
                 continue
-            earlier = set_aside(m.out)
             logs.add(m)
+            m.resumed = resumable(m.out, m.record) if resume else None
+            # Hydra's `.hydra/` of the member is this attempt's (member_from wrote it).
+            if m.resumed:
+                earlier = keep_attempt(m.out, m.resumed, hydra_written=True)
+            else:
+                earlier = set_aside(m.out)
             if earlier:
                 log.info("%s: the earlier attempt is kept in %s", m.out.name, earlier)
+            if m.resumed:
+                m.first_epoch = trained_epochs(m.resumed)
+                m.record["resumed_from"] = str(m.resumed)
             m.record.update(provenance())
             m.write()
             try:
@@ -750,15 +800,27 @@ def train_pack(cfg: DictConfig) -> dict[str, Any]:
                 logs.drop(m)  # the pack's lines are not about it
                 continue
             members.append(m)
-        # Members with the same optimizer numbers and activation next to each other: each run
-        # of them is updated and activated by one operation on its slice of the stack.
-        members.sort(key=lambda m: OmegaConf.to_yaml(m.cfg.optimizer) + repr(m.cfg.model.act))
-        for i, m in enumerate(members):
-            m.index = i
-            m.record["pack"] = {"id": pack_dir.name, "size": len(members), "member": i}
-        if not members:
-            return {"status": "finished", "metrics": {}}
-        return _fit_members(cfg, members)
+        # One stack trains from one epoch: members continued from their checkpoints train with
+        # those at the same epoch, each such pack after the other (the new members first).
+        by_epoch: dict[int, list[Member]] = {}
+        for m in members:
+            by_epoch.setdefault(m.first_epoch, []).append(m)
+        packs = [by_epoch[e] for e in sorted(by_epoch)]
+        for p, pack in enumerate(packs):
+            # Members with the same optimizer numbers and activation next to each other: each
+            # run of them is updated and activated by one operation on its slice of the stack.
+            pack.sort(key=lambda m: OmegaConf.to_yaml(m.cfg.optimizer) + repr(m.cfg.model.act))
+            for i, m in enumerate(pack):
+                m.index = i
+                m.record["pack"] = {"id": pack_dir.name, "size": len(pack), "member": i}
+            try:
+                _fit_members(cfg, pack)
+            except BaseException as e:
+                _end_unended([m for later in packs[p + 1 :] for m in later], e, 0.0)
+                raise
+            for m in pack:
+                logs.drop(m)  # the next pack's lines are not about it
+        return {"status": "finished", "metrics": {}}
 
 
 class _MemberLogs(logging.Handler):
@@ -826,6 +888,8 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
                     own_run = c.get("_target_") == "actlab.loggers.wandb_logger"
                     lg = instantiate(c, **({"new_run": True} if own_run else {}))
                     m.loggers.append(lg)
+                    if m.resumed and isinstance(lg, CSVLogger):  # its later epochs come again
+                        drop_rows_after(Path(lg.log_dir) / "metrics.csv", m.first_epoch - 1)
                     if own_run:
                         actlab_loggers.announce(lg)
                     lg.log_hyperparams({**logged_config(m.cfg, m.choices), **launch_info})
@@ -834,7 +898,7 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
         if cfg.get("test", True):
             trainer.test()
         epochs = trainer.epochs
-        pack_epoch = fit_seconds / max(epochs, 1)
+        pack_epoch = fit_seconds / max(epochs - trainer.first_epoch, 1)
         for m in trainer.running:
             m.record["metrics"] = m.metrics
             # Its share of the pack's epoch, comparable with a solo job's s/epoch.
@@ -858,19 +922,24 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
             )
         return {"status": "finished", "metrics": {}}
     except BaseException as e:
-        seconds = trainer.seconds() if trainer else 0.0
-        for m in members:
-            if m.status != "running":
-                continue
-            if isinstance(e, KeyboardInterrupt):
-                last = str(m.last_path) if m.last_path else None
-                m.end("interrupted", "KeyboardInterrupt", last_checkpoint=last, seconds=seconds)
-            else:
-                m.end("failed", f"{type(e).__name__}: {e}", seconds=seconds)
+        _end_unended(members, e, trainer.seconds() if trainer else 0.0)
         raise
     finally:
         if slot:
             slot.release()
+
+
+def _end_unended(members: list[Member], e: BaseException, seconds: float) -> None:
+    """Record each member still running as the exception `e` that stopped the pack ends it."""
+    for m in members:
+        if m.status != "running":
+            continue
+        if isinstance(e, KeyboardInterrupt):
+            last = m.last_path or m.resumed
+            last = str(last) if last else None
+            m.end("interrupted", "KeyboardInterrupt", last_checkpoint=last, seconds=seconds)
+        else:
+            m.end("failed", f"{type(e).__name__}: {e}", seconds=seconds)
 
 
 def _device(cfg: DictConfig) -> str:

@@ -7,10 +7,13 @@ A run folder (a single run, or one job of a sweep) holds `.hydra/` (config.yaml,
 from __future__ import annotations
 
 import contextlib
+import csv
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -19,8 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from actlab import CONFIG_DIR, ROOT, checkpoints
 from actlab.errors import UserError
-from actlab.results import RESULTS, read_results
+from actlab.results import RESULTS, config_differences, read_results
 from actlab.validation import validate
+
+log = logging.getLogger(__name__)
 
 CKPT_ARG = "ckpt_path="
 
@@ -223,11 +228,15 @@ def set_aside(folder: Path) -> Path | None:
     return dest
 
 
-def keep_attempt(folder: Path) -> Path:
+def keep_attempt(folder: Path, ckpt: Path | None = None, hydra_written: bool = False) -> Path:
     """Copy a run's record and config to `<folder>/attempts/<n>-<status>/` before it resumes.
 
     The resumed attempt continues the folder's checkpoints and metrics, but rewrites
-    results.json and `.hydra/`: should it fail, the earlier attempt's stay readable here.
+    results.json and `.hydra/`: should it fail, the earlier attempt's stay readable here. Where
+    Hydra has already written this attempt's `.hydra/` (a sweep's job), the earlier config.yaml
+    and overrides.yaml are rebuilt from its record. Checkpoints that `ckpt` does not know of
+    (written after it by an attempt killed between a new best and last.ckpt), which the resumed
+    attempt writes again, are moved there; temporary files of killed saves are removed.
     """
     record = read_results(folder) or {}
     attempts = folder / ATTEMPTS
@@ -235,9 +244,24 @@ def keep_attempt(folder: Path) -> Path:
     dest = attempts / f"{n}-{record.get('status', 'unknown')}"
     dest.mkdir(parents=True)
     # Not in a `.hydra/` of its own: the sweep table takes every folder with one for a job.
-    for path in [folder / RESULTS, *sorted((folder / ".hydra").glob("*.yaml"))]:
+    hydra = [] if hydra_written else sorted((folder / ".hydra").glob("*.yaml"))
+    for path in [folder / RESULTS, *hydra]:
         if path.is_file():
             shutil.copy2(path, dest / path.name)
+    if hydra_written and "composed_config" in record:
+        OmegaConf.save(OmegaConf.create(record["composed_config"]), dest / "config.yaml")
+    if hydra_written and "job" in record:
+        OmegaConf.save(OmegaConf.create(record["job"]["overrides"]), dest / "overrides.yaml")
+    if ckpt is None:
+        return dest
+    # By name: a run folder that was copied keeps its checkpoints' names, not their paths.
+    known = {p.name for p in _named_checkpoints(_checkpoint(ckpt))} | {ckpt.name}
+    for path in ckpt.parent.iterdir():
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            path.unlink()  # a save that was killed: never renamed into place
+        elif path.name not in known:
+            (dest / "checkpoints").mkdir(exist_ok=True)
+            path.rename(dest / "checkpoints" / path.name)
     return dest
 
 
@@ -277,3 +301,96 @@ def check_output_dirs(args: list[str]) -> None:
             for made in missing:  # deepest first; a folder another process filled stays
                 with contextlib.suppress(OSError):
                     made.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuing a job that did not end (`+resume=true`)
+
+LAST = "last.ckpt"
+# Records of a job whose process ended before the job did: a kill, a signal, a lost node.
+UNENDED = ("running", "interrupted", "lost")
+
+
+def _checkpoint(ckpt: Path) -> dict[str, Any]:
+    return checkpoints.load(ckpt, mmap=True)
+
+
+def _named_checkpoints(state: dict[str, Any]) -> set[Path]:
+    """The checkpoint files the ModelCheckpoint states in `state` know of (best, top k, last)."""
+    paths = set()
+    for cb in (state.get("callbacks") or {}).values():
+        if not isinstance(cb, dict):
+            continue
+        named = [cb.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")]
+        for p in [*named, *(cb.get("best_k_models") or {})]:
+            if p:
+                paths.add(Path(p))
+    return paths
+
+
+def resumable(folder: Path, record: dict[str, Any]) -> Path | None:
+    """The last.ckpt that `+resume=true` continues the job in `folder` from, or None (it then
+    starts over): the job did not end (its record says running, interrupted or lost), ran the
+    config of `record` (this attempt's) by every key that can change a result, and left a whole
+    last.ckpt whose best checkpoint exists."""
+    earlier = read_results(folder)
+    if not earlier or earlier.get("status") not in UNENDED:
+        return None
+    ckpt = folder / "checkpoints" / LAST
+    status = earlier["status"]
+    why = None
+    if not ckpt.is_file():
+        why = "no checkpoints/last.ckpt (stopped in its first epoch)"
+    elif differing := config_differences(
+        earlier.get("composed_config") or {}, record["composed_config"]
+    ):
+        why = f"its config differs ({'; '.join(differing)})"
+    else:
+        try:
+            state = _checkpoint(ckpt)
+            int(state["epoch"])
+        except Exception as e:
+            why = f"its last.ckpt is not readable ({type(e).__name__})"
+        else:
+            missing = sorted(str(p) for p in _named_checkpoints(state) if not p.is_file())
+            if missing:
+                why = f"its last.ckpt names checkpoints that are gone ({', '.join(missing)})"
+    if why:
+        log.info(
+            "%s: the %s attempt cannot be continued, %s: starts over", folder.name, status, why
+        )
+        return None
+    log.info("%s: continues the %s attempt from %s", folder.name, status, ckpt)
+    return ckpt
+
+
+def checkpoint_metrics(ckpt: Path) -> dict[str, float]:
+    """The metrics a run had when it saved `ckpt` (what its record would say had it ended then)."""
+    return dict(_checkpoint(ckpt).get("metrics") or {})
+
+
+def drop_rows_after(metrics_csv: Path, epoch: int) -> None:
+    """Remove a csv logger's rows of epochs after `epoch`: a continuation logs them again."""
+    if not metrics_csv.is_file():
+        return
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or "epoch" not in rows[0]:
+        return
+    col = rows[0].index("epoch")
+
+    def before(row: list[str]) -> bool:  # a row cut short by a kill is dropped too
+        try:
+            return len(row) == len(rows[0]) and float(row[col]) <= epoch
+        except ValueError:
+            return False
+
+    kept = [rows[0], *filter(before, rows[1:])]
+    if len(kept) == len(rows):
+        return
+    tmp = metrics_csv.with_name(f".{metrics_csv.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, metrics_csv)

@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,10 +37,13 @@ from actlab.runs import (
     check_before_run,
     check_output_dirs,
     checkpoint_arg,
+    checkpoint_metrics,
+    drop_rows_after,
     keep_attempt,
     load_weights,
     nothing_to_train,
     require_checkpoint,
+    resumable,
     resume_args,
     resumed_here,
     run_dir,
@@ -72,6 +75,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s: finished before, skipped (resume=true)", out.name)
         return done
     ckpt = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    # `+resume=true`: a job that did not end continues from its last.ckpt, where it can.
+    continued = resumable(out, record) if cfg.get("resume") and ckpt is None else None
+    ckpt = continued or ckpt
     # A checkpoint from a run folder resumes that run's whole state; one from elsewhere gives
     # only its weights to a new run, which starts at epoch 0.
     weights_only = ckpt is not None and run_dir(ckpt) is None
@@ -88,9 +94,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if primary and not continues and (earlier := set_aside(out)):
         log.info("%s: the earlier attempt is kept in %s", out.name, earlier)
+    # A single run's `ckpt_path=` continuation was kept by main(), before Hydra wrote `.hydra/`;
+    # a sweep's job (`+resume=true`, a SLURM requeue) is kept here.
+    if primary and continues and (continued or hc.mode == RunMode.MULTIRUN):
+        earlier = keep_attempt(out, ckpt, hydra_written=True)
+        log.info("%s: the earlier attempt's record is kept in %s", out.name, earlier)
+    # A continuation's record starts from the metrics its checkpoint was saved with.
+    metrics_before = checkpoint_metrics(ckpt) if ckpt and not weights_only else {}
     record.update(provenance())
     if ckpt:
-        record["initialized_from" if weights_only else "resumed_from"] = cfg.ckpt_path
+        record["initialized_from" if weights_only else "resumed_from"] = cfg.ckpt_path or str(ckpt)
     save()
     start = time.perf_counter()
     loggers: list = []
@@ -109,6 +122,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if weights_only:
             load_weights(model, ckpt)
         loggers = trainer.loggers
+        for lg in loggers if continues else []:
+            if isinstance(lg, CSVLogger):  # the epochs after the checkpoint's are logged again
+                drop_rows_after(Path(lg.log_dir) / "metrics.csv", first_epoch - 1)
         launch_info = {f"launch.{k}": v for k, v in record.get("launch", {}).items()}
         for lg in loggers:
             if isinstance(lg, WandbLogger):
@@ -117,7 +133,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         trainer.fit(model, datamodule=datamodule, ckpt_path=None if weights_only else ckpt)
         fit_seconds = time.perf_counter() - start
-        metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+        metrics = {**metrics_before, **{k: v.item() for k, v in trainer.callback_metrics.items()}}
         ckpt = trainer.checkpoint_callback
         best = ckpt.best_model_path if ckpt and ckpt.best_model_path else None
         if cfg.get("test", True):
@@ -203,8 +219,10 @@ def build(
         for flag, kind in _LIGHTNING_DEFAULTS.items()
         if flag not in cfg.trainer
     }
+    callbacks.append(MetricsInCheckpoints())
     device = slot.trainer_kwargs() if slot else {}
-    # Lightning reads `ckpt_path=` of fit and test with the project's safe loader.
+    # Lightning reads `ckpt_path=` of fit and test with the project's safe loader, and writes
+    # each checkpoint atomically.
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -214,6 +232,17 @@ def build(
         **device,
     )
     return datamodule, model, trainer
+
+
+class MetricsInCheckpoints(L.Callback):
+    """Each checkpoint holds the run's metrics so far: a job killed after its last checkpoint
+    and before its record, or whose step metrics were last logged before the checkpoint, is
+    continued to the record an uninterrupted run writes."""
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["metrics"] = {k: v.item() for k, v in trainer.callback_metrics.items()}
 
 
 def _last_checkpoint(trainer: L.Trainer | None) -> str | None:
@@ -268,7 +297,8 @@ def main() -> None:
                 print(done)  # the folder is left as it was: Hydra has not run
                 return
             # Printed, not logged: Hydra sets up logging (in the run folder) only after this.
-            print(f"{folder.name}: the earlier attempt's record is kept in {keep_attempt(folder)}")
+            kept = keep_attempt(folder, ckpt)
+            print(f"{folder.name}: the earlier attempt's record is kept in {kept}")
         run()
 
 
