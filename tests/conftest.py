@@ -144,6 +144,24 @@ def here(*args: str, main: Callable[[], None] = train_main) -> str:
     return out.getvalue()
 
 
+def here_exit(
+    *args: str, main: Callable[[], None] = train_main
+) -> tuple[int | str | None, str, str]:
+    """`here`, for a command that exits (a refused config, a sweep in which a job did not
+    finish): its exit status, stdout and stderr."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["script.py", *args])
+        out, err = io.StringIO(), io.StringIO()
+        mp.setattr(sys, "stdout", out)
+        mp.setattr(sys, "stderr", err)
+        try:
+            with pytest.raises(SystemExit) as e:
+                main()
+        finally:
+            GlobalHydra.instance().clear()
+    return e.value.code, out.getvalue(), err.getvalue()
+
+
 def results(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
 

@@ -43,10 +43,11 @@ from torch import nn
 
 from actlab import loggers as actlab_loggers
 from actlab.data import batch_order
-from actlab.errors import UserError
+from actlab.errors import UserError, interruption
 from actlab.launch import finished_before, usable_cores
 from actlab.results import (
     RESULTS,
+    Heartbeat,
     logged_config,
     provenance,
     read_results,
@@ -400,10 +401,11 @@ def start_record(m: Member) -> dict[str, Any]:
     )
 
 
-def fail_unended(pack_dir: Path, error: str) -> list[str]:
-    """Record `failed` each member of a pack that ended without a result (SLURM cancelled it,
-    it timed out or was killed for memory, or it never started): a member left `running` or
-    without a folder would be neither resumed as unfinished nor listed. Returns their names."""
+def fail_unended(pack_dir: Path, error: str, status: str = "failed") -> list[str]:
+    """Record `status` (failed; lost) for each member of a pack that ended without a result (SLURM
+    cancelled it, it timed out or was killed for memory, or it never started): a member left
+    `running` or without a folder would be neither resumed as unfinished nor listed. Returns
+    their names."""
     failed = []
     for i, full in enumerate(OmegaConf.load(pack_dir / MANIFEST)):
         out = Path(full.hydra.runtime.output_dir)
@@ -413,7 +415,7 @@ def fail_unended(pack_dir: Path, error: str) -> list[str]:
             record = start_record(m)
         if record.get("status") != "running":
             continue  # it ended on its own (finished, diverged, failed) before the pack died
-        record.update(status="failed", error=error)
+        record.update(status=status, error=error)
         write_json(out / RESULTS, record)
         failed.append(out.name)
     return failed
@@ -455,6 +457,7 @@ class PackTrainer:
         self.keep_best = bool(callbacks.get("model_checkpoint"))
         self.keep_last = bool(callbacks.get("last_checkpoint"))
         self.global_step = 0
+        self.heartbeat: Heartbeat | None = None
         self._loop_template: dict[str, Any] | None = None
         self.start = time.perf_counter()
         self.datamodule = instantiate(first.data)
@@ -627,6 +630,8 @@ class PackTrainer:
             if self.keep_last:
                 m.last_path = m.out / "checkpoints" / "last.ckpt"
                 self.save(m, m.last_path, state, epoch)
+        if self.heartbeat:
+            self.heartbeat.beat(epoch + 1)
 
     def save(self, m: Member, path: Path, state: dict[str, torch.Tensor], epoch: int) -> None:
         """A checkpoint in the solo job's format: eval.py and `ckpt_path=` read it."""
@@ -807,6 +812,8 @@ def member_logs() -> Iterator[_MemberLogs]:
 def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
     slot = None
     trainer: PackTrainer | None = None
+    heartbeat = Heartbeat([m.out for m in members])
+    heartbeat.start()
     try:
         torch.set_num_threads(cfg.get("threads") or usable_cores())
         slot = instantiate(cfg.launch).acquire() if cfg.get("launch") else None
@@ -818,6 +825,7 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
         device = torch.device(slot.device if slot and not slot.simulated else _device(cfg))
         log.info("pack of %d members on %s: %s", len(members), device, _names(members))
         trainer = PackTrainer(members, device)
+        trainer.heartbeat = heartbeat
         for m in members:
             with hydra_of(m.full):
                 for c in (m.cfg.get("logger") or {}).values():
@@ -859,16 +867,26 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
         return {"status": "finished", "metrics": {}}
     except BaseException as e:
         seconds = trainer.seconds() if trainer else 0.0
+        stop = interruption(e)
         for m in members:
             if m.status != "running":
                 continue
-            if isinstance(e, KeyboardInterrupt):
+            if stop is not None:
                 last = str(m.last_path) if m.last_path else None
-                m.end("interrupted", "KeyboardInterrupt", last_checkpoint=last, seconds=seconds)
+                m.end("interrupted", str(stop), last_checkpoint=last, seconds=seconds)
+                if last:
+                    log.info(
+                        "%s: interrupted; to resume: python train.py ckpt_path=%s", m.out.name, last
+                    )
+                else:
+                    log.info("%s: interrupted before a checkpoint was saved", m.out.name)
             else:
                 m.end("failed", f"{type(e).__name__}: {e}", seconds=seconds)
+        if stop is not None and stop is not e:
+            raise stop from e
         raise
     finally:
+        heartbeat.stop()
         if slot:
             slot.release()
 
