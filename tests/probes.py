@@ -55,3 +55,22 @@ class FirstNonFiniteLoss(L.Callback):
         if not math.isfinite(float(loss)):
             self.seen = True
             self.path.write_text(json.dumps({"global_step": trainer.global_step}))
+
+
+def hold_packs(epoch: int, hold: str) -> None:
+    """HoldAtEpoch for packs, which run no Lightning callbacks: once pack epoch `epoch - 1` has
+    ended (its checkpoints and heartbeat written), a pack writes `<hold>.reached` and waits while
+    `hold` exists. For this process only: see held_pack_train.py."""
+    from actlab import pack
+
+    end_epoch = pack.PackTrainer._end_epoch
+
+    def held(self: pack.PackTrainer, done: int, sums) -> None:
+        end_epoch(self, done, sums)
+        path = Path(hold)
+        if done + 1 == epoch and path.exists():
+            Path(f"{path}.reached").write_text(str(epoch))
+            while path.exists():
+                time.sleep(0.05)
+
+    pack.PackTrainer._end_epoch = held

@@ -761,6 +761,7 @@ def train_pack(cfg: DictConfig) -> dict[str, Any]:
         for i, m in enumerate(members):
             m.index = i
             m.record["pack"] = {"id": pack_dir.name, "size": len(members), "member": i}
+            m.write()  # a pack killed outright leaves records that say it was one
         if not members:
             return {"status": "finished", "metrics": {}}
         return _fit_members(cfg, members)
