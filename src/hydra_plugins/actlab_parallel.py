@@ -168,14 +168,15 @@ class ParallelLauncher(Launcher):
                         job.receive()
                     if job.proc.sentinel in ready:
                         job.end()
-                        returns[num] = job.returned or self._ended_without(job)
+                        returned = job.returned
+                        returns[num] = returned if returned is not None else self._lost(job)
                         del running[num]
         except Interrupted as stop:
             self._stop(running, stop)
             raise
         return [returns[n] for n in sorted(returns)]
 
-    def _ended_without(self, job: "_Job") -> JobReturn:
+    def _lost(self, job: "_Job") -> JobReturn:
         """For a job whose process ended without a JobReturn: its record ended as `lost`."""
         if error := self.record_lost(job, _how(job.proc.exitcode)):
             log.error("job #%d: %s: recorded lost", job.num, error)
@@ -196,6 +197,11 @@ class ParallelLauncher(Launcher):
         """Record `lost` in the folder of a job whose process ended without recording an end (for
         a pack, each member left running); returns the error recorded, None if none was."""
         assert self.config is not None and self.hydra_context is not None
+        with contextlib.suppress(ProcessLookupError):
+            # Still there: the forkserver, not the job, died (SIGTERM to the whole process
+            # group); the job records its own end.
+            os.kill(job.proc.pid, 0)
+            return None
         cfg = _job_config(self.hydra_context, self.config, job.overrides, job.num)
         out = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
         process = {"pid": job.proc.pid, "host": socket.gethostname()}
