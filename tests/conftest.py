@@ -5,8 +5,10 @@ import functools
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -118,6 +120,51 @@ def run_train(
     return run_command([sys.executable, ROOT / "train.py", *overrides], cwd=cwd, env=env)
 
 
+def hold_at(epoch: int, hold: str | Path) -> list[str]:
+    """Overrides that hold a run at the start of `epoch` while the file `hold` exists."""
+    return [
+        "+callbacks.hold._target_=probes.HoldAtEpoch",
+        f"+callbacks.hold.epoch={epoch}",
+        f"+callbacks.hold.hold={hold}",
+    ]
+
+
+def start_held(args: Sequence[str | Path], holds: Sequence[Path], cwd: Path) -> subprocess.Popen:
+    """Start `python ARGS` (stdout and stderr together) and return once the run has reached each
+    of `holds` (probes.HoldAtEpoch, probes.hold_packs): it is then certainly running, its earlier
+    epochs and their checkpoints written, however fast or slow the machine."""
+    for hold in holds:
+        hold.touch()
+    proc = subprocess.Popen(
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        env=script_env(home=cwd),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # A background job of a non-interactive shell starts with SIGINT ignored; a run must
+        # take Ctrl-C wherever the tests run.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + COMMAND_TIMEOUT  # a bound on a hang, not a race
+    while not all(Path(f"{hold}.reached").exists() for hold in holds):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run ended or hung before it was held:\n{proc.communicate()[0]}")
+        time.sleep(0.1)
+    return proc
+
+
+def wait_for(proc: subprocess.Popen) -> str:
+    """Its output, once it has ended (a process that hangs fails the test)."""
+    try:
+        return proc.communicate(timeout=COMMAND_TIMEOUT)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still running after {COMMAND_TIMEOUT}s:\n{proc.communicate()[0]}")
+
+
 def wandb_leet(run_dir: Path, *flags: str) -> str:
     """What W&B's own reader (`wandb leet inspect`) prints of an offline run: no account needed."""
     wandb = Path(sys.executable).with_name("wandb")
@@ -142,6 +189,24 @@ def here(*args: str, main: Callable[[], None] = train_main) -> str:
         finally:
             GlobalHydra.instance().clear()
     return out.getvalue()
+
+
+def here_exit(
+    *args: str, main: Callable[[], None] = train_main
+) -> tuple[int | str | None, str, str]:
+    """`here`, for a command that exits (a refused config, a sweep in which a job did not
+    finish): its exit status, stdout and stderr."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["script.py", *args])
+        out, err = io.StringIO(), io.StringIO()
+        mp.setattr(sys, "stdout", out)
+        mp.setattr(sys, "stderr", err)
+        try:
+            with pytest.raises(SystemExit) as e:
+                main()
+        finally:
+            GlobalHydra.instance().clear()
+    return e.value.code, out.getvalue(), err.getvalue()
 
 
 def results(folder: Path) -> dict:

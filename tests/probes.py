@@ -158,3 +158,22 @@ def _resolve(point: str) -> tuple[object, str]:
             owner = getattr(owner, part)
         return owner, parts[-1]
     raise ValueError(f"no function {point}")
+
+
+def hold_packs(epoch: int, hold: str) -> None:
+    """HoldAtEpoch for packs, which run no Lightning callbacks: once pack epoch `epoch - 1` has
+    ended (its checkpoints and heartbeat written), a pack writes `<hold>.reached` and waits while
+    `hold` exists. For this process only: see held_pack_train.py."""
+    from actlab import pack
+
+    end_epoch = pack.PackTrainer._end_epoch
+
+    def held(self: pack.PackTrainer, done: int, sums) -> None:
+        end_epoch(self, done, sums)
+        path = Path(hold)
+        if done + 1 == epoch and path.exists():
+            Path(f"{path}.reached").write_text(str(epoch))
+            while path.exists():
+                time.sleep(0.05)
+
+    pack.PackTrainer._end_epoch = held

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 import wandb
-from conftest import run_command, run_train, script_env
+from conftest import here_exit, run_command, run_train, script_env
 from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
@@ -25,7 +24,6 @@ from actlab.loggers import announce, wandb_logger
 from actlab.results import write_json
 from actlab.runs import check_output_dirs
 from actlab.train import CONFIG_DIR
-from actlab.train import main as train_main
 from actlab.validation import validate
 from actlab.wandb_runs import wandb_api_key_configured
 
@@ -194,21 +192,17 @@ def cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None):
 
 
 def exit_message(monkeypatch: pytest.MonkeyPatch, *args: str) -> str:
-    """What `python train.py ARGS` exits with, run in this process (sys.exit(message))."""
-    monkeypatch.setattr(sys, "argv", ["train.py", *args])
-    try:
-        with pytest.raises(SystemExit) as e:
-            train_main()
-    finally:
-        GlobalHydra.instance().clear()
-    return e.value.code
+    """The one line `python train.py ARGS` prints as it exits, run in this process."""
+    status, _, err = here_exit(*args)
+    assert status in (1, 2), err
+    return err.strip().splitlines()[-1]
 
 
 def test_user_error_is_one_line_and_a_failed_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     args = ["data=synthetic", "logger=csv", "data.batch_size=0", f"paths.log_dir={tmp_path}/logs"]
-    message = exit_message(monkeypatch, *args)  # Python prints it: one line, exit status 1
+    message = exit_message(monkeypatch, *args)  # one line, exit status 2
     assert message == "error: invalid config: data.batch_size=0 must be an integer >= 1"
     (results,) = (tmp_path / "logs" / "runs").glob("*/results.json")
     assert json.loads(results.read_text())["status"] == "failed"
@@ -354,7 +348,7 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path: Path, entry: str) -> None:
         [sys.executable, ROOT / entry, f"ckpt_path={fake}", "data=synthetic", "logger=csv"],
         cwd=tmp_path,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"error: {fake} is not a checkpoint torch can read (RuntimeError): give a .ckpt file "
         "from a run's checkpoints/."
@@ -369,7 +363,7 @@ def test_a_user_error_in_a_resolver_stops_a_parallel_sweep_in_one_line(tmp_path:
         f"paths.log_dir={tmp_path}",
         cwd=tmp_path,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr == (
         "error: launch.jobs_per_gpu, launch.cpus_per_job and launch.cpus must be at least 1.\n"
     )

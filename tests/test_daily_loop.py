@@ -22,6 +22,7 @@ from conftest import (
     COMMAND_TIMEOUT,
     QUICK,
     here,
+    here_exit,
     metric_rows,
     results,
     run_command,
@@ -211,9 +212,9 @@ def test_eval_of_a_gpu_run_on_a_machine_without_one_says_what_to_add(
     trained.trainer.accelerator = "gpu"  # as a run trained with trainer=gpu records it
     OmegaConf.save(trained, config)
     best = folder / "checkpoints" / Path(resumed["record"]["best_checkpoint"]).name
-    with pytest.raises(SystemExit) as e:
-        here(f"ckpt_path={best}", main=eval_main)
-    assert str(e.value.code) == (
+    status, _, err = here_exit(f"ckpt_path={best}", main=eval_main)
+    assert status == 2
+    assert err.strip().splitlines()[-1] == (
         "error: gpu_run trained with trainer.accelerator=gpu and no GPU is visible here: "
         "add accelerator=cpu to test it on the CPU."
     )
@@ -249,7 +250,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
     of the first non-finite loss: how soon the run stopped after it is then a measured fact.
     """
     tmp = tmp_path_factory.mktemp("sweep")
-    stdout = here(
+    status, stdout, _ = here_exit(
         "-m",
         *QUICK,
         "logger=csv",
@@ -264,6 +265,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
         f"hydra.sweep.dir={tmp}/sweep",
         "hydra.sweep.subdir=${hydra.job.num}",  # the overrides above make too long a name
     )
+    assert status == 1  # jobs diverged: the sweep says so in its exit status
     jobs, dirs = {}, {}
     for folder in (tmp / "sweep").iterdir():
         if folder.is_dir():

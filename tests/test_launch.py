@@ -130,7 +130,7 @@ def test_parallel_sweep_isolates_a_failed_job_and_resumes(tmp_path: Path) -> Non
     (leaky / "checkpoints").write_text("in the way")
 
     proc = run([*command, *args])
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # a job failed
     first = results(sweep)
     assert {r["config"]["act"]: r["status"] for r in first.values()} == {
         "relu": "finished",
@@ -212,7 +212,7 @@ def test_slurm_sweep_reports_a_killed_job_and_resumes(tmp_path: Path, slurm_clus
         sweep_proc.kill()
         run(["scancel", "-n", name])
     hold.unlink()  # the resumed sweep has the same config and trains straight through
-    assert sweep_proc.returncode == 0, err
+    assert sweep_proc.returncode == 1, err  # a job was killed
     first = results(sweep)
     assert {r["config"].get("act"): r["status"] for r in first.values()} == {
         "relu": "finished",

@@ -26,9 +26,9 @@ WEIGHT_ATOL = 1e-4
 MNIST_WEIGHT_RTOL = 0.05
 
 
-def _sweep(tmp: Path, *args: str, base: list[str] = SWEEP) -> dict[str, Path]:
+def _sweep(tmp: Path, *args: str, base: list[str] = SWEEP, status: int = 0) -> dict[str, Path]:
     proc = run_train("-m", *base, *args, f"hydra.sweep.dir={tmp}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == status, proc.stdout + proc.stderr
     return {p.parent.name: p.parent for p in tmp.glob("*/.hydra")}
 
 
@@ -95,7 +95,7 @@ def test_each_member_has_its_own_wandb_run_that_tells_its_status(tmp_path: Path)
     run ends with a non-zero exit code and its status in the summary."""
     base = [a for a in SWEEP if a != "logger=csv"]  # the default logger: W&B (offline) + CSV
     grid = ["hydra/sweeper=packed", "model.act=none", "optimizer.lr=1000,0.05"]
-    jobs = _sweep(tmp_path, *grid, base=base)
+    jobs = _sweep(tmp_path, *grid, base=base, status=1)  # a member diverged
     seen = {}
     for folder in jobs.values():
         record = read_results(folder)
@@ -191,6 +191,7 @@ def test_diverging_and_invalid_members_leave_the_others_alone(
         "model.act=relu,none",
         "seed=0",
         "optimizer.lr=0.01,50,-1",
+        status=1,
     )
     records = {name: read_results(f) for name, f in jobs.items()}
     by_lr = {}
@@ -259,8 +260,9 @@ def test_ctrl_c_leaves_members_interrupted_and_resume_reruns_only_unfinished(
 
     with monkeypatch.context() as m:
         m.setattr(pack.PackTrainer, "_end_epoch", interrupt_after_epoch_1)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit) as e:
             _main(monkeypatch, *args)
+        assert e.value.code == 130  # 128 + SIGINT, as after Ctrl-C
     folders = sorted(p.parent for p in tmp_path.glob("*/.hydra"))
     assert len(folders) == 2
     for folder in folders:

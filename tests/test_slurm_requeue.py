@@ -209,7 +209,7 @@ def test_a_requeued_pack_continues_its_members(tmp_path: Path, slurm_cluster) ->
         assert_continued(jobs[act, True], jobs[act, False])
 
 
-def test_a_job_at_its_time_limit_with_no_requeue_left_fails_resumable(
+def test_a_job_at_its_time_limit_with_no_requeue_left_is_interrupted_resumable(
     tmp_path: Path, slurm_cluster
 ) -> None:
     hold, name = tmp_path / "hold", f"actlab-timeout-{os.getpid()}"
@@ -230,7 +230,7 @@ def test_a_job_at_its_time_limit_with_no_requeue_left_fails_resumable(
         slurm("scancel", "-n", name)
     folder = tmp_path / "sweep" / "job0"
     record = results(folder)
-    assert record["status"] == "failed"
+    assert record["status"] == "interrupted"  # +resume=true continues it
     assert record["error"] == (
         f"SLURM job {job_id} reached its time limit (hydra.launcher.timeout_min=10) with its "
         "requeues used up (hydra.launcher.max_num_timeout=0): +resume=true continues it from "

@@ -11,7 +11,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import QUICK, here, metric_rows, results, run_folder_with_checkpoint, wandb_inspect
+from conftest import (
+    QUICK,
+    here,
+    here_exit,
+    metric_rows,
+    results,
+    run_folder_with_checkpoint,
+    wandb_inspect,
+)
 from hydra import compose, initialize_config_dir
 
 import actlab.train
@@ -49,7 +57,7 @@ def test_grad_norms_are_logged_before_clipping(tmp_path: Path) -> None:
 
 
 def test_wandb_run_of_a_job_that_did_not_finish_says_so(tmp_path: Path) -> None:
-    here(
+    status, _, _ = here_exit(
         "-m",
         *QUICK,
         "logger=wandb",
@@ -57,6 +65,7 @@ def test_wandb_run_of_a_job_that_did_not_finish_says_so(tmp_path: Path) -> None:
         "optimizer.lr=1000,0.05",  # diverges on this data; converges
         f"hydra.sweep.dir={tmp_path}/sweep",
     )
+    assert status == 1  # a job did not finish
     seen = {}
     for job in (tmp_path / "sweep").iterdir():
         if (job / ".hydra").is_dir():  # a job folder (the sweep's own wandb/ is its summary)
@@ -170,10 +179,10 @@ def test_resume_true_refuses_a_finished_job_of_another_config(
     folder = copy_of(finished_run, tmp_path)
     before = (folder / "results.json").read_bytes()
     args = [*QUICK, "logger=csv", "trainer.max_epochs=2", f"hydra.run.dir={folder}"]
-    with pytest.raises(SystemExit) as e:
-        here(*args, "optimizer.momentum=0.5", "+resume=true")
-    assert "holds a finished run of another config" in str(e.value.code)
-    assert "optimizer.momentum: 0.9 -> 0.5" in str(e.value.code)
+    status, _, err = here_exit(*args, "optimizer.momentum=0.5", "+resume=true")
+    assert status == 2
+    assert "holds a finished run of another config" in err
+    assert "optimizer.momentum: 0.9 -> 0.5" in err
     # Keys that cannot change the result (here the loggers) do not count: skipped as finished.
     here(*args, "logger=wandb", "+resume=true")
     assert (folder / "results.json").read_bytes() == before
@@ -232,7 +241,7 @@ def test_a_failed_job_run_again_starts_clean_and_keeps_the_failed_attempt(tmp_pa
     # A file where the job wants its checkpoint folder: it fails after training its first epoch.
     job.mkdir(parents=True)
     (job / "checkpoints").write_text("in the way")
-    here(*args)
+    assert here_exit(*args)[0] == 1
     failed = results(job)
     assert failed["status"] == "failed"
     failed_rows = metric_rows(job)

@@ -37,7 +37,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("wandb_summary")
     env = script_env(NETRC=str(tmp / "no-netrc"), WANDB_CONFIG_DIR=str(tmp / "wandb-config"))
     proc = run_train(*SWEEP, f"hydra.sweep.dir={tmp / 'sweep'}", env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # failed jobs
     # After the sweep's table, one line says where the summary run went.
     assert proc.stdout.index("Sweep ") < proc.stdout.index("W&B sweep summary run: ")
     return tmp / "sweep"
@@ -168,8 +168,10 @@ def test_make_report_writes_the_summary_of_a_sweep_that_has_none_once(
     make_job(sweep, 0.3, 0, status="failed")
     # A sweep run with logger=csv ends (Hydra's callbacks, as configured) without a W&B run.
     config = compose_train("logger=csv", f"hydra.sweep.dir={sweep}")
-    for callback in config.hydra.callbacks.values():
-        instantiate(callback).on_multirun_end(config)
+    callbacks = [instantiate(c) for c in config.hydra.callbacks.values()]
+    with pytest.raises(SystemExit):  # in Hydra's order, the reverse: exit status 1 comes last
+        for callback in reversed(callbacks):
+            callback.on_multirun_end(config)
     assert not (sweep / "wandb").exists()
     # Without W&B, `make report` writes its files only.
     monkeypatch.setenv("WANDB_MODE", "disabled")

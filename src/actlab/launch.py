@@ -4,9 +4,10 @@ A machine with G visible GPUs and `jobs_per_gpu=k` has G*k slots; without GPUs i
 `cpus_per_job` cores. A job takes the lowest free slot when it starts, by an exclusive `flock` on
 `<lock_dir>/slot-<i>.lock`, and holds it until it ends: the kernel drops the lock when the process
 dies, so a crashed job frees its slot and no instant ever has more than k jobs on one GPU. The GPU
-is chosen in code (`Trainer(devices=[i])`) because loky reuses worker processes, where a per-job
-`CUDA_VISIBLE_DEVICES` has no effect once CUDA is initialised.
+is chosen in code (`Trainer(devices=[i])`): a `CUDA_VISIBLE_DEVICES` set for a job has no effect
+in a process that has initialised CUDA before.
 
+The parallel launcher is `hydra_plugins.actlab_parallel.ParallelLauncher` (a process per job),
 SLURM sweeps use `hydra_plugins.actlab_slurm.SlurmLauncher` (Hydra loads launchers only from the
 `hydra_plugins` package).
 """

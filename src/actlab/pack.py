@@ -45,10 +45,11 @@ from torch import nn
 from actlab import checkpoints
 from actlab import loggers as actlab_loggers
 from actlab.data import batch_order
-from actlab.errors import UserError
+from actlab.errors import Interrupted, UserError, interruption
 from actlab.launch import finished_before, usable_cores
 from actlab.results import (
     RESULTS,
+    Heartbeat,
     logged_config,
     provenance,
     read_results,
@@ -410,23 +411,25 @@ def start_record(m: Member) -> dict[str, Any]:
     )
 
 
-def fail_unended(pack_dir: Path, error: str) -> list[str]:
-    """Record `failed` each member of a pack that ended without a result (SLURM cancelled it,
-    it timed out or was killed for memory, or it never started): a member left `running` or
-    without a folder would be neither resumed as unfinished nor listed. Returns their names."""
-    failed = []
+def fail_unended(pack_dir: Path, error: str, status: str = "failed") -> list[str]:
+    """Record each member of a pack that ended without a result (SLURM cancelled it, it timed
+    out or was killed for memory, its process was killed): a member that was running gets
+    `status` (`lost`: +resume=true continues it), one that never started `failed`. A member left
+    `running` or without a folder would be neither resumed nor listed. Returns their names."""
+    ended = []
     for i, full in enumerate(OmegaConf.load(pack_dir / MANIFEST)):
         out = Path(full.hydra.runtime.output_dir)
         record = read_results(out)
-        if record is None:
+        started = record is not None
+        if not started:
             m = member_from(full, i)  # never started: its .hydra/ lists it in the sweep table
             record = start_record(m)
         if record.get("status") != "running":
             continue  # it ended on its own (finished, diverged, failed) before the pack died
-        record.update(status="failed", error=error)
+        record.update(status=status if started else "failed", error=error)
         write_json(out / RESULTS, record)
-        failed.append(out.name)
-    return failed
+        ended.append(out.name)
+    return ended
 
 
 def max_members(device: torch.device) -> int:
@@ -465,6 +468,7 @@ class PackTrainer:
         self.keep_best = bool(callbacks.get("model_checkpoint"))
         self.keep_last = bool(callbacks.get("last_checkpoint"))
         self.global_step = 0
+        self.heartbeat: Heartbeat | None = None
         self._loop_template: dict[str, Any] | None = None
         self.start = time.perf_counter()
         self.datamodule = instantiate(first.data)
@@ -669,6 +673,8 @@ class PackTrainer:
             # Only now: killed before, last.ckpt still names a best checkpoint that exists.
             if old and old != m.best_path:
                 old.unlink(missing_ok=True)
+        if self.heartbeat:
+            self.heartbeat.beat(epoch + 1)
 
     def save(self, m: Member, path: Path, state: dict[str, torch.Tensor], epoch: int) -> None:
         """A checkpoint in the solo job's format: eval.py and `ckpt_path=` read it."""
@@ -813,6 +819,7 @@ def train_pack(cfg: DictConfig) -> dict[str, Any]:
             for i, m in enumerate(pack):
                 m.index = i
                 m.record["pack"] = {"id": pack_dir.name, "size": len(pack), "member": i}
+                m.write()  # a pack killed outright leaves records that say it was one
             try:
                 _fit_members(cfg, pack)
             except BaseException as e:
@@ -869,6 +876,8 @@ def member_logs() -> Iterator[_MemberLogs]:
 def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
     slot = None
     trainer: PackTrainer | None = None
+    heartbeat = Heartbeat([m.out for m in members])
+    heartbeat.start()
     try:
         torch.set_num_threads(cfg.get("threads") or usable_cores())
         slot = instantiate(cfg.launch).acquire() if cfg.get("launch") else None
@@ -880,6 +889,7 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
         device = torch.device(slot.device if slot and not slot.simulated else _device(cfg))
         log.info("pack of %d members on %s: %s", len(members), device, _names(members))
         trainer = PackTrainer(members, device)
+        trainer.heartbeat = heartbeat
         for m in members:
             with hydra_of(m.full):
                 for c in (m.cfg.get("logger") or {}).values():
@@ -922,24 +932,34 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
             )
         return {"status": "finished", "metrics": {}}
     except BaseException as e:
-        _end_unended(members, e, trainer.seconds() if trainer else 0.0)
+        seconds = trainer.seconds() if trainer else 0.0
+        if (stop := _end_unended(members, e, seconds)) is not None and stop is not e:
+            raise stop from e  # Lightning's stand-in for the signal: exit 128 + its number
         raise
     finally:
+        heartbeat.stop()
         if slot:
             slot.release()
 
 
-def _end_unended(members: list[Member], e: BaseException, seconds: float) -> None:
-    """Record each member still running as the exception `e` that stopped the pack ends it."""
+def _end_unended(members: list[Member], e: BaseException, seconds: float) -> Interrupted | None:
+    """Record each member still running as the exception `e` that stopped the pack ends it;
+    returns the signal that stopped it, if one did."""
+    stop = interruption(e)
     for m in members:
         if m.status != "running":
             continue
-        if isinstance(e, KeyboardInterrupt):
-            last = m.last_path or m.resumed
-            last = str(last) if last else None
-            m.end("interrupted", "KeyboardInterrupt", last_checkpoint=last, seconds=seconds)
-        else:
+        if stop is None:
             m.end("failed", f"{type(e).__name__}: {e}", seconds=seconds)
+            continue
+        last = m.last_path or m.resumed
+        last = str(last) if last else None
+        m.end("interrupted", str(stop), last_checkpoint=last, seconds=seconds)
+        if last:
+            log.info("%s: interrupted; to resume: python train.py ckpt_path=%s", m.out.name, last)
+        else:
+            log.info("%s: interrupted before a checkpoint was saved", m.out.name)
+    return stop
 
 
 def _device(cfg: DictConfig) -> str:

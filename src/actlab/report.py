@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from actlab import ROOT
-from actlab.results import RESULTS, compared, read_results
+from actlab.results import RESULTS, compared, effective_record, last_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,11 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job, by folder name, unfinished and failed jobs included (status says which)."""
+    """One row per job, by folder name, unfinished and failed jobs included (status says which);
+    with a `last heartbeat` column where a job is lost."""
     jobs = sorted(load_jobs(sweep_dir, history=False), key=lambda j: j.folder)
     metric = task_metric(jobs)
+    lost = any(j.status == "lost" for j in jobs)
     return [
         {
             "job": j.folder.relative_to(sweep_dir).as_posix() or ".",
@@ -49,6 +51,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             "dead/mean": j.metrics.get("dead/mean"),
             "epochs": j.epochs,
             "seconds": j.seconds,
+            **({"last heartbeat": j.heartbeat} if lost else {}),
         }
         for j in jobs
     ]
@@ -80,6 +83,27 @@ class SweepSummary(Callback):
             print(f"\n{len(failed)} job(s) did not finish: {', '.join(failed)}")
 
 
+# Sweepers that run every job of a grid: a job that did not finish is a hole in the results. A
+# search (Optuna) that ran to its end exits 0 however many trials failed: those are its results.
+GRID_SWEEPERS = (
+    "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+    "hydra_plugins.actlab_grid.GridSweeper",
+    "hydra_plugins.actlab_packed.PackedSweeper",
+)
+
+
+class SweepExitStatus(Callback):
+    """Exit status 1 for a grid sweep in which a job did not finish (failed, diverged,
+    interrupted, lost), so that a script or CI can tell. Listed first in configs/hydra/default.yaml:
+    Hydra ends a multirun with its callbacks in reverse order, so this comes after the table."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.sweeper.get("_target_") not in GRID_SWEEPERS:
+            return
+        if any(r["status"] != "finished" for r in collect(Path(config.hydra.sweep.dir))):
+            sys.exit(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # The comparison report: one row per configuration, statistics over its seeds, and plots.
 
@@ -99,6 +123,7 @@ class Job:
     seconds: float | None = None
     history: Any = None  # pandas DataFrame: one row per epoch, or None without metrics.csv
     num: int | None = None  # Hydra's job number in the sweep
+    heartbeat: str | None = None  # when a lost job's process was last alive (UTC)
 
     @property
     def finished(self) -> bool:
@@ -145,7 +170,7 @@ def load_jobs(sweep_dir: Path, history: bool = True) -> list[Job]:
     """Every job of the sweep in the sweep's order; `history` also reads each metrics.csv."""
     jobs = []
     for folder in job_dirs(sweep_dir):
-        res = read_results(folder) or {"status": "no results", "config": {}}
+        res = effective_record(folder) or {"status": "no results", "config": {}}
         overrides = _overrides(folder)
         cfg = res.get("config", {})
         act = cfg.get("act") or overrides.get("model.act")
@@ -169,6 +194,9 @@ def load_jobs(sweep_dir: Path, history: bool = True) -> list[Job]:
                 seconds=res.get("seconds"),
                 history=epoch_history(folder / "csv" / "metrics.csv") if history else None,
                 num=res.get("job", {}).get("num"),
+                heartbeat=(last_heartbeat(folder) or {}).get("time")
+                if res["status"] == "lost"
+                else None,
             )
         )
     # The sweep's own order (relu, leaky, none as the user listed them), not the folders' names.

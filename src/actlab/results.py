@@ -1,12 +1,23 @@
-"""Each job's record of what it was and what it got: `results.json`, written atomically."""
+"""Each job's record of what it was and what it got: `results.json`, written atomically.
+
+A job's record says `running` until the job ends; it also names the process (host, pid, start
+time) and, beside it, `heartbeat.json` says when that process was last alive. A process killed
+outright (kill -9, the OOM killer, a node that went down) writes no end: `effective_record` then
+reads the record as `lost`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import tempfile
+import threading
+import time
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -17,6 +28,11 @@ from actlab import ROOT
 from actlab.errors import UserError
 
 RESULTS = "results.json"
+HEARTBEAT = "heartbeat.json"
+HEARTBEAT_SECONDS = 60.0
+# A running record of another host reads `lost` once its heartbeat is older than this: three
+# beats missed, and a minute for clocks that disagree and shared file systems that show a file late.
+LOST_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS + 60
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -103,7 +119,153 @@ def running_record(
         "job": {"name": name, "num": num, "overrides": overrides},
         "config": describe(cfg, choices),
         "composed_config": composed,
+        "process": this_process(),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Is the job's process alive? Its identity in the record, and its heartbeat
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot, from /proc); None where there is no such
+    process, it has ended (a zombie), or there is no /proc (macOS)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the name, which may hold spaces
+    if fields[0] in ("Z", "X"):  # fields[0] is stat's 3rd field, the state; starttime its 22nd
+        return None
+    return int(fields[19])
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def this_process() -> dict[str, Any]:
+    """What tells this process from any other, even one with the same pid later: host, boot,
+    pid and start time."""
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "boot": _boot_id(),
+        "pid": pid,
+        "start": _start_ticks(pid),
+    }
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Heartbeat:
+    """`heartbeat.json` in each job folder: the UTC time (and the epochs done), written when the
+    job starts, at each epoch end, and every HEARTBEAT_SECONDS in between by a thread of its own,
+    so that a long epoch or a slow test still beats."""
+
+    def __init__(self, folders: list[Path], seconds: float = HEARTBEAT_SECONDS) -> None:
+        self.folders, self.seconds = list(folders), seconds
+        self.epochs: int | None = None
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat_on, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        if self.folders:  # DDP: only rank 0 writes the job's files
+            self.beat()
+            self._thread.start()
+
+    def beat(self, epochs: int | None = None) -> None:
+        with self._lock:
+            if epochs is not None:
+                self.epochs = epochs
+            beat = {"time": utc_now(), "epochs": self.epochs}
+            for folder in self.folders:
+                # A full disk must not stop training: the record says it when the job ends.
+                with contextlib.suppress(UserError):
+                    write_json(folder / HEARTBEAT, beat)
+
+    def _beat_on(self) -> None:
+        while not self._stopped.wait(self.seconds):
+            self.beat()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def last_heartbeat(job_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(job_dir) / HEARTBEAT).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _gone(process: dict[str, Any], last_alive: float, now: float) -> bool:
+    """Whether the process a record names has ended. On its own host the process table says (a
+    pid that now belongs to another process has another start time); elsewhere, the heartbeat."""
+    if process.get("host") == socket.gethostname():
+        if process.get("boot") != _boot_id():
+            return True  # the machine restarted since
+        if process.get("start") is not None:
+            return _start_ticks(process["pid"]) != process["start"]
+        try:  # no /proc: the pid alone, and a pid that lives on may be another process's
+            os.kill(process["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    return now - last_alive > LOST_AFTER_SECONDS
+
+
+def lost_error(process: dict[str, Any], beat: dict[str, Any] | None, how: str) -> str:
+    """What a lost record's `error` says: which process, how it ended, when it last beat."""
+    where = f"pid {process.get('pid')} on {process.get('host')}"
+    if beat is None:
+        return f"its process ({where}) {how}, before its first heartbeat"
+    done = f", {beat['epochs']} epoch(s) done" if beat.get("epochs") is not None else ""
+    return f"its process ({where}) {how}; last heartbeat {beat['time']}{done}"
+
+
+def record_lost(job_dir: Path, error: str) -> bool:
+    """Write `lost` into a record its process left `running` (`error` says how it ended); False
+    when the record had ended, or there is none."""
+    record = read_results(job_dir)
+    if record is None or record.get("status") != "running":
+        return False
+    record.update(status="lost", heartbeat=last_heartbeat(job_dir), error=error)
+    write_json(Path(job_dir) / RESULTS, record)
+    return True
+
+
+def effective_record(job_dir: Path, record: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The job's record as it stands now (read from its folder unless given): a `running` record
+    whose process is gone reads `lost`, with its last heartbeat (`heartbeat`) and an `error` that
+    says so. The one place that decides whether a job still runs: sweep table, report, W&B."""
+    record = read_results(job_dir) if record is None else record
+    if record is None or record.get("status") != "running" or not record.get("process"):
+        return record
+    beat = last_heartbeat(job_dir)
+    try:
+        last_alive = datetime.fromisoformat(beat["time"]).timestamp() if beat else None
+    except (KeyError, TypeError, ValueError):
+        last_alive = None
+    if last_alive is None:  # killed before its first beat: the record's own time
+        last_alive = (Path(job_dir) / RESULTS).stat().st_mtime
+    process = record["process"]
+    if not _gone(process, last_alive, time.time()):
+        return record
+    if process.get("host") == socket.gethostname():
+        how = "ended without recording an end"
+    else:
+        how = f"has not beaten for more than {LOST_AFTER_SECONDS:.0f} s"
+    return {**record, "status": "lost", "heartbeat": beat, "error": lost_error(process, beat, how)}
 
 
 # Keys of the composed config that cannot change what a job computes: where its files go, how it

@@ -29,7 +29,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from actlab.errors import UserError
+from actlab.errors import UserError, exit_with
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,8 @@ class HoldSweepDir(Callback):
             self.lock = SweepLock(Path(str(config.hydra.sweep.dir))).acquire()
         except UserError as e:
             # Hydra turns an Exception raised in a callback into a warning and runs the sweep
-            # anyway; SystemExit ends it here, before the sweeper writes a thing.
-            raise SystemExit(f"error: {e}") from None
+            # anyway; exiting ends it here, before the sweeper writes a thing.
+            exit_with(e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.lock is not None:

@@ -23,10 +23,19 @@ from omegaconf import DictConfig, OmegaConf
 from actlab import CONFIG_DIR
 from actlab import loggers as actlab_loggers
 from actlab.checkpoints import SafeCheckpointIO
-from actlab.errors import Diverged, UserError, one_line_errors, user_error
+from actlab.errors import (
+    Diverged,
+    UserError,
+    exit_with,
+    interruption,
+    one_line_errors,
+    stop_on_signals,
+    user_error,
+)
 from actlab.launch import ShareIdleCores, Slot, finished_before, usable_cores
 from actlab.results import (
     RESULTS,
+    Heartbeat,
     logged_config,
     provenance,
     read_results,
@@ -105,6 +114,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt:
         record["initialized_from" if weights_only else "resumed_from"] = cfg.ckpt_path or str(ckpt)
     save()
+    heartbeat = Heartbeat([out] if primary else [])
+    heartbeat.start()
     start = time.perf_counter()
     loggers: list = []
     trainer: L.Trainer | None = None
@@ -119,6 +130,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             save()
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, model, trainer = build(cfg, slot)
+        trainer.callbacks.append(_EpochBeat(heartbeat))
         if weights_only:
             load_weights(model, ckpt)
         loggers = trainer.loggers
@@ -166,9 +178,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return record
     except BaseException as raised:
         e = user_error(raised) or raised
-        # Lightning turns Ctrl-C inside fit into sys.exit(1), raised while handling the interrupt.
-        if isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt):
-            record.update(status="interrupted", error="KeyboardInterrupt")
+        if (stop := interruption(e)) is not None:  # SIGTERM, SIGINT (Ctrl-C)
+            record.update(status="interrupted", error=str(stop))
             record["last_checkpoint"] = _last_checkpoint(trainer)
         else:
             status = "diverged" if isinstance(e, Diverged) else "failed"
@@ -176,10 +187,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         record["seconds"] = round(time.perf_counter() - start, 2)
         with contextlib.suppress(UserError):  # a full disk must not hide the original error
             save()
+        if stop is not None and stop is not e:  # Lightning's stand-in: exit 128 + the signal
+            raise stop from e
         if e is not raised:  # the user's mistake, not Hydra's "Error in call to target"
             raise e from None
         raise
     finally:
+        heartbeat.stop()
         if slot:
             slot.release()
         # Without finish() the next job of a multirun in this process would log into this run.
@@ -245,6 +259,14 @@ class MetricsInCheckpoints(L.Callback):
         checkpoint["metrics"] = {k: v.item() for k, v in trainer.callback_metrics.items()}
 
 
+class _EpochBeat(L.Callback):
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self.heartbeat = heartbeat
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.heartbeat.beat(trainer.current_epoch + 1)
+
+
 def _last_checkpoint(trainer: L.Trainer | None) -> str | None:
     """The end-of-epoch last.ckpt an interrupted run resumes from, exactly as if never stopped.
 
@@ -268,7 +290,7 @@ def run(cfg: DictConfig) -> float | None:
         record = train(cfg)
     except UserError as e:
         if not multirun:
-            sys.exit(f"error: {e}")
+            exit_with(e)  # here: raised, Hydra would print its own line before ours
         log.error("job failed: %s", e)
         return None
     except Exception:
@@ -283,7 +305,7 @@ def run(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """`python train.py [overrides]`; `ckpt_path=<run>/checkpoints/last.ckpt` resumes that run."""
-    with one_line_errors():
+    with one_line_errors(), stop_on_signals():
         ckpt = checkpoint_arg(sys.argv[1:])
         require_checkpoint(ckpt)
         sys.argv[1:] = args = resume_args(sys.argv[1:])

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf, open_dict
 
 from actlab.errors import UserError
 from actlab.pack import MANIFEST, fail_unended
-from actlab.results import RESULTS, describe, read_results, write_json
+from actlab.results import RESULTS, describe, read_results, record_lost, write_json
 from actlab.runs import quote
 
 log = logging.getLogger(__name__)
@@ -221,9 +221,9 @@ class SlurmLauncher(_SubmititSlurmLauncher):
                     error=f"SLURM job {env.job_id} was requeued (time limit near, or preempted): "
                     f"it continues from {record['last_checkpoint'] or 'the start'}",
                 )
-            else:
+            else:  # stopped from outside, as by Ctrl-C: +resume=true continues it
                 record.update(
-                    status="failed",
+                    status="interrupted",
                     requeues=requeues,
                     error=f"SLURM job {env.job_id} reached its time limit "
                     f"(hydra.launcher.timeout_min={self.params['timeout_min']}) with its requeues "
@@ -343,18 +343,21 @@ class SlurmLauncher(_SubmititSlurmLauncher):
         return self.record_failed(overrides, error, num)
 
     def record_failed(self, overrides: Sequence[str], error: str, num: int) -> JobReturn:
-        """Record a job that wrote no result as failed in its folder (unless it finished)."""
+        """Record a job that wrote no result in its folder: `lost` if it had started (killed at
+        its time limit, for memory, cancelled), `failed` if it never did; a finished one stays."""
         cfg, out = self.job_config(overrides, num)
         record = read_results(out) or {
             "job": {"name": out.name, "overrides": list(overrides)},
             "config": describe(cfg, cfg.hydra.runtime.choices),
         }
-        if record.get("status") != "finished":
+        if record.get("status") == "running":  # started, then killed: +resume=true continues it
+            record_lost(out, error)
+        elif record.get("status") != "finished":
             record.update(status="failed", error=error)
             write_json(out / RESULTS, record)
         log.error("%s (%s)", error, out.name)
         if (out / MANIFEST).exists():  # a pack: its members are the sweep's jobs, listed instead
-            for name in fail_unended(out, error):
+            for name in fail_unended(out, error, "lost"):
                 log.error("%s (%s, a member of %s)", error, name, out.name)
         elif not (out / ".hydra").is_dir():  # killed before it started: list it in the summary
             (out / ".hydra").mkdir(parents=True)
