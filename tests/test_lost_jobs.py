@@ -40,7 +40,7 @@ def ended_process() -> dict:
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                             stdin=subprocess.PIPE)  # fmt: skip
     identity = {**records.this_process(), "pid": proc.pid}
-    identity["start"] = records._start_ticks(proc.pid)
+    identity["start"] = records.process_start(proc.pid)
     proc.communicate(b"")
     return identity
 

@@ -17,8 +17,8 @@ from conftest import COMMAND_TIMEOUT, QUICK, run_train, script_env
 
 from actlab import ROOT, sweep_lock
 from actlab.errors import UserError
-from actlab.results import read_results
-from actlab.sweep_lock import LOCK, STALE_AFTER_S, SweepLock, process_start_time
+from actlab.results import process_start, read_results
+from actlab.sweep_lock import LOCK, STALE_AFTER_S, SweepLock
 
 SETTINGS = [*QUICK, "logger=csv", "trainer.max_epochs=2"]
 HOLD = ["+callbacks.hold._target_=probes.HoldAtEpoch", "+callbacks.hold.epoch=1"]
@@ -139,7 +139,7 @@ def test_a_lock_of_another_host_is_stale_only_after_its_heartbeat_bound(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     now = time.time()
-    fresh = {"host": "node-7", "pid": 4242, "start_time": now - 60, "since": now - 60}
+    fresh = {"host": "node-7", "pid": 4242, "start": 1234, "since": now - 60}
     _write_lock(tmp_path, **fresh, heartbeat=now - 5)
     refusal = _try(tmp_path)
     assert refusal is not None and "pid 4242 on node-7" in refusal
@@ -156,14 +156,14 @@ def test_a_lock_of_this_host_is_stale_when_its_process_is_gone_or_another(tmp_pa
     parent = os.getppid()  # a process that runs as long as this test
     me = {"host": socket.gethostname(), "pid": parent, "since": 0.0, "heartbeat": 0.0}
     # That process, by its start time: held, however old the heartbeat.
-    _write_lock(tmp_path, **me, start_time=process_start_time(parent))
+    _write_lock(tmp_path, **me, start=process_start(parent))
     assert _try(tmp_path) is not None
     # The same pid, another start time: the kernel gave the holder's pid to another process.
-    _write_lock(tmp_path, **me, start_time=12345.0)
+    _write_lock(tmp_path, **me, start=12345)
     assert _try(tmp_path) is None
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    _write_lock(tmp_path, **{**me, "pid": gone.pid, "heartbeat": time.time()}, start_time=None)
+    _write_lock(tmp_path, **{**me, "pid": gone.pid, "heartbeat": time.time()}, start=None)
     assert _try(tmp_path) is None
 
 

@@ -127,7 +127,7 @@ def running_record(
 # Is the job's process alive? Its identity in the record, and its heartbeat
 
 
-def _start_ticks(pid: int) -> int | None:
+def process_start(pid: int) -> int | None:
     """When process `pid` started (clock ticks after boot, from /proc); None where there is no such
     process, it has ended (a zombie), or there is no /proc (macOS)."""
     try:
@@ -155,7 +155,7 @@ def this_process() -> dict[str, Any]:
         "host": socket.gethostname(),
         "boot": _boot_id(),
         "pid": pid,
-        "start": _start_ticks(pid),
+        "start": process_start(pid),
     }
 
 
@@ -207,21 +207,28 @@ def last_heartbeat(job_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def process_gone(process: dict[str, Any]) -> bool | None:
+    """Whether the process a record or lock names (`this_process()` when it wrote it) has ended;
+    None where this host cannot tell (another host: its heartbeat decides). A pid that now
+    belongs to another process has another start time."""
+    if process.get("host") != socket.gethostname():
+        return None
+    if process.get("boot") not in (None, _boot_id()):
+        return True  # the machine restarted since
+    if process.get("start") is not None:
+        return process_start(process["pid"]) != process["start"]
+    try:  # no /proc: the pid alone, and a pid that lives on may be another process's
+        os.kill(process["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
 def _gone(process: dict[str, Any], last_alive: float, now: float) -> bool:
-    """Whether the process a record names has ended. On its own host the process table says (a
-    pid that now belongs to another process has another start time); elsewhere, the heartbeat."""
-    if process.get("host") == socket.gethostname():
-        if process.get("boot") != _boot_id():
-            return True  # the machine restarted since
-        if process.get("start") is not None:
-            return _start_ticks(process["pid"]) != process["start"]
-        try:  # no /proc: the pid alone, and a pid that lives on may be another process's
-            os.kill(process["pid"], 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-    return now - last_alive > LOST_AFTER_SECONDS
+    gone = process_gone(process)
+    return gone if gone is not None else now - last_alive > LOST_AFTER_SECONDS
 
 
 def lost_error(process: dict[str, Any], beat: dict[str, Any] | None, how: str) -> str:

@@ -1,11 +1,12 @@
 """One sweep folder, one sweep: the lock a sweep holds on its hydra.sweep.dir while it runs.
 
-`<sweep>/.sweep.lock` names its holder: host, pid, the process's start time (a pid the kernel has
-given to another process is not the holder), since when, and a heartbeat that a daemon thread
-rewrites every HEARTBEAT_S. It is a file, not an `flock`, because NFS and Lustre do not always
-carry flocks between hosts. A lock is stale, and taken over with one log line, when on this host
-its process is gone, or on another host its heartbeat is older than STALE_AFTER_S (a process on
-another host cannot be asked; the bound leaves room for clocks a few minutes apart).
+`<sweep>/.sweep.lock` names its holder: host, boot, pid and the process's start time (a pid the
+kernel has given to another process is not the holder: `actlab.results.process_gone`), since
+when, and a heartbeat that a daemon thread rewrites every HEARTBEAT_S. It is a file, not an
+`flock`, because NFS and Lustre do not always carry flocks between hosts. A lock is stale, and
+taken over with one log line, when on this host its process is gone, or on another host its
+heartbeat is older than STALE_AFTER_S (a process on another host cannot be asked; the bound
+leaves room for clocks a few minutes apart).
 
 The lock is taken in Hydra's `on_multirun_start`, before the sweeper writes multirun.yaml or any
 job folder, by the process that runs the sweeper (whatever the launcher), and released when the
@@ -19,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -30,41 +30,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from actlab.errors import UserError, exit_with
+from actlab.results import process_gone, this_process
 
 log = logging.getLogger(__name__)
 
 LOCK = ".sweep.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
-
-
-def process_start_time(pid: int) -> float | None:
-    """When process `pid` of this host started (seconds since the epoch), None where unknown
-    (no such process, or no /proc: not Linux). The same process always gives the same number."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(
-            line for line in Path("/proc/stat").read_text().splitlines() if line[:6] == "btime "
-        )
-    except (OSError, StopIteration):
-        return None
-    ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after "pid (comm)"
-    return int(boot.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def process_alive(host: str, pid: int, start_time: float | None) -> bool | None:
-    """Whether the process `pid` that started at `start_time` on `host` still runs; None when
-    this host cannot tell (another host: its heartbeat decides)."""
-    if host != socket.gethostname():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: it exists
-        pass
-    now = process_start_time(pid)
-    return start_time is None or now is None or abs(now - start_time) < 1.0
 
 
 def _stamp(t: float) -> str:
@@ -87,13 +59,12 @@ def _stale(holder: dict[str, Any], now: float) -> str | None:
     try:
         host, pid = str(holder["host"]), int(holder["pid"])
         beat = float(holder["heartbeat"])
-        start = None if holder.get("start_time") is None else float(holder["start_time"])
+        gone = process_gone(holder)
     except (KeyError, TypeError, ValueError):
         return "the lock file is not one a sweep wrote"
-    alive = process_alive(host, pid, start)
-    if alive is False:
+    if gone:
         return f"its process (pid {pid} on {host}) is gone"
-    if alive is None and now - beat > STALE_AFTER_S:
+    if gone is None and now - beat > STALE_AFTER_S:
         return f"its last heartbeat ({_stamp(beat)}, on {host}) is over {STALE_AFTER_S:.0f} s old"
     return None
 
@@ -105,9 +76,7 @@ class SweepLock:
         self.folder, self.path = folder, folder / LOCK
         now = time.time()
         self.holder = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "start_time": process_start_time(os.getpid()),
+            **this_process(),  # host, boot, pid, start
             "since": now,
             "heartbeat": now,
         }
