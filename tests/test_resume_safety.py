@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, here, results
+from conftest import QUICK, here, here_exit, results
 
 from actlab.eval import main as eval_main
 
@@ -44,11 +44,13 @@ def snapshot(folder: Path) -> dict[str, str | None]:
 
 
 def refused(*args: str) -> str:
-    """The one line a refused `python train.py ARGS` ends with."""
-    with pytest.raises(SystemExit) as e:
-        here(*args)
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
+    """The one line a refused `python train.py ARGS` ends with: exit status 2, or 1 for a mistake
+    Hydra finds in the command line, as Hydra's own."""
+    code, _, err = here_exit(*args)
+    message = err.strip()
+    usage = "is not a key of this config" in message
+    assert code == (1 if usage else 2), (code, err)
+    assert message.startswith("error: ") and "\n" not in message, err
     return message
 
 

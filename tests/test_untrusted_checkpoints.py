@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pathlib
 import pickle
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, here, results, run_command, run_train
+from conftest import QUICK, here, here_exit, results, run_command, run_train
 
 from actlab import ROOT
 from actlab.checkpoints import SAFE_GLOBALS, SafeCheckpointIO, load
@@ -174,17 +175,16 @@ def test_lightnings_own_load_refuses_a_crafted_checkpoint(tmp_path: Path, marker
     """The best checkpoint is replaced after fitting: the test Lightning runs then loads it."""
     crafted = craft(tmp_path / "crafted.ckpt", marker)
     folder = tmp_path / "run"
-    with pytest.raises(SystemExit) as e:
-        here(
-            *QUICK,
-            "logger=csv",
-            "trainer.max_epochs=1",
-            f"hydra.run.dir={folder}",
-            "+callbacks.swap._target_=probes.ReplaceBestCheckpoint",
-            f"+callbacks.swap.source={crafted}",
-        )
-    message = str(e.value.code)
-    assert message.startswith("error: ") and "holds posix.system" in message, message
+    code, _, err = here_exit(
+        *QUICK,
+        "logger=csv",
+        "trainer.max_epochs=1",
+        f"hydra.run.dir={folder}",
+        "+callbacks.swap._target_=probes.ReplaceBestCheckpoint",
+        f"+callbacks.swap.source={crafted}",
+    )
+    message = err.strip()
+    assert code == 2 and message.startswith("error: ") and "holds posix.system" in message, err
     assert "\n" not in message
     assert not marker.exists()
     assert results(folder)["status"] == "failed"
@@ -209,11 +209,15 @@ def test_resume_true_never_runs_a_crafted_last_ckpt(tmp_path: Path, marker: Path
         "+callbacks.fail.epoch=1",
         f"+callbacks.fail.fail={fail}",
     ]
-    here(*args)
+    code, _, _ = here_exit(*args)  # a sweep whose job failed exits 1
     job = sweep / "job"
-    assert results(job)["status"] == "failed"
+    assert code == 1 and results(job)["status"] == "failed"
     fail.unlink()
     craft(job / "checkpoints" / "last.ckpt", marker)
+    # As a job killed in its second epoch leaves it: +resume=true continues it from last.ckpt.
+    record = results(job)
+    record["status"] = "interrupted"
+    (job / "results.json").write_text(json.dumps(record))
     # A sweep with a job that did not finish exits non-zero (item 6): its record tells.
     with contextlib.suppress(SystemExit):
         here(*args, "+resume=true")

@@ -25,6 +25,18 @@ log = logging.getLogger(__name__)
 PACKS = ".packs"
 
 
+def members_limit(max_members: Any) -> int | None:
+    """`hydra.sweeper.max_members`, checked: null (the device's default) or an integer >= 1."""
+    if max_members is not None and (
+        type(max_members) is not int or max_members < 1  # bool is an int, too
+    ):
+        raise UserError(
+            f"hydra.sweeper.max_members={max_members}: give an integer >= 1, or null for "
+            "the default (32 on a CPU, 256 on a GPU)."
+        )
+    return max_members
+
+
 class PackedSweeper(BasicSweeper):
     def __init__(
         self,
@@ -33,14 +45,7 @@ class PackedSweeper(BasicSweeper):
         max_members: int | None = None,
     ) -> None:
         super().__init__(max_batch_size=None, params=params)
-        if max_members is not None and (
-            type(max_members) is not int or max_members < 1  # bool is an int, too
-        ):
-            raise UserError(
-                f"hydra.sweeper.max_members={max_members}: give an integer >= 1, or null for "
-                "the default (32 on a CPU, 256 on a GPU)."
-            )
-        self.max_members = max_members
+        self.max_members = members_limit(max_members)
 
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None
