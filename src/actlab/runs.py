@@ -208,6 +208,15 @@ def nothing_to_train(folder: Path, epochs: int, max_epochs: int | None) -> str |
 ATTEMPTS = "attempts"
 
 
+def _new_attempt(folder: Path, record: dict[str, Any]) -> Path:
+    """`<folder>/attempts/<n>-<status>/`, made: the next number, the earlier record's status."""
+    attempts = folder / ATTEMPTS
+    n = len(list(attempts.iterdir())) + 1 if attempts.is_dir() else 1
+    dest = attempts / f"{n}-{record.get('status', 'unknown')}"
+    dest.mkdir(parents=True)
+    return dest
+
+
 def set_aside(folder: Path) -> Path | None:
     """Move an earlier attempt's files to `<folder>/attempts/<n>-<status>/`; None if none.
 
@@ -218,10 +227,7 @@ def set_aside(folder: Path) -> Path | None:
     record = read_results(folder)
     if record is None:
         return None
-    attempts = folder / ATTEMPTS
-    n = len(list(attempts.iterdir())) + 1 if attempts.is_dir() else 1
-    dest = attempts / f"{n}-{record.get('status', 'unknown')}"
-    dest.mkdir(parents=True)
+    dest = _new_attempt(folder, record)
     for path in folder.iterdir():
         if path.name not in (ATTEMPTS, ".hydra") and path.suffix != ".log":
             path.rename(dest / path.name)
@@ -239,10 +245,7 @@ def keep_attempt(folder: Path, ckpt: Path | None = None, hydra_written: bool = F
     attempt writes again, are moved there; temporary files of killed saves are removed.
     """
     record = read_results(folder) or {}
-    attempts = folder / ATTEMPTS
-    n = len(list(attempts.iterdir())) + 1 if attempts.is_dir() else 1
-    dest = attempts / f"{n}-{record.get('status', 'unknown')}"
-    dest.mkdir(parents=True)
+    dest = _new_attempt(folder, record)
     # Not in a `.hydra/` of its own: the sweep table takes every folder with one for a job.
     hydra = [] if hydra_written else sorted((folder / ".hydra").glob("*.yaml"))
     for path in [folder / RESULTS, *hydra]:
