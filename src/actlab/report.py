@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from actlab import ROOT
-from actlab.results import RESULTS, compared, effective_record, last_heartbeat
+from actlab.results import RESULTS, compared, effective_record
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,7 @@ def load_jobs(sweep_dir: Path, history: bool = True) -> list[Job]:
                 seconds=res.get("seconds"),
                 history=epoch_history(folder / "csv" / "metrics.csv") if history else None,
                 num=res.get("job", {}).get("num"),
-                heartbeat=(last_heartbeat(folder) or {}).get("time")
-                if res["status"] == "lost"
-                else None,
+                heartbeat=(res.get("heartbeat") or {}).get("time"),  # a lost record's
             )
         )
     # The sweep's own order (relu, leaky, none as the user listed them), not the folders' names.
