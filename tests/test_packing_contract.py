@@ -307,3 +307,20 @@ def test_what_a_pack_cannot_take_runs_solo_with_a_true_reason_and_finishes(
         for folder in jobs.values():
             record = read_results(folder)
             assert record["status"] == "finished" and "pack" not in record, record.get("error")
+
+
+def test_gradient_clipping_is_per_member_with_an_activations_parameters() -> None:
+    """A learnable Swish's beta is one number per member ([K]): clipped with its member alone."""
+    torch.manual_seed(0)
+    stacked = [nn.Parameter(torch.randn(3, 5, 4)), nn.Parameter(torch.randn(3))]
+    for p in stacked:
+        p.grad = 10 * torch.randn_like(p)
+    solo = [[p.grad[k].clone() for p in stacked] for k in range(3)]
+    pack.clip_per_member(stacked, 1.0)
+    for k, grads in enumerate(solo):
+        params = [nn.Parameter(g.clone()) for g in grads]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for p, q in zip(stacked, params, strict=True):
+            torch.testing.assert_close(p.grad[k], q.grad)

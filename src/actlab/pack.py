@@ -281,10 +281,8 @@ class StackedOptimizer:
 
 def clip_per_member(params: list[nn.Parameter], max_norm: float) -> None:
     """torch.nn.utils.clip_grad_norm_ for each member's gradients on its own."""
-    dims = [tuple(range(1, p.dim())) for p in params]
-    norms = (
-        torch.stack([p.grad.pow(2).sum(d) for p, d in zip(params, dims, strict=True)]).sum(0).sqrt()
-    )
+    # A [K] parameter (one number per member) too: sum over no dims would add all members.
+    norms = torch.stack([p.grad.pow(2).reshape(len(p), -1).sum(1) for p in params]).sum(0).sqrt()
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for p in params:
         p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
