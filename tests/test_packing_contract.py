@@ -324,3 +324,31 @@ def test_gradient_clipping_is_per_member_with_an_activations_parameters() -> Non
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for p, q in zip(stacked, params, strict=True):
             torch.testing.assert_close(p.grad[k], q.grad)
+
+
+def test_stacked_learnable_activations_give_each_member_its_own_output_and_gradients() -> None:
+    """Per-unit PReLU slopes, two runs of members (inits differ): each member's slice is its own
+    network's output, and its slopes get its own network's gradients, under its solo names."""
+    torch.manual_seed(0)
+    inits = [0.25, 0.25, 0.1]
+    nets = [
+        nn.Sequential(
+            nn.Linear(6, 4), nn.PReLU(4, init), nn.Linear(4, 4), nn.PReLU(4, init), nn.Linear(4, 3)
+        )
+        for init in inits
+    ]
+    acts = [net[1] for net in nets]
+    model = pack.StackedMLP(nets, acts, [str(i) for i in inits])
+    x = torch.randn(5, 6)
+    out = model(x)
+    out.square().sum().backward()
+    params, kinds = model.solo_order()
+    names = [n for n, _ in nets[0].named_parameters()]
+    assert kinds == ["weight", "bias", "act", "weight", "bias", "act", "weight", "bias"]
+    for k, net in enumerate(nets):
+        net(x).square().sum().backward()
+        torch.testing.assert_close(out[k], net(x))
+        state = model.member_state(k, names)
+        for (name, p), stacked, kind in zip(net.named_parameters(), params, kinds, strict=True):
+            torch.testing.assert_close(state[name], p.detach())
+            torch.testing.assert_close(pack.to_solo(stacked.grad, k, kind), p.grad)

@@ -116,7 +116,6 @@ class StackedMLP(nn.Module):
         )
         hidden = [hidden_activations(net) for net in nets]
         self.act_names = [n for n, _ in hidden[0][0].named_parameters()] if hidden[0] else []
-        # Layer i's parameters are act_params[i * len(act_names) :][: len(act_names)].
         self.act_params = nn.ParameterList(
             nn.Parameter(torch.stack([dict(h[i].named_parameters())[n].detach() for h in hidden]))
             for i in range(len(hidden[0]))
@@ -126,23 +125,26 @@ class StackedMLP(nn.Module):
         self.runs = runs(keys or [repr(a) for a in acts])
         if self.act_names:
             self.applied = [
-                vmap(lambda p, h, a=acts[a]: functional_call(a, p, (h,))) for a, _ in self.runs
+                vmap(lambda p, h, module=acts[start]: functional_call(module, p, (h,)))
+                for start, _ in self.runs
             ]
 
     def __len__(self) -> int:
         return self.weights[0].shape[0]
 
+    def layer_act_params(self, layer: int) -> dict[str, nn.Parameter]:
+        """Hidden layer `layer`'s activation parameters, stacked, by their solo names."""
+        n = len(self.act_names)
+        return dict(zip(self.act_names, self.act_params[layer * n : (layer + 1) * n], strict=True))
+
     def act(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         if self.act_names:
-            n = len(self.act_names)
-            layer_params = self.act_params[layer * n : (layer + 1) * n]
-            params = dict(zip(self.act_names, layer_params, strict=True))
-            return torch.cat(
-                [
-                    apply({name: p[a:b] for name, p in params.items()}, h[a:b])
-                    for apply, (a, b) in zip(self.applied, self.runs, strict=True)
-                ]
-            )
+            params = self.layer_act_params(layer)
+            outs = [
+                apply({name: p[a:b] for name, p in params.items()}, h[a:b])
+                for apply, (a, b) in zip(self.applied, self.runs, strict=True)
+            ]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
         if len(self.runs) == 1:
             return self.acts[0](h)
         return torch.cat([self.acts[a](h[a:b]) for a, b in self.runs])
@@ -170,9 +172,9 @@ class StackedMLP(nn.Module):
         """The stacked parameters in the order of a solo module's parameters (layer 1's weight,
         bias, its activation's parameters, layer 2's weight, ...), and their kinds (to_solo)."""
         params, kinds = [], []
-        n = len(self.act_names)
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            acts = list(self.act_params[i * n : (i + 1) * n]) if i < len(self.weights) - 1 else []
+            last = i == len(self.weights) - 1
+            acts = [] if last else list(self.layer_act_params(i).values())
             params += [w, b, *acts]
             kinds += ["weight", "bias", *["act"] * len(acts)]
         return params, kinds
