@@ -22,7 +22,7 @@ from conftest import COMMAND_TIMEOUT, QUICK, TESTS, hold_at, results, start_held
 from actlab import ROOT, report, wandb_runs
 from actlab import results as records
 
-# A pack honours no trainer flag (actlab.pack.TRAINER_KEYS): without the bar's, it stays a pack.
+# A pack honours no trainer flag (actlab.packing.TRAINER_KEYS): without the bar's, it stays a pack.
 PACK = [a for a in QUICK if not a.startswith("++trainer.")]
 EPOCHS = ["trainer.max_epochs=3"]  # held at the start of epoch 1: one epoch done
 

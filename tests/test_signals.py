@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from actlab import ROOT, report
 
-# A pack honours no trainer flag (actlab.pack.TRAINER_KEYS): without the bar's, it stays a pack.
+# A pack honours no trainer flag (actlab.packing.TRAINER_KEYS): without the bar's, it stays a pack.
 PACK = [a for a in QUICK if not a.startswith("++trainer.")]
 EPOCHS = ["trainer.max_epochs=3"]  # held at the start of epoch 1: epoch 0 is checkpointed
 

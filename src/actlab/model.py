@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -19,6 +20,15 @@ from actlab.errors import Diverged, UserError
 TASKS = {"classification": (F.cross_entropy, "acc"), "regression": (F.mse_loss, "r2")}
 
 
+def without_stackable(act: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """The activation's factory without the `stackable:` key of its config, which the packing
+    rules read (actlab.packing) and its class does not take."""
+    if isinstance(act, functools.partial) and "stackable" in act.keywords:
+        keywords = {k: v for k, v in act.keywords.items() if k != "stackable"}
+        return functools.partial(act.func, *act.args, **keywords)
+    return act
+
+
 def build_mlp(
     in_features: int,
     hidden_sizes: Sequence[int],
@@ -31,6 +41,7 @@ def build_mlp(
     `act` is called once per hidden layer: activations with weights (PReLU) are not shared.
     An empty `hidden_sizes` gives a linear (softmax-regression) model.
     """
+    act = without_stackable(act)
     layers: list[nn.Module] = []
     width = in_features
     for h in hidden_sizes:

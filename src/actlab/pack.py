@@ -1,9 +1,11 @@
 """Packed sweeps: K jobs that share an architecture train as one stacked model.
 
 A *member* is a solo job's config plus its index in the stack. The members of a pack differ only
-in MEMBER_KEYS (activation, seed, the optimizer's numbers); everything else is shared. Weights
-are stacked as `[K, in, out]` and trained with batched matmuls, so one forward, backward and
-optimizer step serves all K, and the per-step overhead of a training framework is paid once.
+in `actlab.packing.MEMBER_KEYS` (activation, seed, the optimizer's numbers); everything else is
+shared (actlab.packing decides which jobs can be members). Weights are stacked as
+`[K, in, out]` and trained with batched matmuls, so one forward, backward and optimizer step
+serves all K, and the per-step overhead of a training framework is paid once. An activation's
+parameters (PReLU's slope, a learnable Swish's beta) are stacked as `[K, ...]` and trained alike.
 
 Each member gets exactly its solo job's start and data: its layers are built by the solo code
 under its seed (`actlab.model.MLPClassifier` after `L.seed_everything(seed)`), and its batches of
@@ -41,10 +43,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from torch import nn
+from torch.func import functional_call, vmap
 
 from actlab import checkpoints
 from actlab import loggers as actlab_loggers
 from actlab.data import batch_order
+from actlab.diagnostics import hidden_activations
 from actlab.errors import Interrupted, UserError, interruption
 from actlab.launch import finished_before, usable_cores
 from actlab.results import (
@@ -61,90 +65,6 @@ from actlab.runs import drop_rows_after, keep_attempt, resumable, set_aside, tra
 log = logging.getLogger(__name__)
 
 MANIFEST = "members.yaml"
-# Config keys in which the members of one pack may differ.
-MEMBER_KEYS = ("seed", "model.act", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay")
-# Element-wise, no weights, no randomness: each run of equal ones applied to its members' slice.
-STACKABLE = (
-    "torch.nn.ReLU",
-    "torch.nn.LeakyReLU",
-    "torch.nn.Identity",
-    "torch.nn.ELU",
-    "torch.nn.GELU",
-    "torch.nn.SiLU",
-    "torch.nn.Tanh",
-    "torch.nn.Sigmoid",
-)
-OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam")
-# Trainer keys a pack honours; any other set key makes the job a solo job.
-TRAINER_KEYS = {
-    "_target_",
-    "default_root_dir",
-    "max_epochs",
-    "accelerator",
-    "devices",
-    "log_every_n_steps",
-    "check_val_every_n_epoch",
-    "deterministic",
-}
-CALLBACKS = {"model_checkpoint", "last_checkpoint", "model_summary", "progress_bar", "dead_units"}
-
-
-def solo_reason(cfg: DictConfig) -> str | None:
-    """Why this job cannot be a pack member (it then runs as a solo job), or None."""
-    act = cfg.model.act.get("_target_")
-    if act not in STACKABLE:
-        return f"model.act {act} has weights or randomness and cannot be stacked"
-    if cfg.model.get("task", "classification") != "classification":
-        return "model.task is not classification"
-    if cfg.model.get("dropout"):
-        return "model.dropout draws random numbers per member"
-    if cfg.get("scheduler"):
-        return "a scheduler is set"
-    if cfg.get("ckpt_path"):
-        return "ckpt_path is set"
-    opt = cfg.optimizer
-    if opt.get("_target_") not in OPTIMIZERS:
-        return f"optimizer {opt.get('_target_')} is not SGD or Adam"
-    if opt.get("nesterov") or opt.get("dampening") or opt.get("amsgrad") or opt.get("maximize"):
-        return "optimizer nesterov/dampening/amsgrad/maximize is set"
-    # Unresolved: the sweeper composes configs before any job's `${hydra:...}` is known.
-    trainer = {
-        k: v
-        for k, v in _container(cfg.trainer).items()
-        if v is not None and not (k == "accumulate_grad_batches" and v == 1)  # the default
-    }
-    extra = sorted(set(trainer) - TRAINER_KEYS)
-    if extra:
-        return f"trainer.{extra[0]} is set"
-    if (
-        trainer.get("devices", 1) not in (1, "1", "auto")
-        or trainer.get("check_val_every_n_epoch", 1) != 1
-    ):
-        return "trainer.devices or trainer.check_val_every_n_epoch is not 1"
-    if trainer.get("max_epochs") in (None, -1):
-        return "trainer.max_epochs is not set"
-    callbacks = _container(cfg.get("callbacks") or {})
-    extra = sorted(k for k, v in callbacks.items() if v and k not in CALLBACKS)
-    if extra:
-        return f"callbacks.{extra[0]} is set"
-    return None
-
-
-def _container(node: Any) -> dict[str, Any]:
-    return OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
-
-
-def pack_key(cfg: DictConfig) -> str:
-    """Equal for jobs that can share a pack: the config with the member keys taken out."""
-    shared = OmegaConf.to_container(cfg, resolve=False)
-    shared.pop("hydra", None)
-    for key in MEMBER_KEYS:
-        *parents, leaf = key.split(".")
-        node = shared
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
-    return OmegaConf.to_yaml(OmegaConf.create(shared), sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,15 +77,33 @@ def runs(keys: list[Any]) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
-class StackedMLP(nn.Module):
-    """K MLPs with the same layer sizes: weights [K, in, out], biases [K, 1, out].
+def to_solo(stacked: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+    """Member k's slice of a stacked tensor as its solo job's tensor; `kind` is "weight"
+    ([K, in, out]), "bias" ([K, 1, out]) or "act" (an activation's parameter, [K, ...])."""
+    return stacked[k].T if kind == "weight" else stacked[k, 0] if kind == "bias" else stacked[k]
 
-    `acts` is one activation module per member (the solo job's own). Consecutive members with
-    the same activation get one call on their slice of the stack (a contiguous view): the solo
-    kernel, at its speed, where a broadcast `where` over per-member slopes costs 20x a ReLU.
+
+def _put(stacked: torch.Tensor, k: int, solo: torch.Tensor, kind: str) -> None:
+    """Member k's slice of a stacked tensor set from its solo job's tensor (the inverse of
+    to_solo)."""
+    (stacked[k, 0] if kind == "bias" else stacked[k]).copy_(solo.T if kind == "weight" else solo)
+
+
+class StackedMLP(nn.Module):
+    """K MLPs with the same layer sizes: weights [K, in, out], biases [K, 1, out], and each
+    hidden layer's activation parameters (PReLU's slope, ...) [K, ...], taken from `nets`.
+
+    `acts` is one activation module per member (the solo job's own); `keys` are equal where two
+    members' activations compute the same function (default: their repr). Consecutive members
+    with the same key get one call on their slice of the stack (a contiguous view): the solo
+    kernel, at its speed, where a broadcast `where` over per-member slopes costs 20x a ReLU. An
+    activation with parameters is applied to its slice by torch.func.vmap over the members'
+    parameters of that layer (actlab.packing.probe checks it gives each member's output).
     """
 
-    def __init__(self, nets: list[nn.Sequential], acts: list[nn.Module]) -> None:
+    def __init__(
+        self, nets: list[nn.Sequential], acts: list[nn.Module], keys: list[str] | None = None
+    ) -> None:
         super().__init__()
         linears = [[m for m in net if isinstance(m, nn.Linear)] for net in nets]
         self.weights = nn.ParameterList(
@@ -176,13 +114,37 @@ class StackedMLP(nn.Module):
             nn.Parameter(torch.stack([ls[i].bias.detach()[None] for ls in linears]))
             for i in range(len(linears[0]))
         )
+        hidden = [hidden_activations(net) for net in nets]
+        self.act_names = [n for n, _ in hidden[0][0].named_parameters()] if hidden[0] else []
+        self.act_params = nn.ParameterList(
+            nn.Parameter(torch.stack([dict(h[i].named_parameters())[n].detach() for h in hidden]))
+            for i in range(len(hidden[0]))
+            for n in self.act_names
+        )
         self.acts = acts
-        self.runs = runs([repr(a) for a in acts])
+        self.runs = runs(keys or [repr(a) for a in acts])
+        if self.act_names:
+            self.applied = [
+                vmap(lambda p, h, module=acts[start]: functional_call(module, p, (h,)))
+                for start, _ in self.runs
+            ]
 
     def __len__(self) -> int:
         return self.weights[0].shape[0]
 
-    def act(self, h: torch.Tensor) -> torch.Tensor:
+    def layer_act_params(self, layer: int) -> dict[str, nn.Parameter]:
+        """Hidden layer `layer`'s activation parameters, stacked, by their solo names."""
+        n = len(self.act_names)
+        return dict(zip(self.act_names, self.act_params[layer * n : (layer + 1) * n], strict=True))
+
+    def act(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        if self.act_names:
+            params = self.layer_act_params(layer)
+            outs = [
+                apply({name: p[a:b] for name, p in params.items()}, h[a:b])
+                for apply, (a, b) in zip(self.applied, self.runs, strict=True)
+            ]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
         if len(self.runs) == 1:
             return self.acts[0](h)
         return torch.cat([self.acts[a](h[a:b]) for a, b in self.runs])
@@ -201,18 +163,29 @@ class StackedMLP(nn.Module):
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             h = torch.baddbmm(b, h, w)
             if i < last:
-                pre, h = h, self.act(h)
+                pre, h = h, self.act(h, i)
                 if probe:
                     probe(i, pre, h)
         return h
 
+    def solo_order(self) -> tuple[list[nn.Parameter], list[str]]:
+        """The stacked parameters in the order of a solo module's parameters (layer 1's weight,
+        bias, its activation's parameters, layer 2's weight, ...), and their kinds (to_solo)."""
+        params, kinds = [], []
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            last = i == len(self.weights) - 1
+            acts = [] if last else list(self.layer_act_params(i).values())
+            params += [w, b, *acts]
+            kinds += ["weight", "bias", *["act"] * len(acts)]
+        return params, kinds
+
     def member_state(self, k: int, names: list[str]) -> dict[str, torch.Tensor]:
         """Member k's weights under its solo module's state_dict names (net.0.weight, ...)."""
-        out = {}
-        tensors = [t for w, b in zip(self.weights, self.biases, strict=True) for t in (w, b)]
-        for name, t in zip(names, tensors, strict=True):
-            out[name] = (t[k].T if name.endswith("weight") else t[k, 0]).detach().clone()
-        return out
+        params, kinds = self.solo_order()
+        return {
+            name: to_solo(t, k, kind).detach().clone()
+            for name, t, kind in zip(names, params, kinds, strict=True)
+        }
 
 
 class StackedOptimizer:
@@ -291,12 +264,14 @@ class StackedOptimizer:
         denom = (v.sqrt() / (1 - b2**self.steps) ** 0.5).add_(self.eps)  # as torch rounds it
         p.addcdiv_(m, denom, value=-step_size)
 
-    def member_state(self, k: int, groups: list[dict[str, Any]]) -> dict[str, Any]:
-        """Member k's state in torch.optim's own state_dict format (`groups` from its optimizer)."""
+    def member_state(
+        self, k: int, groups: list[dict[str, Any]], kinds: list[str]
+    ) -> dict[str, Any]:
+        """Member k's state in torch.optim's own state_dict format (`groups` from its optimizer,
+        `kinds` of the parameters as to_solo takes them)."""
         state = {}
         for i, s in enumerate(self.state):
-            weight = i % 2 == 0  # the solo order: weight, bias of each layer
-            tensors = {n: (t[k].T if weight else t[k, 0]).clone() for n, t in s.items()}
+            tensors = {n: to_solo(t, k, kinds[i]).clone() for n, t in s.items()}
             if not self.numbers[k][1]:
                 tensors.pop("momentum_buffer", None)  # torch keeps none without momentum
             if self.adam and tensors:
@@ -306,21 +281,13 @@ class StackedOptimizer:
         return {"state": state, "param_groups": copy.deepcopy(groups)}
 
 
-def _put(stacked: torch.Tensor, k: int, solo: torch.Tensor, weight: bool) -> None:
-    """Member k's slice of a stacked tensor set from its solo job's tensor (the inverse of
-    member_state)."""
-    (stacked[k] if weight else stacked[k, 0]).copy_(solo.T if weight else solo)
-
-
 def clip_per_member(params: list[nn.Parameter], max_norm: float) -> None:
     """torch.nn.utils.clip_grad_norm_ for each member's gradients on its own."""
-    dims = [tuple(range(1, p.dim())) for p in params]
-    norms = (
-        torch.stack([p.grad.pow(2).sum(d) for p, d in zip(params, dims, strict=True)]).sum(0).sqrt()
-    )
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0).view(-1, 1, 1)
+    # A [K] parameter (one number per member) too: sum over no dims would add all members.
+    norms = torch.stack([p.grad.pow(2).reshape(len(p), -1).sum(1) for p in params]).sum(0).sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for p in params:
-        p.grad.mul_(coef)
+        p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,18 +447,17 @@ class PackTrainer:
             solo = instantiate(m.cfg.model)
             nets.append(solo.net)
             # hidden_sizes=[] is a linear model: nothing to activate.
-            hidden = (a for a in solo.net if not isinstance(a, nn.Linear | nn.Dropout))
-            acts.append(next(hidden, nn.Identity()))
+            acts.append(next(iter(hidden_activations(solo.net)), nn.Identity()))
             opt = instantiate(m.cfg.optimizer)(params=solo.parameters())
             self.groups.append(opt.state_dict()["param_groups"])
         self.names = [f"net.{n}" for n, _ in nets[0].named_parameters()]
         n_params = sum(p.numel() for p in nets[0].parameters())
         widths = sum(p.shape[0] for p in nets[0].parameters() if p.dim() == 2)
         check_memory(len(members), n_params, int(first.data.batch_size), widths, device)
-        self.model = StackedMLP(nets, acts).to(device)
-        # The solo order (layer 1 weight, bias, layer 2 weight, ...), as in its optimizer state.
-        pairs = zip(self.model.weights, self.model.biases, strict=True)
-        self.params = [p for pair in pairs for p in pair]
+        keys = [OmegaConf.to_yaml(m.cfg.model.act) for m in members]
+        self.model = StackedMLP(nets, acts, keys).to(device)
+        # The solo order, as in its optimizer state.
+        self.params, self.kinds = self.model.solo_order()
         self.optimizer = StackedOptimizer(
             self.params, first.optimizer._target_, [m.cfg.optimizer for m in members]
         )
@@ -508,16 +474,15 @@ class PackTrainer:
             ckpt = checkpoints.load(m.resumed)
             self.global_step = self.optimizer.steps = int(ckpt["global_step"])
             opt = ckpt["optimizer_states"][0]["state"]
-            for i, (name, p, state) in enumerate(
-                zip(self.names, self.params, self.optimizer.state, strict=True)
+            for i, (name, p, kind, state) in enumerate(
+                zip(self.names, self.params, self.kinds, self.optimizer.state, strict=True)
             ):
-                weight = name.endswith("weight")
-                _put(p, m.index, ckpt["state_dict"][name], weight)
+                _put(p, m.index, ckpt["state_dict"][name], kind)
                 if not state:
                     self.optimizer._init_state(p, state)
                 for key, t in state.items():
                     if key in opt.get(i, {}):
-                        _put(t, m.index, opt[i][key], weight)
+                        _put(t, m.index, opt[i][key], kind)
             m.best = float(ckpt["state_dict"]["val_acc_best.max_value"])
             m.metrics = dict(ckpt.get("metrics") or {})
             m.last_path = m.resumed
@@ -684,7 +649,9 @@ class PackTrainer:
             "pytorch-lightning_version": L.__version__,
             "state_dict": {**state, "val_acc_best.max_value": torch.tensor(m.best)},
             "loops": self._loops(epoch),
-            "optimizer_states": [self.optimizer.member_state(m.index, self.groups[m.index])],
+            "optimizer_states": [
+                self.optimizer.member_state(m.index, self.groups[m.index], self.kinds)
+            ],
             "lr_schedulers": [],
             "callbacks": self._checkpointer_states(m),
             "metrics": dict(m.metrics),
@@ -745,10 +712,8 @@ class PackTrainer:
             for m in self.running:
                 if m.best_state is None or not self.keep_best:
                     continue
-                for i, name in enumerate(self.names):
-                    t = self.params[i]
-                    v = m.best_state[name]
-                    t[m.index].copy_(v.T if name.endswith("weight") else v[None])
+                for name, t, kind in zip(self.names, self.params, self.kinds, strict=True):
+                    _put(t, m.index, m.best_state[name], kind)
         tested = self.evaluate(self.datamodule.test, False)
         for m in self.running:
             metrics = {"test/loss": tested["loss"][m.index], "test/acc": tested["acc"][m.index]}

@@ -48,6 +48,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ),
     ("model.dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("model.act.negative_slope", _number, "a finite number"),
+    ("model.act.stackable", lambda v: isinstance(v, bool), "true or false"),
     # -1 would train forever with no message, 0 would record an untrained model as finished.
     ("trainer.max_epochs", lambda v: v is None or _int_at_least(1)(v), "an integer >= 1"),
     ("trainer.log_every_n_steps", _int_at_least(1), "an integer >= 1"),
@@ -76,8 +77,10 @@ def _unknown_arguments(node: DictConfig, key: str) -> list[str]:
         except (ValueError, TypeError):  # no signature to check against (some C extensions)
             params = None
         kinds = [p.kind for p in (params or {}).values()]
+        # An activation's `stackable:` is read by the packing rules, not passed to its class.
+        own = {"stackable"} if key.rsplit(".", 1)[-1] == "act" else set()
         if params is not None and inspect.Parameter.VAR_KEYWORD not in kinds:
-            for name in sorted(set(node.keys()) - _HYDRA_KEYS - set(params)):
+            for name in sorted(set(node.keys()) - _HYDRA_KEYS - own - set(params)):
                 accepted = ", ".join(params) or "nothing"
                 problems.append(f"{key}.{name}: {target} takes no {name!r} (it takes: {accepted})")
     for name, child in node.items_ex(resolve=False):

@@ -1,7 +1,7 @@
 """`hydra/sweeper=packed`: Hydra's basic sweeper, except that jobs that can train together do.
 
 The grid is expanded as the basic sweeper does (`hydra.sweeper.params` included). Each job's
-config is composed; jobs whose configs differ only in `actlab.pack.MEMBER_KEYS` form a pack,
+config is composed; jobs whose configs differ only in `actlab.packing.MEMBER_KEYS` form a pack,
 written to `<sweep>/.packs/pack-<i>/members.yaml` and handed to the configured launcher as ONE
 job (`+pack=<i>`), so the basic, parallel and SLURM launchers all run packs. A job that cannot
 pack runs as an ordinary job of the same sweep, with one log line saying why.
@@ -18,7 +18,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from actlab.errors import UserError
-from actlab.pack import MANIFEST, pack_key, solo_reason
+from actlab.pack import MANIFEST
+from actlab.packing import pack_key, solo_reason
 from hydra_plugins.actlab_grid import distinct_jobs
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,253 @@
+"""The rules the packed sweeper asks: can these jobs share a pack, and if not, the true reason.
+
+They fail closed: a job packs only where the engine (actlab.pack) can tell it trains as its solo
+job would. Its model must be `actlab.model.MLPClassifier`, whose training the pack reproduces,
+with a network of nn.Linear layers and one stackable activation between them; its data the
+template's in-memory `actlab.data.MNISTDataModule`. An activation stacks when it passes `probe`
+(or its config says `stackable: true`); one with parameters stacks with them stacked per member.
+The network is built once per distinct model config, on the meta device: no weights are made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.func import functional_call, vmap
+
+from actlab.data import MNISTDataModule
+from actlab.model import MLPClassifier, without_stackable
+
+# Config keys in which the members of one pack may differ.
+MEMBER_KEYS = ("seed", "model.act", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay")
+OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam")
+# Trainer keys a pack honours; any other set key makes the job a solo job.
+TRAINER_KEYS = {
+    "_target_",
+    "default_root_dir",
+    "max_epochs",
+    "accelerator",
+    "devices",
+    "log_every_n_steps",
+    "check_val_every_n_epoch",
+    "deterministic",
+}
+CALLBACKS = {"model_checkpoint", "last_checkpoint", "model_summary", "progress_bar", "dead_units"}
+# The probe's input: a few samples of one hidden layer, values on the scale of pre-activations.
+_PROBE_ROWS = 8
+
+
+def solo_reason(cfg: DictConfig) -> str | None:
+    """Why this job cannot be a pack member (it then runs as a solo job), or None."""
+    if reason := _data_reason(cfg):
+        return reason
+    if cfg.model.get("dropout"):
+        return "model.dropout draws random numbers per member"
+    if reason := _model(cfg)[0]:
+        return reason
+    if cfg.model.get("task", "classification") != "classification":
+        return "model.task is not classification"
+    if cfg.get("scheduler"):
+        return "a scheduler is set"
+    if cfg.get("ckpt_path"):
+        return "ckpt_path is set"
+    opt = cfg.optimizer
+    if opt.get("_target_") not in OPTIMIZERS:
+        return f"optimizer {opt.get('_target_')} is not SGD or Adam"
+    if opt.get("nesterov") or opt.get("dampening") or opt.get("amsgrad") or opt.get("maximize"):
+        return "optimizer nesterov/dampening/amsgrad/maximize is set"
+    # Unresolved: the sweeper composes configs before any job's `${hydra:...}` is known.
+    trainer = {
+        k: v
+        for k, v in _container(cfg.trainer).items()
+        if v is not None and not (k == "accumulate_grad_batches" and v == 1)  # the default
+    }
+    extra = sorted(set(trainer) - TRAINER_KEYS)
+    if extra:
+        return f"trainer.{extra[0]} is set"
+    if (
+        trainer.get("devices", 1) not in (1, "1", "auto")
+        or trainer.get("check_val_every_n_epoch", 1) != 1
+    ):
+        return "trainer.devices or trainer.check_val_every_n_epoch is not 1"
+    if trainer.get("max_epochs") in (None, -1):
+        return "trainer.max_epochs is not set"
+    callbacks = _container(cfg.get("callbacks") or {})
+    extra = sorted(k for k, v in callbacks.items() if v and k not in CALLBACKS)
+    if extra:
+        return f"callbacks.{extra[0]} is set"
+    return None
+
+
+def _container(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
+
+
+def pack_key(cfg: DictConfig) -> str:
+    """Equal for jobs that can share a pack: the config with the member keys taken out, and
+    the shapes of the activation's parameters (stacked per member, so equal in a pack)."""
+    shared = OmegaConf.to_container(cfg, resolve=False)
+    shared.pop("hydra", None)
+    for key in MEMBER_KEYS:
+        *parents, leaf = key.split(".")
+        node = shared
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    shared["activation parameters"] = _model(cfg)[1]
+    return OmegaConf.to_yaml(OmegaConf.create(shared), sort_keys=True)
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _data_reason(cfg: DictConfig) -> str | None:
+    target = cfg.data.get("_target_")
+    try:
+        cls = get_object(target)
+    except Exception:  # noqa: BLE001 -- a solo job reports it in its own words
+        return f"data._target_={target} cannot be imported here"
+    if cls is not MNISTDataModule:
+        return f"data {target} is not actlab.data.MNISTDataModule, the in-memory data a pack reads"
+    return None
+
+
+# model config (resolved, without its optimizer and scheduler) -> (solo reason, parameter shapes)
+_MODELS: dict[str, tuple[str | None, str]] = {}
+
+
+def _model(cfg: DictConfig) -> tuple[str | None, str]:
+    """Why this job's model cannot be stacked (or None), and its activation's parameter shapes
+    ("" for none); decided once per distinct model config."""
+    target = cfg.model.get("_target_")
+    try:
+        cls = get_object(target)
+    except Exception:  # noqa: BLE001
+        return f"model._target_={target} cannot be imported here", ""
+    if cls is not MLPClassifier:
+        return (
+            f"model {target} is not actlab.model.MLPClassifier, whose training a pack reproduces",
+            "",
+        )
+    try:
+        node = OmegaConf.to_container(cfg.model, resolve=True)
+    except Exception as e:  # noqa: BLE001
+        return f"the model config does not resolve here ({type(e).__name__}: {e})", ""
+    node.pop("optimizer", None)  # the optimizer and scheduler build no part of the network
+    node.pop("scheduler", None)
+    key = OmegaConf.to_yaml(OmegaConf.create(node), sort_keys=True)
+    if key not in _MODELS:
+        _MODELS[key] = _decide(OmegaConf.create(node))
+    return _MODELS[key]
+
+
+def _decide(node: DictConfig) -> tuple[str | None, str]:
+    try:
+        with torch.device("meta"):
+            net = instantiate(node, optimizer=None, scheduler=None).net
+    except Exception as e:  # noqa: BLE001 -- the solo job reports it in its own words
+        return f"the model cannot be built here ({type(e).__name__}: {e})", ""
+    if reason := network_reason(net):
+        return reason, ""
+    widths = [m.out_features for m in list(net)[:-1] if isinstance(m, nn.Linear)]
+    if not widths:
+        return None, ""  # a linear model: nothing to activate
+    act_cfg = node.act
+    target = act_cfg.get("_target_")
+    stackable = act_cfg.get("stackable")
+    if stackable is False:
+        return f"model.act {target} has stackable: false", ""
+    if stackable not in (None, True):
+        return f"model.act.stackable={stackable} is not true or false", ""
+    with torch.random.fork_rng(devices=[]):  # the sweeper's own random state is left alone
+        act = without_stackable(instantiate(act_cfg))()
+    if any(type(a) is not type(act) for a in list(net)[1::2]):
+        return f"the network's activations are not all model.act's {target}", ""
+    shapes = ",".join(f"{n}{tuple(p.shape)}" for n, p in act.named_parameters())
+    if stackable:
+        return None, shapes
+    for width in sorted(set(widths)):
+        if why := probe(act, width):
+            return (
+                f"model.act {target} cannot be stacked: {why}; if the probe is wrong, set "
+                "model.act.stackable=true",
+                "",
+            )
+    return None, shapes
+
+
+def network_reason(net: nn.Module) -> str | None:
+    """Why a pack cannot stack this network, or None: it takes an nn.Sequential of biased
+    nn.Linear layers with one activation module between each two."""
+    if not isinstance(net, nn.Sequential):
+        return f"the network is a {_name(type(net))}, not an nn.Sequential"
+    for i, m in enumerate(net):
+        linear = isinstance(m, nn.Linear)
+        if i % 2 == 0 and not (linear and m.bias is not None):
+            return (
+                f"the network's layer {i} is {_name(type(m))} where a pack stacks only "
+                "nn.Linear layers (with bias) and one activation between them"
+            )
+        if i % 2 == 1 and linear:
+            return f"the network's layer {i} ({_name(type(m))}) is not an activation"
+    if len(net) % 2 == 0:
+        return "the network does not end with an nn.Linear"
+    return None
+
+
+def probe(act: nn.Module, width: int) -> str | None:
+    """Why a pack cannot apply `act` to a hidden layer of `width` units as its solo job does,
+    or None.
+
+    No code can prove a module elementwise; the probe asks, on a fixed random input (training
+    mode): no buffers (state a stack would share); the same output on a second call (no random
+    numbers: the members would draw them apart from their solo jobs); the shape kept; and
+    elementwise: without parameters, a permuted input gives the permuted output and a stack of
+    members' inputs each member's output; with parameters (per layer or per unit), a changed
+    input changes only its own output, and torch.func.vmap over members' parameters (how a pack
+    applies it) gives each member's output.
+    """
+    if buffers := [n for n, _ in act.named_buffers()]:
+        return f"it has buffers ({', '.join(buffers)})"
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(2, _PROBE_ROWS, width, generator=g)
+    params = dict(act.named_parameters())
+    act.train()
+    try:
+        with torch.no_grad():
+            y = act(x[0])
+            if y.shape != x[0].shape:
+                return f"it changes its input's shape ({tuple(x[0].shape)} -> {tuple(y.shape)})"
+            if not _close(act(x[0]), y):
+                return "a second call gives another output (it draws random numbers)"
+            if not params:
+                perm = torch.randperm(x[0].numel(), generator=g)
+                permuted = act(x[0].flatten()[perm].view_as(x[0]))
+                if not _close(permuted.flatten(), y.flatten()[perm]):
+                    return "a permuted input does not give the permuted output (not elementwise)"
+                if not _close(act(x), torch.stack([y, act(x[1])])):
+                    return "a stack of members' inputs does not give each member's output"
+                return None
+            changed = torch.rand(x[0].shape, generator=g) < 0.5
+            other = act(torch.where(changed, x[1], x[0]))
+            if not _close(other[~changed], y[~changed]):
+                return "a changed input changes other outputs too (not elementwise)"
+            stacked = {n: torch.stack([p, 0.5 * p + 0.25]) for n, p in params.items()}
+            each = [
+                functional_call(act, {n: s[k] for n, s in stacked.items()}, (x[k],)) for k in (0, 1)
+            ]
+            together = vmap(lambda p, h: functional_call(act, p, (h,)))(stacked, x)
+            if not _close(together, torch.stack(each)):
+                return "torch.func.vmap over members' parameters does not give each member's output"
+    except Exception as e:  # noqa: BLE001 -- what it raised is the reason
+        return f"it raised {type(e).__name__} on the probe input ({e})"
+    return None
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Not bit-equal: a vectorised kernel may round its tail elements apart from the others.
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
