@@ -305,8 +305,8 @@ def test_ctrl_c_leaves_members_interrupted_and_resume_reruns_only_unfinished(
         (["trainer=ddp"], "trainer."),
         (["debug=limit"], "trainer."),
         (["model.dropout=0.1"], "dropout"),
-        (["scheduler=step"], "scheduler"),
-        (["callbacks=with_early_stopping"], "early_stopping"),
+        (["scheduler=step"], None),
+        (["callbacks=with_early_stopping"], None),
     ],
 )
 def test_jobs_that_cannot_pack_say_why(overrides: list[str], reason: str | None) -> None:
