@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from test_pack import WEIGHT_ATOL, _columns, _weights
 from torch import nn
 
+from actlab import pack
 from actlab.model import MLPClassifier
 from actlab.pack import StackedOptimizer
 from actlab.results import read_results
@@ -254,3 +255,32 @@ def test_each_member_gets_its_solo_optimizers_update_and_state_bit_for_bit(
             assert got["state"][i].keys() == state.keys(), (k, i)
             for key, t in state.items():
                 assert torch.equal(got["state"][i][key], t), (k, i, key)
+
+
+@pytest.mark.slow
+def test_an_interrupted_pack_resumes_its_schedulers_and_early_stopping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`+resume=true` continues each member from its last.ckpt (learning rate, scheduler, early
+    stopping's wait) to the numbers of its uninterrupted solo job."""
+    args = ["data=synthetic", "logger=csv", "callbacks.progress_bar.refresh_rate=0"]
+    args += ["trainer.max_epochs=3", "scheduler=step", "scheduler.step_size=1"]
+    args += ["callbacks=with_early_stopping", "callbacks.early_stopping.patience=1"]
+    args += ["callbacks.early_stopping.min_delta=0.01", "optimizer.lr=0.01,0.1"]
+    solo = _sweep(tmp_path / "solo", *args)
+    args = ["hydra/sweeper=packed", *args, f"hydra.sweep.dir={tmp_path / 'packed'}"]
+    end_epoch = pack.PackTrainer._end_epoch
+
+    def interrupt_after_epoch_0(self: pack.PackTrainer, epoch: int, sums: torch.Tensor) -> None:
+        end_epoch(self, epoch, sums)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(pack.PackTrainer, "_end_epoch", interrupt_after_epoch_0)
+        with pytest.raises(SystemExit):
+            here("-m", *args)
+    packed = {p.parent.name: p.parent for p in (tmp_path / "packed").glob("*/.hydra")}
+    assert all(read_results(f)["status"] == "interrupted" for f in packed.values())
+    here("-m", *args, "+resume=true")
+    assert all(read_results(f)["resumed_from"] for f in packed.values())
+    _assert_members_are_their_solo_jobs(solo, packed)
