@@ -15,7 +15,7 @@ from torch import nn
 
 from actlab import pack
 from actlab.model import MLPClassifier
-from actlab.pack import StackedOptimizer
+from actlab.pack import StackedMLP, StackedOptimizer
 from actlab.results import read_results
 
 SWEEP = ["data=synthetic", "data.source.n_train=1000", "logger=csv"]
@@ -283,4 +283,28 @@ def test_an_interrupted_pack_resumes_its_schedulers_and_early_stopping(
     assert all(read_results(f)["status"] == "interrupted" for f in packed.values())
     here("-m", *args, "+resume=true")
     assert all(read_results(f)["resumed_from"] for f in packed.values())
+    _assert_members_are_their_solo_jobs(solo, packed)
+
+
+def test_a_members_dropout_masks_are_its_solo_jobs() -> None:
+    """nn.Dropout in training mode draws from the global generator; a member's own generator,
+    started in that state, draws the same masks, step after step."""
+    torch.manual_seed(3)
+    nets = [nn.Sequential(nn.Linear(6, 50), nn.ReLU(), nn.Dropout(0.3), nn.Linear(50, 3))] * 2
+    model = StackedMLP(nets, [nn.ReLU(), nn.ReLU()])
+    x = torch.randn(2, 33, 50)
+    state = torch.get_rng_state()
+    model.generators = [torch.Generator().set_state(state), torch.Generator().manual_seed(1)]
+    dropout = nn.Dropout(0.3).train()
+    for _ in range(3):
+        got = model.dropout(x)
+        assert torch.equal(got[0], dropout(x[0]))
+        assert not torch.equal(got[1] == 0, got[0] == 0)  # the other member's own masks
+
+
+@pytest.mark.slow
+def test_members_with_dropout_are_their_solo_jobs(tmp_path: Path) -> None:
+    args = [*SWEEP, "trainer.max_epochs=2", "model.dropout=0.2", "model.act=relu,none"]
+    solo, packed = _solo_and_packed(tmp_path, *args)
+    assert len(packed) == 2
     _assert_members_are_their_solo_jobs(solo, packed)

@@ -127,8 +127,8 @@ def solo_reason(cfg: DictConfig) -> str | None:
     act = cfg.model.act.get("_target_")
     if act not in STACKABLE:
         return f"model.act {act} has weights or randomness and cannot be stacked"
-    if cfg.model.get("dropout"):
-        return "model.dropout draws random numbers per member"
+    if cfg.model.get("dropout") and _device(cfg) != "cpu":
+        return "model.dropout on a GPU draws masks a pack cannot repeat per member"
     if cfg.get("ckpt_path"):
         return "ckpt_path is set"
     opt = cfg.optimizer
@@ -192,10 +192,16 @@ class StackedMLP(nn.Module):
     `acts` is one activation module per member (the solo job's own). Consecutive members with
     the same activation get one call on their slice of the stack (a contiguous view): the solo
     kernel, at its speed, where a broadcast `where` over per-member slopes costs 20x a ReLU.
+
+    Dropout (the nets' `nn.Dropout`, in training mode) draws each member's masks from its own
+    generator in `generators`, as nn.Dropout draws them on a CPU from the global generator of the
+    member's solo job: a generator in that state gives that job's masks.
     """
 
     def __init__(self, nets: list[nn.Sequential], acts: list[nn.Module]) -> None:
         super().__init__()
+        self.p = next((m.p for m in nets[0] if isinstance(m, nn.Dropout)), 0.0)
+        self.generators: list[torch.Generator] = []
         linears = [[m for m in net if isinstance(m, nn.Linear)] for net in nets]
         self.weights = nn.ParameterList(
             nn.Parameter(torch.stack([ls[i].weight.detach().T for ls in linears]).contiguous())
@@ -233,7 +239,18 @@ class StackedMLP(nn.Module):
                 pre, h = h, self.act(h)
                 if probe:
                     probe(i, pre, h)
+                if self.p and self.training:
+                    h = self.dropout(h)
         return h
+
+    def dropout(self, h: torch.Tensor) -> torch.Tensor:
+        """torch's CPU dropout (`noise.bernoulli_(1 - p)`, `noise.div_(1 - p)`, `h * noise`), with
+        each member's noise drawn by its own generator."""
+        shape = h.shape[1:]
+        noise = torch.stack(
+            [h.new_empty(shape).bernoulli_(1 - self.p, generator=g) for g in self.generators]
+        )
+        return h * noise.div_(1 - self.p)
 
     def member_state(self, k: int, names: list[str]) -> dict[str, torch.Tensor]:
         """Member k's weights under its solo module's state_dict names (net.0.weight, ...)."""
@@ -544,7 +561,7 @@ class PackTrainer:
         self.datamodule = instantiate(first.data)
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
-        nets, acts = [], []
+        nets, acts, generators = [], [], []
         # Each member's solo optimizer and scheduler: the scheduler steps it as in its solo job,
         # and the stacked optimizer takes its numbers from there.
         self.opts: list[torch.optim.Optimizer] = []
@@ -552,6 +569,8 @@ class PackTrainer:
         for m in members:
             L.seed_everything(m.cfg.seed, workers=True, verbose=False)  # as the solo job does
             solo = instantiate(m.cfg.model)
+            # The global generator as the solo job's dropout first draws from it.
+            generators.append(torch.Generator().set_state(torch.get_rng_state()))
             nets.append(solo.net)
             # hidden_sizes=[] is a linear model: nothing to activate.
             hidden = (a for a in solo.net if not isinstance(a, nn.Linear | nn.Dropout))
@@ -567,6 +586,7 @@ class PackTrainer:
         widths = sum(p.shape[0] for p in nets[0].parameters() if p.dim() == 2)
         check_memory(len(members), n_params, int(first.data.batch_size), widths, device)
         self.model = StackedMLP(nets, acts).to(device)
+        self.model.generators = generators
         # The solo order (layer 1 weight, bias, layer 2 weight, ...), as in its optimizer state.
         pairs = zip(self.model.weights, self.model.biases, strict=True)
         self.params = [p for pair in pairs for p in pair]
@@ -626,6 +646,7 @@ class PackTrainer:
         steps = -(-n // bs)
         K = len(self.members)
         for epoch in range(self.first_epoch, self.epochs):
+            self.model.train()  # evaluate() left it in eval mode: no dropout there
             orders = torch.stack([batch_order(s, epoch, n) for s in self.seeds]).to(self.device)
             sums = torch.zeros(3, K, device=self.device)  # loss, correct, n
             for s in range(steps):
@@ -723,6 +744,7 @@ class PackTrainer:
 
     @torch.no_grad()
     def evaluate(self, split: tuple[torch.Tensor, torch.Tensor], units: bool) -> dict:
+        self.model.eval()
         x, y = self._tensors(split)
         K = len(self.members)
         loss, correct = torch.zeros(K, device=self.device), torch.zeros(K, device=self.device)
