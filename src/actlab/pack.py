@@ -1,17 +1,23 @@
 """Packed sweeps: K jobs that share an architecture train as one stacked model.
 
 A *member* is a solo job's config plus its index in the stack. The members of a pack differ only
-in MEMBER_KEYS (activation, seed, the optimizer's numbers); everything else is shared. Weights
-are stacked as `[K, in, out]` and trained with batched matmuls, so one forward, backward and
-optimizer step serves all K, and the per-step overhead of a training framework is paid once.
+in MEMBER_KEYS (activation, seed, the optimizer's numbers, the scheduler, early stopping);
+everything else is shared. Weights are stacked as `[K, in, out]` and trained with batched
+matmuls, so one forward, backward and optimizer step serves all K, and the per-step overhead of
+a training framework is paid once.
 
 Each member gets exactly its solo job's start and data: its layers are built by the solo code
-under its seed (`actlab.model.MLPClassifier` after `L.seed_everything(seed)`), and its batches of
-epoch e come in `batch_order(seed, e, n)`. Its update is the one `torch.optim.SGD` / `Adam` makes
-(re-implemented on stacked tensors with per-member hyperparameters), so a member's results
-equal its solo job's up to floating-point rounding. A member whose loss turns NaN/inf is
-recorded `diverged` and frozen; the others never see its numbers (each slice of a batched matmul
-is computed on its own, and the summed loss passes a gradient of 1 to every member).
+under its seed (`actlab.model.MLPClassifier` after `L.seed_everything(seed)`), its batches of
+epoch e come in `batch_order(seed, e, n)`, its dropout masks from a generator in the state its
+solo job's dropout draws from. Its update is the one `torch.optim.SGD` / `Adam` / `AdamW` makes
+(re-implemented on stacked tensors with per-member hyperparameters), with the learning rate its
+own scheduler (a real one, on its solo optimizer) gives at each epoch, so a member's results
+equal its solo job's up to floating-point rounding. Lightning's EarlyStopping, one per member,
+freezes a member whose monitored metric stopped improving; it ends as its solo job would (its
+epochs, tested on its best checkpoint) while the others train on. A member whose loss turns
+NaN/inf is recorded `diverged` and frozen; the others never see its numbers (each slice of a
+batched matmul is computed on its own, and the summed loss passes a gradient of 1 to every
+member).
 
 What a member writes (its `.hydra/`, results.json, csv, W&B run, checkpoints) goes through the
 functions a solo job uses, into its own folder: to a user it is a solo job.
