@@ -281,6 +281,8 @@ class StackedOptimizer:
     def __init__(self, params: list[nn.Parameter], target: str, members: list[Any]) -> None:
         cls = OPTIMIZERS[target]
         self.params, self.adam = params, cls is not torch.optim.SGD
+        # Older torch's Adam has no decoupled_weight_decay in its groups: AdamW is its own class.
+        self.defaults = {"decoupled_weight_decay": cls is torch.optim.AdamW}
         self.keys = ADAM_KEYS if self.adam else SGD_KEYS
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in params]
         self.steps = 0
@@ -289,7 +291,7 @@ class StackedOptimizer:
         self.set_groups([cls([torch.zeros(0)], **kw).param_groups[0] for kw in kwargs])
 
     def set_groups(self, groups: list[dict[str, Any]]) -> None:
-        self.numbers = [{k: g[k] for k in self.keys} for g in groups]
+        self.numbers = [{k: {**self.defaults, **g}[k] for k in self.keys} for g in groups]
         self._runs()
 
     def _runs(self) -> None:
@@ -677,7 +679,9 @@ class PackTrainer:
                     self._step_schedulers()
                 with torch.no_grad():
                     b = yb.shape[1]
-                    correct = (logits.argmax(-1) == yb).sum(1) if self.classify else 0 * losses
+                    correct = (
+                        (logits.argmax(-1) == yb).sum(1) if self.classify else losses.new_zeros(K)
+                    )
                     sums += torch.stack(
                         [losses * b, correct.to(losses.dtype), losses.new_full((K,), b)]
                     )
