@@ -1,5 +1,6 @@
 """Options that pack: schedulers, SGD with Nesterov or dampening, Adam with amsgrad, AdamW, the
-regression task and early stopping. Each member of a pack equals its solo job."""
+regression task, early stopping and dropout (on a CPU). Each member of a pack equals its solo
+job."""
 
 from __future__ import annotations
 
@@ -58,19 +59,19 @@ def _assert_members_are_their_solo_jobs(
         assert Path(p["best_checkpoint"]).name == Path(s["best_checkpoint"]).name
         assert sorted(_columns(folder)) == sorted(_columns(solo[name]))
         for ckpt in (s["best_checkpoint"], solo[name] / "checkpoints" / "last.ckpt"):
-            ws, wp = _weights(ckpt), _weights(str(ckpt).replace(str(solo[name]), str(folder)))
+            ws, wp = _weights(ckpt), _weights(folder / Path(ckpt).relative_to(solo[name]))
             for key in ws:
                 torch.testing.assert_close(wp[key], ws[key], atol=WEIGHT_ATOL, rtol=0)
         cs, cp = _last(solo[name]), _last(folder)
         assert (cp["epoch"], cp["global_step"]) == (cs["epoch"], cs["global_step"])
         # torch's own formats, the same numbers (learning rate included) as the solo job's
-        os, op = cs["optimizer_states"][0], cp["optimizer_states"][0]
-        assert op["param_groups"] == os["param_groups"]
-        assert op["state"].keys() == os["state"].keys()
-        for i, state in os["state"].items():
-            assert op["state"][i].keys() == state.keys()
+        want, got = cs["optimizer_states"][0], cp["optimizer_states"][0]
+        assert got["param_groups"] == want["param_groups"]
+        assert got["state"].keys() == want["state"].keys()
+        for i, state in want["state"].items():
+            assert got["state"][i].keys() == state.keys()
             for key, t in state.items():
-                torch.testing.assert_close(op["state"][i][key], t, atol=WEIGHT_ATOL, rtol=0)
+                torch.testing.assert_close(got["state"][i][key], t, atol=WEIGHT_ATOL, rtol=0)
         assert cp["lr_schedulers"] == cs["lr_schedulers"]
         assert _early_stopping(cp) == _early_stopping(cs)
 
