@@ -304,9 +304,9 @@ def test_ctrl_c_leaves_members_interrupted_and_resume_reruns_only_unfinished(
         (["model.act=rrelu"], "cannot be stacked"),
         (["trainer=ddp"], "trainer."),
         (["debug=limit"], "trainer."),
-        (["model.dropout=0.1"], "dropout"),
-        (["scheduler=step"], "scheduler"),
-        (["callbacks=with_early_stopping"], "early_stopping"),
+        (["model.dropout=0.1"], None),  # on a CPU
+        (["scheduler=step"], None),
+        (["callbacks=with_early_stopping"], None),
     ],
 )
 def test_jobs_that_cannot_pack_say_why(overrides: list[str], reason: str | None) -> None:

@@ -1,19 +1,25 @@
 """Packed sweeps: K jobs that share an architecture train as one stacked model.
 
 A *member* is a solo job's config plus its index in the stack. The members of a pack differ only
-in `actlab.packing.MEMBER_KEYS` (activation, seed, the optimizer's numbers); everything else is
-shared (actlab.packing decides which jobs can be members). Weights are stacked as
-`[K, in, out]` and trained with batched matmuls, so one forward, backward and optimizer step
-serves all K, and the per-step overhead of a training framework is paid once. An activation's
-parameters (PReLU's slope, a learnable Swish's beta) are stacked as `[K, ...]` and trained alike.
+in `actlab.packing.MEMBER_KEYS` (activation, seed, the optimizer's numbers, the scheduler,
+early stopping); everything else is shared (actlab.packing decides which jobs can be members).
+Weights are stacked as `[K, in, out]` and trained with batched matmuls, so one forward, backward
+and optimizer step serves all K, and the per-step overhead of a training framework is paid once.
+An activation's parameters (PReLU's slope, a learnable Swish's beta) are stacked as `[K, ...]`
+and trained alike.
 
 Each member gets exactly its solo job's start and data: its layers are built by the solo code
-under its seed (`actlab.model.MLPClassifier` after `L.seed_everything(seed)`), and its batches of
-epoch e come in `batch_order(seed, e, n)`. Its update is the one `torch.optim.SGD` / `Adam` makes
-(re-implemented on stacked tensors with per-member hyperparameters), so a member's results
-equal its solo job's up to floating-point rounding. A member whose loss turns NaN/inf is
-recorded `diverged` and frozen; the others never see its numbers (each slice of a batched matmul
-is computed on its own, and the summed loss passes a gradient of 1 to every member).
+under its seed (`actlab.model.MLPClassifier` after `L.seed_everything(seed)`), its batches of
+epoch e come in `batch_order(seed, e, n)`, its dropout masks from a generator in the state its
+solo job's dropout draws from. Its update is the one `torch.optim.SGD` / `Adam` / `AdamW` makes
+(re-implemented on stacked tensors with per-member hyperparameters), with the learning rate its
+own scheduler (a real one, on its solo optimizer) gives at each epoch, so a member's results
+equal its solo job's up to floating-point rounding. Lightning's EarlyStopping, one per member,
+freezes a member whose monitored metric stopped improving; it ends as its solo job would (its
+epochs, tested on its best checkpoint) while the others train on. A member whose loss turns
+NaN/inf is recorded `diverged` and frozen; the others never see its numbers (each slice of a
+batched matmul is computed on its own, and the summed loss passes a gradient of 1 to every
+member).
 
 What a member writes (its `.hydra/`, results.json, csv, W&B run, checkpoints) goes through the
 functions a solo job uses, into its own folder: to a user it is a solo job.
@@ -26,8 +32,10 @@ import copy
 import itertools
 import logging
 import math
+import operator
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,17 +48,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import _save_config
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from torch import nn
 from torch.func import functional_call, vmap
+from torchmetrics.functional.regression.r2 import _r2_score_compute
 
-from actlab import checkpoints
+from actlab import checkpoints, packing
 from actlab import loggers as actlab_loggers
 from actlab.data import batch_order
 from actlab.diagnostics import hidden_activations
 from actlab.errors import Interrupted, UserError, interruption
 from actlab.launch import finished_before, usable_cores
+from actlab.model import TASKS
+from actlab.packing import OPTIMIZERS
 from actlab.results import (
     RESULTS,
     Heartbeat,
@@ -65,6 +77,9 @@ from actlab.runs import drop_rows_after, keep_attempt, resumable, set_aside, tra
 log = logging.getLogger(__name__)
 
 MANIFEST = "members.yaml"
+# The numbers of a param group that a member's update depends on.
+SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,12 +114,18 @@ class StackedMLP(nn.Module):
     kernel, at its speed, where a broadcast `where` over per-member slopes costs 20x a ReLU. An
     activation with parameters is applied to its slice by torch.func.vmap over the members'
     parameters of that layer (actlab.packing.probe checks it gives each member's output).
+
+    Dropout (the nets' `nn.Dropout`, in training mode) draws each member's masks from its own
+    generator in `generators`, as nn.Dropout draws them on a CPU from the global generator of the
+    member's solo job: a generator in that state gives that job's masks.
     """
 
     def __init__(
         self, nets: list[nn.Sequential], acts: list[nn.Module], keys: list[str] | None = None
     ) -> None:
         super().__init__()
+        self.p = next((m.p for m in nets[0] if isinstance(m, nn.Dropout)), 0.0)
+        self.generators: list[torch.Generator] = []
         linears = [[m for m in net if isinstance(m, nn.Linear)] for net in nets]
         self.weights = nn.ParameterList(
             nn.Parameter(torch.stack([ls[i].weight.detach().T for ls in linears]).contiguous())
@@ -166,6 +187,8 @@ class StackedMLP(nn.Module):
                 pre, h = h, self.act(h, i)
                 if probe:
                     probe(i, pre, h)
+                if self.p and self.training:
+                    h = self.dropout(h)
         return h
 
     def solo_order(self) -> tuple[list[nn.Parameter], list[str]]:
@@ -179,6 +202,15 @@ class StackedMLP(nn.Module):
             kinds += ["weight", "bias", *["act"] * len(acts)]
         return params, kinds
 
+    def dropout(self, h: torch.Tensor) -> torch.Tensor:
+        """torch's CPU dropout (`noise.bernoulli_(1 - p)`, `noise.div_(1 - p)`, `h * noise`), with
+        each member's noise drawn by its own generator."""
+        shape = h.shape[1:]
+        noise = torch.stack(
+            [h.new_empty(shape).bernoulli_(1 - self.p, generator=g) for g in self.generators]
+        )
+        return h * noise.div_(1 - self.p)
+
     def member_state(self, k: int, names: list[str]) -> dict[str, torch.Tensor]:
         """Member k's weights under its solo module's state_dict names (net.0.weight, ...)."""
         params, kinds = self.solo_order()
@@ -189,31 +221,38 @@ class StackedMLP(nn.Module):
 
 
 class StackedOptimizer:
-    """torch.optim.SGD or Adam on stacked parameters, each member with its own numbers.
+    """torch.optim.SGD, Adam or AdamW on stacked parameters, each member with its own numbers.
 
+    A member's numbers are its solo optimizer's param group (torch's defaults filled in);
+    `set_groups` gives new ones, e.g. each member's learning rate after its scheduler stepped.
     Consecutive members with the same numbers are updated together, on their slice, by the
     operations of torch's single-tensor SGD and Adam with those numbers as scalars: elementwise,
     each member's update is the one its solo optimizer computes, bit for bit. A frozen member
-    (diverged) is left out of every later update.
+    (diverged, early-stopped) is left out of every later update.
     """
 
-    def __init__(self, params: list[nn.Parameter], target: str, members: list[DictConfig]) -> None:
-        self.params, self.adam = params, target == "torch.optim.Adam"
-        self.numbers = [
-            tuple(float(m.get(key) or 0.0) for key in ("lr", "momentum", "weight_decay"))
-            for m in members
-        ]
-        first = members[0]
-        self.betas = tuple(first.get("betas", (0.9, 0.999)))
-        self.eps = float(first.get("eps", 1e-8))
+    def __init__(self, params: list[nn.Parameter], target: str, members: list[Any]) -> None:
+        cls = OPTIMIZERS[target]
+        self.params, self.adam = params, cls is not torch.optim.SGD
+        # Older torch's Adam has no decoupled_weight_decay in its groups: AdamW is its own class.
+        self.defaults = {"decoupled_weight_decay": cls is torch.optim.AdamW}
+        self.keys = ADAM_KEYS if self.adam else SGD_KEYS
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in params]
         self.steps = 0
         self.active = [True] * len(members)
+        kwargs = [{k: v for k, v in dict(m).items() if not k.startswith("_")} for m in members]
+        self.set_groups([cls([torch.zeros(0)], **kw).param_groups[0] for kw in kwargs])
+
+    def set_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.numbers = [{k: {**self.defaults, **g}[k] for k in self.keys} for g in groups]
         self._runs()
 
     def _runs(self) -> None:
-        keys = [n if on else None for n, on in zip(self.numbers, self.active, strict=True)]
-        self.runs = [(a, b, keys[a]) for a, b in runs(keys) if keys[a] is not None]
+        keys = [
+            tuple(n.values()) if on else None
+            for n, on in zip(self.numbers, self.active, strict=True)
+        ]
+        self.runs = [(a, b, self.numbers[a]) for a, b in runs(keys) if keys[a] is not None]
 
     def freeze(self, k: int) -> None:
         self.active[k] = False
@@ -225,43 +264,65 @@ class StackedOptimizer:
         for p, state in zip(self.params, self.state, strict=True):
             if not state:
                 self._init_state(p, state)
-            for a, b, (lr, momentum, weight_decay) in self.runs:
-                g = p.grad[a:b]
-                if weight_decay:
-                    g = g.add(p[a:b], alpha=weight_decay)
+            for a, b, numbers in self.runs:
                 s = {k: v[a:b] for k, v in state.items()}
-                if self.adam:
-                    self._adam(p[a:b], g, s, lr)
-                else:
-                    self._sgd(p[a:b], g, s, lr, momentum)
+                update = self._adam if self.adam else self._sgd
+                update(p[a:b], p.grad[a:b], s, **numbers)
 
     def _init_state(self, p: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         if self.adam:
             state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-        elif any(n[1] for n in self.numbers):
+            if any(n["amsgrad"] for n in self.numbers):
+                state["max_exp_avg_sq"] = torch.zeros_like(p)
+        elif any(n["momentum"] for n in self.numbers):
             state["momentum_buffer"] = torch.zeros_like(p)
 
     def _sgd(
-        self, p: torch.Tensor, g: torch.Tensor, s: dict[str, torch.Tensor], lr: float, m: float
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        s: dict[str, torch.Tensor],
+        lr: float,
+        momentum: float,
+        dampening: float,
+        weight_decay: float,
+        nesterov: bool,
     ) -> None:
-        if m:
+        if weight_decay:
+            g = g.add(p, alpha=weight_decay)
+        if momentum:
             buf = s["momentum_buffer"]
             if self.steps == 1:
                 buf.copy_(g)  # torch starts the buffer as the first gradient
             else:
-                buf.mul_(m).add_(g)
-            g = buf
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            g = g.add(buf, alpha=momentum) if nesterov else buf
         p.add_(g, alpha=-lr)
 
     def _adam(
-        self, p: torch.Tensor, g: torch.Tensor, s: dict[str, torch.Tensor], lr: float
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        s: dict[str, torch.Tensor],
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        amsgrad: bool,
+        decoupled_weight_decay: bool,
     ) -> None:
-        b1, b2 = self.betas
+        if weight_decay and decoupled_weight_decay:  # AdamW
+            p.mul_(1 - lr * weight_decay)
+        elif weight_decay:
+            g = g.add(p, alpha=weight_decay)
+        b1, b2 = betas
         m, v = s["exp_avg"], s["exp_avg_sq"]
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        if amsgrad:
+            v = torch.maximum(s["max_exp_avg_sq"], v, out=s["max_exp_avg_sq"])
         step_size = lr / (1 - b1**self.steps)
-        denom = (v.sqrt() / (1 - b2**self.steps) ** 0.5).add_(self.eps)  # as torch rounds it
+        denom = (v.sqrt() / (1 - b2**self.steps) ** 0.5).add_(eps)  # as torch rounds it
         p.addcdiv_(m, denom, value=-step_size)
 
     def member_state(
@@ -270,10 +331,14 @@ class StackedOptimizer:
         """Member k's state in torch.optim's own state_dict format (`groups` from its optimizer,
         `kinds` of the parameters as to_solo takes them)."""
         state = {}
+        numbers = self.numbers[k]
         for i, s in enumerate(self.state):
             tensors = {n: to_solo(t, k, kinds[i]).clone() for n, t in s.items()}
-            if not self.numbers[k][1]:
-                tensors.pop("momentum_buffer", None)  # torch keeps none without momentum
+            # torch keeps a state only for what the member's numbers use
+            if not numbers.get("momentum"):
+                tensors.pop("momentum_buffer", None)
+            if not numbers.get("amsgrad"):
+                tensors.pop("max_exp_avg_sq", None)
             if self.adam and tensors:
                 tensors["step"] = torch.tensor(float(self.steps))
             if tensors:
@@ -306,13 +371,16 @@ class Member:
     record: dict[str, Any] = field(default_factory=dict)
     loggers: list = field(default_factory=list)
     status: str = "running"
-    best: float = -math.inf
+    best: float = -math.inf  # of the eval metric (val/acc_best, val/r2_best)
+    best_score: float | None = None  # the checkpoint's monitor, at its best checkpoint
     best_state: dict[str, torch.Tensor] | None = None
     best_path: Path | None = None
     last_path: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     resumed: Path | None = None  # the last.ckpt it continues from (`+resume=true`)
     first_epoch: int = 0
+    early_stopping: EarlyStopping | None = None
+    stopped: tuple[int, int] | None = None  # (epochs, global step) when early stopping froze it
 
     def write(self) -> None:
         with contextlib.suppress(UserError):  # a full disk must not hide the original error
@@ -429,10 +497,17 @@ class PackTrainer:
         self.epochs = int(first.trainer.max_epochs)
         self.log_every = int(first.trainer.get("log_every_n_steps", 50))
         self.clip = first.model.get("gradient_clip_val")
+        self.classify = first.model.get("task", "classification") == "classification"
+        self.metric = TASKS[first.model.get("task", "classification")][1]
         callbacks = first.get("callbacks") or {}
         self.probe_units = bool(callbacks.get("dead_units"))
         self.grad_norms = self.probe_units and callbacks.dead_units.get("grad_norms", True)
         self.keep_best = bool(callbacks.get("model_checkpoint"))
+        if self.keep_best:
+            self.monitor = callbacks.model_checkpoint.get("monitor", "val/acc")
+            self.better = {"max": operator.gt, "min": operator.lt}[
+                callbacks.model_checkpoint.get("mode", "min")
+            ]
         self.keep_last = bool(callbacks.get("last_checkpoint"))
         self.global_step = 0
         self.heartbeat: Heartbeat | None = None
@@ -441,26 +516,38 @@ class PackTrainer:
         self.datamodule = instantiate(first.data)
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
-        nets, acts, self.groups = [], [], []
+        nets, acts, generators = [], [], []
+        # Each member's solo optimizer and scheduler: the scheduler steps it as in its solo job,
+        # and the stacked optimizer takes its numbers from there.
+        self.opts: list[torch.optim.Optimizer] = []
+        self.schedulers: list[torch.optim.lr_scheduler.LRScheduler | None] = []
         for m in members:
             L.seed_everything(m.cfg.seed, workers=True, verbose=False)  # as the solo job does
             solo = instantiate(m.cfg.model)
+            # The global generator as the solo job's dropout first draws from it.
+            generators.append(torch.Generator().set_state(torch.get_rng_state()))
             nets.append(solo.net)
             # hidden_sizes=[] is a linear model: nothing to activate.
             acts.append(next(iter(hidden_activations(solo.net)), nn.Identity()))
             opt = instantiate(m.cfg.optimizer)(params=solo.parameters())
-            self.groups.append(opt.state_dict()["param_groups"])
+            self.opts.append(opt)
+            scheduler = m.cfg.get("scheduler")
+            self.schedulers.append(instantiate(scheduler)(optimizer=opt) if scheduler else None)
+            if es := (m.cfg.get("callbacks") or {}).get("early_stopping"):
+                m.early_stopping = instantiate(es)
         self.names = [f"net.{n}" for n, _ in nets[0].named_parameters()]
         n_params = sum(p.numel() for p in nets[0].parameters())
         widths = sum(p.shape[0] for p in nets[0].parameters() if p.dim() == 2)
         check_memory(len(members), n_params, int(first.data.batch_size), widths, device)
         keys = [OmegaConf.to_yaml(m.cfg.model.act) for m in members]
         self.model = StackedMLP(nets, acts, keys).to(device)
+        self.model.generators = generators
         # The solo order, as in its optimizer state.
         self.params, self.kinds = self.model.solo_order()
         self.optimizer = StackedOptimizer(
             self.params, first.optimizer._target_, [m.cfg.optimizer for m in members]
         )
+        self.optimizer.set_groups([o.param_groups[0] for o in self.opts])
         self.seeds = [int(m.cfg.seed) for m in members]
         self.first_epoch = members[0].first_epoch  # train_pack packs members of one epoch
         if self.first_epoch:
@@ -469,11 +556,19 @@ class PackTrainer:
     @torch.no_grad()
     def _restore(self) -> None:
         """Each member's state at the end of its last.ckpt's epoch: weights, optimizer state and
-        step count, best so far (value, checkpoint, weights), metrics."""
+        step count, scheduler, early stopping, best so far (value, checkpoint, weights), metrics."""
         for m in self.members:
             ckpt = checkpoints.load(m.resumed)
             self.global_step = self.optimizer.steps = int(ckpt["global_step"])
             opt = ckpt["optimizer_states"][0]["state"]
+            # As Lightning restores a solo job's optimizer (its learning rate) and scheduler.
+            saved = ckpt["optimizer_states"][0]["param_groups"]
+            for group, numbers in zip(self.opts[m.index].param_groups, saved, strict=True):
+                group.update({k: v for k, v in numbers.items() if k != "params"})
+            if scheduler := self.schedulers[m.index]:
+                scheduler.load_state_dict(ckpt["lr_schedulers"][0])
+            if m.early_stopping:
+                m.early_stopping.load_state_dict(ckpt["callbacks"][m.early_stopping.state_key])
             for i, (name, p, kind, state) in enumerate(
                 zip(self.names, self.params, self.kinds, self.optimizer.state, strict=True)
             ):
@@ -487,10 +582,13 @@ class PackTrainer:
             m.metrics = dict(ckpt.get("metrics") or {})
             m.last_path = m.resumed
             for key, cb in ckpt["callbacks"].items():
-                if "'monitor': None" not in key and cb.get("best_model_path"):
+                best_of = key.startswith("ModelCheckpoint") and "'monitor': None" not in key
+                if best_of and cb.get("best_model_path"):
+                    m.best_score = float(cb["best_model_score"])
                     m.best_path = Path(cb["best_model_path"])
                     best = checkpoints.load(m.best_path)
                     m.best_state = {n: best["state_dict"][n] for n in self.names}
+        self.optimizer.set_groups([o.param_groups[0] for o in self.opts])
 
     def _tensors(self, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(self.device) for t in split)
@@ -501,19 +599,16 @@ class PackTrainer:
         steps = -(-n // bs)
         K = len(self.members)
         for epoch in range(self.first_epoch, self.epochs):
+            self.model.train()  # evaluate() left it in eval mode: no dropout there
             orders = torch.stack([batch_order(s, epoch, n) for s in self.seeds]).to(self.device)
             sums = torch.zeros(3, K, device=self.device)  # loss, correct, n
             for s in range(steps):
                 idx = orders[:, s * bs : (s + 1) * bs]
                 flat = idx.flatten()
                 xb = x.index_select(0, flat).view(K, -1, *x.shape[1:])
-                yb = y.index_select(0, flat).view(K, -1)
+                yb = y.index_select(0, flat).view(K, -1, *y.shape[1:])
                 logits = self.model(xb)
-                losses = (
-                    F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
-                    .view(K, -1)
-                    .mean(1)
-                )
+                losses = self._losses(logits, yb)
                 for p in self.params:
                     p.grad = None
                 losses.sum().backward()
@@ -525,28 +620,59 @@ class PackTrainer:
                     clip_per_member(self.params, float(self.clip))
                 self.optimizer.step()
                 self.global_step += 1
+                if s + 1 == steps:  # where the solo module steps its scheduler
+                    self._step_schedulers()
                 with torch.no_grad():
-                    correct = (logits.argmax(-1) == yb).sum(1)
                     b = yb.shape[1]
+                    correct = (
+                        (logits.argmax(-1) == yb).sum(1) if self.classify else losses.new_zeros(K)
+                    )
                     sums += torch.stack(
                         [losses * b, correct.to(losses.dtype), losses.new_full((K,), b)]
                     )
                 if log_now:
-                    step_logs.update({"train/loss": losses, "train/acc": correct / b})
+                    step_logs["train/loss"] = losses
+                    if self.classify:
+                        step_logs["train/acc"] = correct / b
                     self._log_each(step_logs, self.global_step - 1, epoch)
                 if s + 1 == steps or self.global_step % self.log_every == 0:
                     self._check_divergence(sums[0], epoch)
-                if not self.running:
+                if not self.training:
                     return
             self._end_epoch(epoch, sums)
+            if not self.training:  # each stopped early
+                return
+
+    def _losses(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Each member's mean loss over its batch: [K]."""
+        if self.classify:
+            flat = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+            return flat.view(len(logits), -1).mean(1)
+        return F.mse_loss(logits, target, reduction="none").flatten(1).mean(1)
+
+    def _step_schedulers(self) -> None:
+        if not any(self.schedulers):
+            return
+        with warnings.catch_warnings():
+            # Its optimizer is never stepped: the stacked one makes its updates.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+            for m in self.training:
+                if scheduler := self.schedulers[m.index]:
+                    scheduler.step()
+        self.optimizer.set_groups([o.param_groups[0] for o in self.opts])
 
     @property
     def running(self) -> list[Member]:
+        """The members not ended yet (early-stopped ones are still to be tested)."""
         return [m for m in self.members if m.status == "running"]
+
+    @property
+    def training(self) -> list[Member]:
+        return [m for m in self.running if m.stopped is None]
 
     def _log_each(self, logs: dict[str, torch.Tensor], step: int, epoch: int) -> None:
         values = {k: v.tolist() for k, v in logs.items()}
-        for m in self.running:
+        for m in self.training:
             metrics = {k: v[m.index] for k, v in values.items()}
             m.metrics.update(metrics)
             m.log({**metrics, "epoch": epoch}, step)
@@ -561,7 +687,7 @@ class PackTrainer:
 
     def _check_divergence(self, loss_sums: torch.Tensor, epoch: int) -> None:
         values = loss_sums.tolist()
-        for m in self.running:
+        for m in self.training:
             if not math.isfinite(values[m.index]):
                 self.optimizer.freeze(m.index)
                 error = (
@@ -573,9 +699,11 @@ class PackTrainer:
 
     @torch.no_grad()
     def evaluate(self, split: tuple[torch.Tensor, torch.Tensor], units: bool) -> dict:
+        self.model.eval()
         x, y = self._tensors(split)
         K = len(self.members)
         loss, correct = torch.zeros(K, device=self.device), torch.zeros(K, device=self.device)
+        r2 = 0  # torchmetrics' R2Score sums per member: targets, their squares, squared residuals
         layers = len(self.model.weights) - 1
         active = [0] * layers
         act_sum = [0] * layers
@@ -587,11 +715,25 @@ class PackTrainer:
         bs = int(self.members[0].cfg.data.eval_batch_size)
         for xb, yb in zip(x.split(bs), y.split(bs), strict=True):
             logits = self.model(xb, probe if units else None)
-            target = yb.expand(K, -1)
-            loss += F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1)
-            correct += (logits.argmax(-1) == target).sum(1)
+            target = yb.expand(K, *yb.shape)
+            if self.classify:
+                loss += F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1)
+                correct += (logits.argmax(-1) == target).sum(1)
+            else:
+                loss += F.mse_loss(logits, target, reduction="none").mean(2).sum(1)
+                residual = target - logits
+                r2 = r2 + torch.stack(
+                    [target.sum(1), (target * target).sum(1), (residual * residual).sum(1)]
+                )
         n = len(x)
-        out = {"loss": loss / n, "acc": correct / n}
+        out = {"loss": loss / n}
+        if self.classify:
+            out["acc"] = correct / n
+        else:
+            obs, squared, rss = r2
+            out["r2"] = torch.stack(
+                [_r2_score_compute(squared[k], obs[k], rss[k], n) for k in range(K)]
+            )
         if units and layers:
             dead = []
             for k in range(layers):
@@ -605,41 +747,74 @@ class PackTrainer:
     def _end_epoch(self, epoch: int, sums: torch.Tensor) -> None:
         loss_sum, correct, n = sums.tolist()
         val = self.evaluate(self.datamodule.val, self.probe_units)
-        for m in self.running:
+        name = self.metric
+        for m in self.training:
             k = m.index
-            acc = val["acc"][k]
-            improved = acc > m.best
-            m.best = max(m.best, acc)
+            value = val[name][k]
+            m.best = max(m.best, value)
             metrics = {
                 "train/loss_epoch": loss_sum[k] / n[k],
-                "train/acc_epoch": correct[k] / n[k],
+                **({"train/acc_epoch": correct[k] / n[k]} if self.classify else {}),
                 "val/loss": val["loss"][k],
-                "val/acc": acc,
-                "val/acc_best": m.best,
+                f"val/{name}": value,
+                f"val/{name}_best": m.best,
                 **{key: v[k] for key, v in val.items() if "/" in key},
             }
             m.metrics.update(metrics)
             m.log({**metrics, "epoch": epoch}, self.global_step - 1)
             for lg in m.loggers:
                 lg.save()
+            # As in a solo job, early stopping decides before the checkpoints are written: they
+            # hold its state.
+            stop = self._early_stop(m, epoch)
             state = self.model.member_state(k, self.names)
             old = None
-            if improved:
-                m.best_state = state
-                if self.keep_best:
-                    old, m.best_path = (
-                        m.best_path,
-                        m.out / "checkpoints" / f"best-epoch{epoch:03d}.ckpt",
-                    )
-                    self.save(m, m.best_path, state, epoch)
+            if self.keep_best and self._improved(m):
+                m.best_score, m.best_state = m.metrics[self.monitor], state
+                old, m.best_path = (
+                    m.best_path,
+                    m.out / "checkpoints" / f"best-epoch{epoch:03d}.ckpt",
+                )
+                self.save(m, m.best_path, state, epoch)
             if self.keep_last:
                 m.last_path = m.out / "checkpoints" / "last.ckpt"
                 self.save(m, m.last_path, state, epoch)
             # Only now: killed before, last.ckpt still names a best checkpoint that exists.
             if old and old != m.best_path:
                 old.unlink(missing_ok=True)
+            if stop:
+                self.optimizer.freeze(k)
+                m.stopped = (epoch + 1, self.global_step)
         if self.heartbeat:
             self.heartbeat.beat(epoch + 1)
+
+    def _improved(self, m: Member) -> bool:
+        """ModelCheckpoint's decision (save_top_k=1): is this epoch the member's best so far?"""
+        if self.monitor not in m.metrics:
+            raise UserError(
+                f"callbacks.model_checkpoint.monitor={self.monitor} is not logged: choose one of "
+                f"{', '.join(sorted(m.metrics))}."
+            )
+        return m.best_score is None or self.better(m.metrics[self.monitor], m.best_score)
+
+    def _early_stop(self, m: Member, epoch: int) -> bool:
+        """Lightning's EarlyStopping check at the end of the member's epoch: does it stop?"""
+        es = m.early_stopping
+        if es is None:
+            return False
+        if es.monitor not in m.metrics:
+            if es.strict:
+                raise UserError(
+                    f"callbacks.early_stopping.monitor={es.monitor} is not logged: choose one of "
+                    f"{', '.join(sorted(m.metrics))}."
+                )
+            return False
+        # The value as the solo job logs it: a float32 tensor.
+        stop, reason = es._evaluate_stopping_criteria(torch.tensor(m.metrics[es.monitor]))
+        if stop:
+            es.stopped_epoch, es.stopping_reason_message = epoch, reason
+            log.info("%s: early stopping after epoch %d: %s", m.out.name, epoch, reason)
+        return stop
 
     def save(self, m: Member, path: Path, state: dict[str, torch.Tensor], epoch: int) -> None:
         """A checkpoint in the solo job's format: eval.py and `ckpt_path=` read it."""
@@ -650,17 +825,22 @@ class PackTrainer:
             "state_dict": {**state, "val_acc_best.max_value": torch.tensor(m.best)},
             "loops": self._loops(epoch),
             "optimizer_states": [
-                self.optimizer.member_state(m.index, self.groups[m.index], self.kinds)
+                self.optimizer.member_state(
+                    m.index, self.opts[m.index].state_dict()["param_groups"], self.kinds
+                )
             ],
-            "lr_schedulers": [],
+            "lr_schedulers": [s.state_dict()] if (s := self.schedulers[m.index]) else [],
             "callbacks": self._checkpointer_states(m),
             "metrics": dict(m.metrics),
         }
         checkpoints.save(ckpt, path)
 
     def _checkpointer_states(self, m: Member) -> dict[str, Any]:
-        """The member's ModelCheckpoint states, so a resumed solo run knows its best so far."""
+        """The member's ModelCheckpoint and EarlyStopping states, so a resumed solo run knows its
+        best so far and how long it has waited."""
         states = {}
+        if es := m.early_stopping:
+            states[es.state_key] = es.state_dict()
         for name in ("model_checkpoint", "last_checkpoint"):
             node = (m.cfg.get("callbacks") or {}).get(name)
             if not node:
@@ -669,11 +849,11 @@ class PackTrainer:
             if cb.monitor is None:
                 cb.best_model_path = str(m.last_path or "")
             elif m.best_path is not None:
-                best = torch.tensor(m.best)
+                best = torch.tensor(m.best_score)
                 cb.best_model_path = cb.kth_best_model_path = str(m.best_path)
                 cb.best_model_score = cb.kth_value = best
                 cb.best_k_models = {str(m.best_path): best}
-                cb.current_score = torch.tensor(m.metrics["val/acc"])
+                cb.current_score = torch.tensor(m.metrics[cb.monitor])
             states[cb.state_key] = cb.state_dict()
         return states
 
@@ -715,10 +895,12 @@ class PackTrainer:
                 for name, t, kind in zip(self.names, self.params, self.kinds, strict=True):
                     _put(t, m.index, m.best_state[name], kind)
         tested = self.evaluate(self.datamodule.test, False)
+        name = self.metric
         for m in self.running:
-            metrics = {"test/loss": tested["loss"][m.index], "test/acc": tested["acc"][m.index]}
+            metrics = {"test/loss": tested["loss"][m.index], f"test/{name}": tested[name][m.index]}
             m.metrics.update(metrics)
-            m.log({**metrics, "epoch": self.epochs}, self.global_step)
+            epochs, step = m.stopped or (self.epochs, self.global_step)
+            m.log({**metrics, "epoch": epochs}, step)
 
     def seconds(self) -> float:
         return round(time.perf_counter() - self.start, 2)
@@ -851,7 +1033,7 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
             for m in members:
                 m.record["launch"] = slot.info()
             launch_info = {f"launch.{k}": v for k, v in slot.info().items()}
-        device = torch.device(slot.device if slot and not slot.simulated else _device(cfg))
+        device = torch.device(slot.device if slot and not slot.simulated else packing.device(cfg))
         log.info("pack of %d members on %s: %s", len(members), device, _names(members))
         trainer = PackTrainer(members, device)
         trainer.heartbeat = heartbeat
@@ -872,8 +1054,10 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
         fit_seconds = trainer.seconds()
         if cfg.get("test", True):
             trainer.test()
-        epochs = trainer.epochs
-        pack_epoch = fit_seconds / max(epochs - trainer.first_epoch, 1)
+        # An early-stopped member trained its own epochs; the pack, as many as its longest.
+        epochs = {m.index: m.stopped[0] if m.stopped else trainer.epochs for m in trainer.running}
+        trained = max(epochs.values(), default=trainer.epochs)
+        pack_epoch = fit_seconds / max(trained - trainer.first_epoch, 1)
         for m in trainer.running:
             m.record["metrics"] = m.metrics
             # Its share of the pack's epoch, comparable with a solo job's s/epoch.
@@ -883,12 +1067,12 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
                 m.out.name,
                 m.metrics.get("test/acc", float("nan")),
                 m.best,
-                epochs,
+                epochs[m.index],
                 m.out,
             )
             m.end(
                 "finished",
-                epochs=epochs,
+                epochs=epochs[m.index],
                 seconds=trainer.seconds(),
                 seconds_per_epoch=round(pack_epoch / len(members), 3),
                 best_checkpoint=str(m.best_path) if m.best_path else None,
@@ -925,13 +1109,6 @@ def _end_unended(members: list[Member], e: BaseException, seconds: float) -> Int
         else:
             log.info("%s: interrupted before a checkpoint was saved", m.out.name)
     return stop
-
-
-def _device(cfg: DictConfig) -> str:
-    accelerator = cfg.trainer.get("accelerator", "auto")
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
 
 
 def _names(members: list[Member]) -> str:

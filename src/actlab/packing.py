@@ -22,8 +22,27 @@ from actlab.data import MNISTDataModule
 from actlab.model import MLPClassifier, without_stackable
 
 # Config keys in which the members of one pack may differ.
-MEMBER_KEYS = ("seed", "model.act", "optimizer.lr", "optimizer.momentum", "optimizer.weight_decay")
-OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam")
+MEMBER_KEYS = (
+    "seed",
+    "model.act",
+    "optimizer.lr",
+    "optimizer.momentum",
+    "optimizer.weight_decay",
+    "optimizer.dampening",
+    "optimizer.nesterov",
+    "optimizer.betas",
+    "optimizer.eps",
+    "optimizer.amsgrad",
+    # each member steps its own scheduler and early stopping
+    "scheduler",
+    "callbacks.early_stopping",
+)
+# The optimizers whose update the pack re-implements per member (actlab.pack.StackedOptimizer).
+OPTIMIZERS = {
+    "torch.optim.SGD": torch.optim.SGD,
+    "torch.optim.Adam": torch.optim.Adam,
+    "torch.optim.AdamW": torch.optim.AdamW,
+}
 # Trainer keys a pack honours; any other set key makes the job a solo job.
 TRAINER_KEYS = {
     "_target_",
@@ -35,7 +54,14 @@ TRAINER_KEYS = {
     "check_val_every_n_epoch",
     "deterministic",
 }
-CALLBACKS = {"model_checkpoint", "last_checkpoint", "model_summary", "progress_bar", "dead_units"}
+CALLBACKS = {
+    "model_checkpoint",
+    "last_checkpoint",
+    "model_summary",
+    "progress_bar",
+    "dead_units",
+    "early_stopping",
+}
 # The probe's input: a few samples of one hidden layer, values on the scale of pre-activations.
 _PROBE_ROWS = 8
 
@@ -44,21 +70,17 @@ def solo_reason(cfg: DictConfig) -> str | None:
     """Why this job cannot be a pack member (it then runs as a solo job), or None."""
     if reason := _data_reason(cfg):
         return reason
-    if cfg.model.get("dropout"):
-        return "model.dropout draws random numbers per member"
+    if cfg.model.get("dropout") and device(cfg) != "cpu":
+        return "model.dropout on a GPU draws masks a pack cannot repeat per member"
     if reason := _model(cfg)[0]:
         return reason
-    if cfg.model.get("task", "classification") != "classification":
-        return "model.task is not classification"
-    if cfg.get("scheduler"):
-        return "a scheduler is set"
     if cfg.get("ckpt_path"):
         return "ckpt_path is set"
     opt = cfg.optimizer
     if opt.get("_target_") not in OPTIMIZERS:
-        return f"optimizer {opt.get('_target_')} is not SGD or Adam"
-    if opt.get("nesterov") or opt.get("dampening") or opt.get("amsgrad") or opt.get("maximize"):
-        return "optimizer nesterov/dampening/amsgrad/maximize is set"
+        return f"optimizer {opt.get('_target_')} is not SGD, Adam or AdamW"
+    if opt.get("maximize"):
+        return "optimizer maximize is set"
     # Unresolved: the sweeper composes configs before any job's `${hydra:...}` is known.
     trainer = {
         k: v
@@ -80,6 +102,14 @@ def solo_reason(cfg: DictConfig) -> str | None:
     if extra:
         return f"callbacks.{extra[0]} is set"
     return None
+
+
+def device(cfg: DictConfig) -> str:
+    """The device type a job of this config trains on without a device slot."""
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
 
 
 def _container(node: Any) -> dict[str, Any]:
@@ -165,7 +195,7 @@ def _decide(node: DictConfig) -> tuple[str | None, str]:
         return f"model.act.stackable={stackable} is not true or false", ""
     with torch.random.fork_rng(devices=[]):  # the sweeper's own random state is left alone
         act = without_stackable(instantiate(act_cfg))()
-    if any(type(a) is not type(act) for a in list(net)[1::2]):
+    if any(type(a) is not type(act) for a in _without_dropout(net)[1::2]):
         return f"the network's activations are not all model.act's {target}", ""
     shapes = ",".join(f"{n}{tuple(p.shape)}" for n, p in act.named_parameters())
     if stackable:
@@ -182,10 +212,18 @@ def _decide(node: DictConfig) -> tuple[str | None, str]:
 
 def network_reason(net: nn.Module) -> str | None:
     """Why a pack cannot stack this network, or None: it takes an nn.Sequential of biased
-    nn.Linear layers with one activation module between each two."""
+    nn.Linear layers with one activation module between each two, each activation followed by
+    the same nn.Dropout or by none."""
     if not isinstance(net, nn.Sequential):
         return f"the network is a {_name(type(net))}, not an nn.Sequential"
-    for i, m in enumerate(net):
+    modules = list(net)
+    dropouts = [i for i, m in enumerate(modules) if isinstance(m, nn.Dropout)]
+    # Where actlab.nets puts it, each hidden layer's the same: the pack draws it per member there.
+    if any(i < 2 or isinstance(modules[i - 1], nn.Linear | nn.Dropout) for i in dropouts):
+        return "the network has an nn.Dropout that does not follow an activation"
+    if len({modules[i].p for i in dropouts}) > 1:
+        return "the network's nn.Dropout layers differ in p"
+    for i, m in enumerate(_without_dropout(net)):
         linear = isinstance(m, nn.Linear)
         if i % 2 == 0 and not (linear and m.bias is not None):
             return (
@@ -194,9 +232,13 @@ def network_reason(net: nn.Module) -> str | None:
             )
         if i % 2 == 1 and linear:
             return f"the network's layer {i} ({_name(type(m))}) is not an activation"
-    if len(net) % 2 == 0:
+    if len(_without_dropout(net)) % 2 == 0:
         return "the network does not end with an nn.Linear"
     return None
+
+
+def _without_dropout(net: nn.Sequential) -> list[nn.Module]:
+    return [m for m in net if not isinstance(m, nn.Dropout)]
 
 
 def probe(act: nn.Module, width: int) -> str | None:

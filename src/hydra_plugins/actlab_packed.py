@@ -115,6 +115,7 @@ class PackedSweeper(BasicSweeper):
 def _default_members(cfg: DictConfig) -> int:
     import torch
 
-    from actlab.pack import _device, max_members
+    from actlab.pack import max_members
+    from actlab.packing import device
 
-    return max_members(torch.device(_device(cfg)))
+    return max_members(torch.device(device(cfg)))
