@@ -41,7 +41,7 @@ report: $(STAMP) ## tables and plots of the newest sweep (SWEEP=logs/multiruns/.
 	$(PY) -m actlab.report $(SWEEP)
 
 bench: $(STAMP) ## time an epoch vs plain PyTorch, start-up, memory (ARGS="--rounds 5"...)
-	$(PY) -m actlab.bench $(ARGS)
+	$(PY) -m benchmarks.bench $(ARGS)
 
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest $(ARGS)

@@ -296,11 +296,11 @@ def run_project(
         "test=false",
         f"paths.data_dir={ROOT / 'data'}",
         f"paths.log_dir={workdir}",
-        "+callbacks.epoch_clock._target_=actlab.bench.EpochClock",
+        "+callbacks.epoch_clock._target_=benchmarks.bench.EpochClock",
         f"+callbacks.epoch_clock.path={clock}",
     ]
     if per_sample:
-        overrides.append("data._target_=actlab.bench.PerSampleDataModule")
+        overrides.append("data._target_=benchmarks.bench.PerSampleDataModule")
     cfg = compose(overrides, out)
     with _quiet():
         train(cfg)
@@ -339,7 +339,7 @@ def time_first_step(args: list[str], workdir: Path) -> dict[str, float]:
             sys.executable,
             "train.py",
             *args,
-            "+callbacks.startup_probe._target_=actlab.bench.StartupProbe",
+            "+callbacks.startup_probe._target_=benchmarks.bench.StartupProbe",
             f"+callbacks.startup_probe.path={stamp}",
         ]
     else:
@@ -703,7 +703,7 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m actlab.bench", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.bench", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
     parser.add_argument(
