@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import COMMAND_TIMEOUT, QUICK, TESTS, hold_at, results, start_held, wait_for
 
-from actlab import ROOT, report, wandb_runs
+from actlab import ROOT, report
 from actlab import results as records
 
 # A pack honours no trainer flag (actlab.pack.TRAINER_KEYS): without the bar's, it stays a pack.
@@ -112,7 +112,7 @@ def assert_lost_everywhere(sweep: Path, folders: list[Path]) -> None:
     rows = {r["job"]: r for r in report.collect(sweep)}
     table = report.write_report(sweep)
     configs = report.group(report.load_jobs(sweep))
-    jobs = {r["folder"]: r for r in wandb_runs._job_rows(sweep, configs)}
+    jobs = {r["folder"]: r for r in report._job_rows(sweep, configs)}
     for folder in folders:
         beat = json.loads((folder / "heartbeat.json").read_text())
         assert beat["epochs"] == 1
