@@ -658,23 +658,34 @@ class PackTrainer:
             for lg in m.loggers:
                 lg.save()
             state = self.model.member_state(k, self.names)
-            old = None
-            if improved:
-                m.best_state = state
-                if self.keep_best:
-                    old, m.best_path = (
-                        m.best_path,
-                        m.out / "checkpoints" / f"best-epoch{epoch:03d}.ckpt",
-                    )
-                    self.save(m, m.best_path, state, epoch)
-            if self.keep_last:
-                m.last_path = m.out / "checkpoints" / "last.ckpt"
-                self.save(m, m.last_path, state, epoch)
-            # Only now: killed before, last.ckpt still names a best checkpoint that exists.
-            if old and old != m.best_path:
-                old.unlink(missing_ok=True)
+            try:
+                self._checkpoint(m, state, improved, epoch)
+            except Exception as e:  # its folder's fault, as for its solo job: the others go on
+                self.optimizer.freeze(k)
+                error = f"{type(e).__name__}: {e}"
+                log.error("%s: job failed: %s", m.out.name, error)
+                m.end("failed", error, seconds=self.seconds())
         if self.heartbeat:
             self.heartbeat.beat(epoch + 1)
+
+    def _checkpoint(
+        self, m: Member, state: dict[str, torch.Tensor], improved: bool, epoch: int
+    ) -> None:
+        old = None
+        if improved:
+            m.best_state = state
+            if self.keep_best:
+                old, m.best_path = (
+                    m.best_path,
+                    m.out / "checkpoints" / f"best-epoch{epoch:03d}.ckpt",
+                )
+                self.save(m, m.best_path, state, epoch)
+        if self.keep_last:
+            m.last_path = m.out / "checkpoints" / "last.ckpt"
+            self.save(m, m.last_path, state, epoch)
+        # Only now: killed before, last.ckpt still names a best checkpoint that exists.
+        if old and old != m.best_path:
+            old.unlink(missing_ok=True)
 
     def save(self, m: Member, path: Path, state: dict[str, torch.Tensor], epoch: int) -> None:
         """A checkpoint in the solo job's format: eval.py and `ckpt_path=` read it."""

@@ -64,12 +64,12 @@ class PackedSweeper(BasicSweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
         groups: dict[str, list[tuple[int, list[str], DictConfig]]] = {}
-        solo: list[list[str]] = []
+        solo: list[tuple[int, list[str]]] = []
         for num, (job, cfg) in enumerate(jobs):
             reason = solo_reason(cfg)
             if reason:
                 log.info("%s runs as a solo job: %s", cfg.hydra.job.override_dirname, reason)
-                solo.append(job)
+                solo.append((num, job))
             else:
                 groups.setdefault(pack_key(cfg), []).append((num, job, cfg))
         batch: list[list[str]] = []
@@ -82,7 +82,7 @@ class PackedSweeper(BasicSweeper):
             share = max(1, round(at_once * len(members) / packable))
             for chunk in balanced(members, share, limit):
                 if len(chunk) == 1:
-                    solo.append(chunk[0][1])
+                    solo.append(chunk[0][:2])
                     continue
                 batch.append(self._pack(len(batch), chunk, sweep_dir))
                 sizes.append(len(chunk))
@@ -95,8 +95,11 @@ class PackedSweeper(BasicSweeper):
             ",".join(map(str, sizes)) or "-",
             at_once,
         )
-        # Packs' members carry the sweep's job numbers; solo jobs are numbered after them.
-        results = self.launcher.launch(batch + solo, initial_job_idx=len(jobs))
+        # Packs' members carry the sweep's job numbers; solo jobs are numbered after them, or,
+        # where no job packs, as the grid numbers them.
+        solo_jobs = [job for _, job in sorted(solo)]
+        first = len(jobs) if batch else 0
+        results = self.launcher.launch(batch + solo_jobs, initial_job_idx=first)
         for r in results:
             _ = r.return_value
         return [results]
