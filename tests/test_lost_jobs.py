@@ -128,7 +128,7 @@ def assert_lost_everywhere(sweep: Path, folders: list[Path]) -> None:
 @pytest.mark.slow
 def test_a_killed_run_reads_lost_in_the_table_report_and_wandb(tmp_path: Path) -> None:
     hold, sweep = tmp_path / "hold", tmp_path / "sweep"
-    args = ["-m", *QUICK, *EPOCHS, "logger=csv", f"hydra.sweep.dir={sweep}"]
+    args = ["-m", "hydra/sweeper=basic", *QUICK, *EPOCHS, "logger=csv", f"hydra.sweep.dir={sweep}"]
     args.append("hydra.sweep.subdir=job")
     proc = start_held([ROOT / "train.py", *args, *hold_at(1, hold)], [hold], cwd=tmp_path)
     proc.send_signal(signal.SIGKILL)
@@ -160,6 +160,7 @@ def test_a_parallel_sweep_goes_on_when_a_job_is_killed(tmp_path: Path) -> None:
     args = [
         ROOT / "train.py",
         "-m",
+        "hydra/sweeper=basic",  # a process per job
         "hydra/launcher=parallel",
         "launch.cpus=2",  # two slots: the leaky job runs beside the held one
         "model.act=relu,leaky",
