@@ -65,6 +65,20 @@ def test_members_are_split_into_one_pack_per_device_slot(tmp_path: Path) -> None
     assert len({r["launch"]["slot"] for r in jobs.values()}) == 3  # each pack held its own slot
 
 
+@pytest.mark.slow
+def test_a_member_whose_folder_fails_it_fails_alone(tmp_path: Path) -> None:
+    """As its solo job would: a file where its checkpoints go fails it at its first epoch's end."""
+    names = {act: ",".join(sorted([*SWEEP, f"model.act={act}"])) for act in ("relu", "leaky")}
+    (tmp_path / names["leaky"]).mkdir()
+    (tmp_path / names["leaky"] / "checkpoints").write_text("in the way")
+    proc = run_train("-m", *SWEEP, "model.act=relu,leaky", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # a job did not finish
+    relu, leaky = (results(tmp_path / names[act]) for act in ("relu", "leaky"))
+    assert leaky["status"] == "failed" and leaky["error"].startswith("FileExistsError")
+    assert relu["status"] == "finished" and relu["pack"]["size"] == 2
+    assert relu["epochs"] == 1 and "test/acc" in relu["metrics"]
+
+
 def test_balanced_packs_fill_the_slots_within_max_members() -> None:
     def sizes(n: int, packs: int, limit: int) -> list[int]:
         chunks = balanced(list(range(n)), packs, limit)
