@@ -7,8 +7,8 @@ They are split into balanced packs, as many as the launcher runs jobs at once (`
 `n_jobs`, one per device slot; `slurm`: the array's `array_parallelism`; any other launcher: one),
 none larger than `max_members`. Each pack is written to `<sweep>/.packs/pack-<i>/members.yaml` and
 handed to the launcher as ONE job (`+pack=<i>`), so the basic, parallel and SLURM launchers all
-run packs. A job that cannot pack, or is alone in its pack, runs as an ordinary job of the same
-sweep, with one log line saying why.
+run packs. A job that cannot pack runs as an ordinary job of the same sweep, with one log line
+saying why; so does a job alone in its pack.
 """
 
 from __future__ import annotations
