@@ -31,8 +31,8 @@ data: $(STAMP) ## fetch and MD5-check MNIST into data/
 train: $(STAMP) ## one training run with the default config (ARGS="..." adds overrides)
 	$(PY) train.py $(ARGS)
 
-sweep: $(STAMP) ## the main job: relu vs leaky vs none, then the comparison table (PACK=1: packed)
-	$(PY) train.py -m $(if $(PACK),hydra/sweeper=packed) model.act=relu,leaky,none $(ARGS)
+sweep: $(STAMP) ## the main job: relu vs leaky vs none, packed, then the table (PACK=0: a job each)
+	$(PY) train.py -m $(if $(filter 0,$(PACK)),hydra/sweeper=basic) model.act=relu,leaky,none $(ARGS)
 
 eval: $(STAMP) ## test a checkpoint with its run's config (CKPT=<run>/checkpoints/last.ckpt)
 	$(PY) eval.py ckpt_path="$(CKPT)" $(ARGS)
@@ -41,7 +41,7 @@ report: $(STAMP) ## tables and plots of the newest sweep (SWEEP=logs/multiruns/.
 	$(PY) -m actlab.report $(SWEEP)
 
 bench: $(STAMP) ## time an epoch vs plain PyTorch, start-up, memory (ARGS="--rounds 5"...)
-	$(PY) -m actlab.bench $(ARGS)
+	$(PY) -m benchmarks.bench $(ARGS)
 
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest $(ARGS)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from actlab.bench import PerSampleDataModule, measure_pack_sizes, plain_epoch, table
 from actlab.data import MNISTDataModule, SyntheticSource, batch_order
 from actlab.model import MLPClassifier
+from benchmarks.bench import PerSampleDataModule, measure_pack_sizes, plain_epoch, table
 
 
 def _sgd(params):

@@ -252,6 +252,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("sweep")
     status, stdout, _ = here_exit(
         "-m",
+        "hydra/sweeper=basic",  # solo jobs: Lightning's loop stops each
         *QUICK,
         "logger=csv",
         "model.act=none",

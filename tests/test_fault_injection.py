@@ -31,7 +31,13 @@ from actlab.results import read_results
 pytestmark = pytest.mark.slow
 
 EPOCHS = 3  # 8 steps each (500 training images, batch 64); every epoch is a new best here
-SOLO = [*QUICK, "logger=csv", f"trainer.max_epochs={EPOCHS}", "hydra.sweep.subdir=job${trial}"]
+SOLO = [
+    "hydra/sweeper=basic",
+    *QUICK,
+    "logger=csv",
+    f"trainer.max_epochs={EPOCHS}",
+    "hydra.sweep.subdir=job${trial}",
+]
 # QUICK's trainer.enable_progress_bar would make the jobs solo jobs.
 PACKED = [
     *(a for a in QUICK if not a.startswith("++trainer")),

@@ -176,6 +176,7 @@ def test_slurm_sweep_reports_a_killed_job_and_resumes(tmp_path: Path, slurm_clus
         sys.executable,
         "train.py",
         "-m",
+        "hydra/sweeper=basic",  # a SLURM job per configuration
         "hydra/launcher=slurm",
         "model.act=relu,leaky,none",
         *FAST,

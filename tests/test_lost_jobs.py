@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import COMMAND_TIMEOUT, QUICK, TESTS, hold_at, results, start_held, wait_for
 
-from actlab import ROOT, report, wandb_runs
+from actlab import ROOT, report
 from actlab import results as records
 
 # A pack honours no trainer flag (actlab.packing.TRAINER_KEYS): without the bar's, it stays a pack.
@@ -112,7 +112,7 @@ def assert_lost_everywhere(sweep: Path, folders: list[Path]) -> None:
     rows = {r["job"]: r for r in report.collect(sweep)}
     table = report.write_report(sweep)
     configs = report.group(report.load_jobs(sweep))
-    jobs = {r["folder"]: r for r in wandb_runs._job_rows(sweep, configs)}
+    jobs = {r["folder"]: r for r in report._job_rows(sweep, configs)}
     for folder in folders:
         beat = json.loads((folder / "heartbeat.json").read_text())
         assert beat["epochs"] == 1
@@ -128,7 +128,7 @@ def assert_lost_everywhere(sweep: Path, folders: list[Path]) -> None:
 @pytest.mark.slow
 def test_a_killed_run_reads_lost_in_the_table_report_and_wandb(tmp_path: Path) -> None:
     hold, sweep = tmp_path / "hold", tmp_path / "sweep"
-    args = ["-m", *QUICK, *EPOCHS, "logger=csv", f"hydra.sweep.dir={sweep}"]
+    args = ["-m", "hydra/sweeper=basic", *QUICK, *EPOCHS, "logger=csv", f"hydra.sweep.dir={sweep}"]
     args.append("hydra.sweep.subdir=job")
     proc = start_held([ROOT / "train.py", *args, *hold_at(1, hold)], [hold], cwd=tmp_path)
     proc.send_signal(signal.SIGKILL)
@@ -160,6 +160,7 @@ def test_a_parallel_sweep_goes_on_when_a_job_is_killed(tmp_path: Path) -> None:
     args = [
         ROOT / "train.py",
         "-m",
+        "hydra/sweeper=basic",  # a process per job
         "hydra/launcher=parallel",
         "launch.cpus=2",  # two slots: the leaky job runs beside the held one
         "model.act=relu,leaky",

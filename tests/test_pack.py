@@ -34,7 +34,7 @@ def _sweep(tmp: Path, *args: str, base: list[str] = SWEEP, status: int = 0) -> d
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
-    solo = _sweep(tmp_path_factory.mktemp("solo"), *GRID)
+    solo = _sweep(tmp_path_factory.mktemp("solo"), "hydra/sweeper=basic", *GRID)
     packed = _sweep(tmp_path_factory.mktemp("packed"), "hydra/sweeper=packed", *GRID)
     return solo, packed
 
@@ -327,7 +327,7 @@ def test_packed_members_match_solo_jobs_on_real_mnist(tmp_path: Path) -> None:
     base = [a for a in SWEEP if not a.startswith(("data=", "trainer.max_epochs="))]
     base.append("trainer.max_epochs=1")
     grid = ["model.act=relu,leaky,none", "seed=0,1"]
-    solo = _sweep(tmp_path / "solo", *grid, base=base)
+    solo = _sweep(tmp_path / "solo", "hydra/sweeper=basic", *grid, base=base)
     packed = _sweep(tmp_path / "packed", "hydra/sweeper=packed", *grid, base=base)
     assert sorted(solo) == sorted(packed) and len(solo) == 6
     for name, folder in packed.items():

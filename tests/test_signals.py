@@ -92,6 +92,7 @@ def test_a_signal_to_a_parallel_sweep_reaches_every_running_job(tmp_path: Path) 
     args = [
         ROOT / "train.py",
         "-m",
+        "hydra/sweeper=basic",  # a process per job
         "hydra/launcher=parallel",
         "launch.cpus=2",  # two slots: both jobs run at once
         "model.act=relu,leaky",

@@ -39,6 +39,7 @@ SWEEP = [
     "hydra.sweep.subdir=job${hydra.job.num}",
 ]
 HOLD_SOLO = [
+    "hydra/sweeper=basic",
     "+callbacks.hold._target_=probes.HoldAtEpoch",
     "+callbacks.hold.epoch=1",
 ]
@@ -182,6 +183,7 @@ def test_a_requeued_pack_continues_its_members(tmp_path: Path, slurm_cluster) ->
         tmp_path,
         name,
         "hydra/sweeper=packed",
+        "hydra.launcher.array_parallelism=2",  # a pack per hold value, not a task per member
         "model.act=relu,none",
         "trainer.log_every_n_steps=1",  # a member's first step of epoch 1 is logged: it holds
         "logger.csv._target_=probes.HoldAtEpochCSVLogger",

@@ -29,7 +29,7 @@ def _once(out: str) -> list[str]:
 @pytest.mark.slow
 def test_identical_jobs_of_a_grid_run_once(tmp_path: Path) -> None:
     # Four jobs in the grid, one job: the same seed twice, the same rate written two ways.
-    out = _sweep(tmp_path, "seed=0,0", "optimizer.lr=0.05,5e-2")
+    out = _sweep(tmp_path, "hydra/sweeper=basic", "seed=0,0", "optimizer.lr=0.05,5e-2")
     (folder,) = [p.parent for p in tmp_path.glob("*/results.json")]
     assert "optimizer.lr=0.05," in folder.name and read_results(folder)["status"] == "finished"
     assert not (folder / "attempts").exists()  # not trained a second time over the first

@@ -79,7 +79,7 @@ def test_a_second_sweep_into_a_held_folder_is_refused_and_the_first_goes_on(
     try:
         before = _files(sweep)
         assert "multirun.yaml" in before and any(k.endswith("results.json") for k in before)
-        for extra in ([], ["+resume=true"], ["hydra/sweeper=packed"], ["hydra/launcher=parallel"]):
+        for extra in ([], ["+resume=true"], ["hydra/sweeper=basic"], ["hydra/launcher=parallel"]):
             second = run_train("-m", *SWEEP, *extra, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
             out = second.stdout + second.stderr
             assert second.returncode != 0, out

@@ -237,7 +237,7 @@ def test_a_failed_job_run_again_starts_clean_and_keeps_the_failed_attempt(tmp_pa
     sweep = tmp_path / "sweep"
     job = sweep / "job"
     args = ["-m", *QUICK, "logger=csv", "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}"]
-    args.append("hydra.sweep.subdir=job")
+    args += ["hydra.sweep.subdir=job", "hydra/sweeper=basic"]
     # A file where the job wants its checkpoint folder: it fails after training its first epoch.
     job.mkdir(parents=True)
     (job / "checkpoints").write_text("in the way")

@@ -200,6 +200,7 @@ def test_resume_true_never_runs_a_crafted_last_ckpt(tmp_path: Path, marker: Path
     fail.touch()
     args = [
         "-m",
+        "hydra/sweeper=basic",  # a solo job continued from its last.ckpt
         *QUICK,
         "logger=csv",
         "trainer.max_epochs=2",

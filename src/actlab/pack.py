@@ -768,25 +768,35 @@ class PackTrainer:
             # hold its state.
             stop = self._early_stop(m, epoch)
             state = self.model.member_state(k, self.names)
-            old = None
-            if self.keep_best and self._improved(m):
-                m.best_score, m.best_state = m.metrics[self.monitor], state
-                old, m.best_path = (
-                    m.best_path,
-                    m.out / "checkpoints" / f"best-epoch{epoch:03d}.ckpt",
-                )
-                self.save(m, m.best_path, state, epoch)
-            if self.keep_last:
-                m.last_path = m.out / "checkpoints" / "last.ckpt"
-                self.save(m, m.last_path, state, epoch)
-            # Only now: killed before, last.ckpt still names a best checkpoint that exists.
-            if old and old != m.best_path:
-                old.unlink(missing_ok=True)
+            try:
+                self._checkpoint(m, state, epoch)
+            except Exception as e:  # its folder's fault, as for its solo job: the others go on
+                self.optimizer.freeze(k)
+                error = f"{type(e).__name__}: {e}"
+                log.error("%s: job failed: %s", m.out.name, error)
+                m.end("failed", error, seconds=self.seconds())
+                continue
             if stop:
                 self.optimizer.freeze(k)
                 m.stopped = (epoch + 1, self.global_step)
         if self.heartbeat:
             self.heartbeat.beat(epoch + 1)
+
+    def _checkpoint(self, m: Member, state: dict[str, torch.Tensor], epoch: int) -> None:
+        old = None
+        if self.keep_best and self._improved(m):
+            m.best_score, m.best_state = m.metrics[self.monitor], state
+            old, m.best_path = (
+                m.best_path,
+                m.out / "checkpoints" / f"best-epoch{epoch:03d}.ckpt",
+            )
+            self.save(m, m.best_path, state, epoch)
+        if self.keep_last:
+            m.last_path = m.out / "checkpoints" / "last.ckpt"
+            self.save(m, m.last_path, state, epoch)
+        # Only now: killed before, last.ckpt still names a best checkpoint that exists.
+        if old and old != m.best_path:
+            old.unlink(missing_ok=True)
 
     def _improved(self, m: Member) -> bool:
         """ModelCheckpoint's decision (save_top_k=1): is this epoch the member's best so far?"""

@@ -1,4 +1,9 @@
-"""Tables and plots from the job folders of a sweep: `make report` / `python -m actlab.report`."""
+"""Tables and plots from the job folders of a sweep: `make report` / `python -m actlab.report`.
+
+The same figures make the sweep's summary run in W&B, written when a multirun ends (the Hydra
+callback SweepSummaryRun, in configs/hydra/default.yaml) and by `make report` for a sweep that
+has none.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import logging
 import math
 import statistics
 import sys
+import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +23,15 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from actlab import ROOT
+from actlab.errors import UserError
 from actlab.results import RESULTS, compared, effective_record
+from actlab.wandb_runs import (
+    SUMMARY_ID,
+    has_summary_run,
+    report_settings,
+    sweep_settings,
+    wandb_mode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -482,6 +497,183 @@ def write_report(sweep_dir: Path) -> str:
     return table
 
 
+# ---------------------------------------------------------------------------------------------
+# The sweep's summary run in W&B: the report's table and plots, logged as a run of its own.
+
+
+class SweepSummaryRun(Callback):
+    """When a multirun ends (any launcher or sweeper): the summary run of a sweep whose jobs
+    logged to W&B."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if (settings := sweep_settings(config)) is not None:
+            write_summary_run(Path(config.hydra.sweep.dir), settings)
+
+
+def write_summary_run(sweep_dir: Path, settings: dict[str, Any]) -> None:
+    """The sweep's summary W&B run, in its jobs' project and group, and one line on where it went.
+
+    W&B not starting (no network, online without a key) is reported in one line rather than
+    raised: the sweep's results are on disk and `make report SWEEP=<folder>` writes the run later.
+    With mode `disabled` (e.g. WANDB_MODE=disabled), or no job folder, nothing is written.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not job_dirs(sweep_dir):
+        return
+    try:
+        mode = wandb_mode(settings.get("mode", "auto"))
+        if mode == "disabled":
+            return
+        where = _log_summary(sweep_dir, settings, mode)
+    except UserError as e:
+        print(f"W&B summary run not written: {e} `make report SWEEP={sweep_dir}` writes it later.")
+        return
+    print(f"W&B sweep summary run: {where}")
+
+
+def _log_summary(sweep_dir: Path, settings: dict[str, Any], mode: str) -> str:
+    import wandb  # here, not at the top: sweeps and reports without W&B do not import it
+
+    jobs = load_jobs(sweep_dir)
+    configs = group(jobs)
+    metric = task_metric(jobs)
+    rows = summarize(configs, metric)
+
+    id_file = sweep_dir / SUMMARY_ID
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    save_dir = Path(settings.get("save_dir", sweep_dir))
+    save_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run = wandb.init(
+            project=settings.get("project"),
+            entity=settings.get("entity"),
+            group=sweep_dir.name,  # the jobs' group (actlab.loggers.wandb_logger)
+            name=sweep_dir.name,
+            job_type="sweep-summary",
+            id=run_id,
+            resume="allow",
+            dir=save_dir,
+            mode=mode,
+            config={"sweep_dir": str(sweep_dir), "metric": metric, "jobs": len(jobs)},
+            reinit="create_new",  # the jobs' runs of this process are finished, not reused
+            settings=wandb.Settings(
+                init_timeout=settings.get("init_timeout", 30), console="off", silent=True
+            ),
+        )
+    # Not only wandb.Error: see actlab.loggers.announce.
+    except Exception as e:
+        raise UserError(f"W&B could not start it ({' '.join(str(e).split())}).") from e
+    where = (
+        f"{Path(run.dir).parent} (offline; `make sync` uploads it)"
+        if run.settings.mode == "offline"
+        else run.url
+    )
+    with run, tempfile.TemporaryDirectory() as tmp:
+        run.log(
+            {
+                "sweep/jobs": _table(wandb, _job_rows(sweep_dir, configs)),
+                "sweep/configurations": _table(wandb, _config_rows(configs, rows)),
+                **_val_curves(wandb, configs, metric),
+                **{
+                    f"sweep/{png.stem}": wandb.Image(str(png))
+                    for png in plot_all(configs, rows, metric, Path(tmp))
+                },
+            }
+        )
+        run.summary.update(_best(configs, rows, metric))
+    id_file.parent.mkdir(exist_ok=True)
+    id_file.write_text(run_id + "\n")
+    return where
+
+
+def _value(override: str) -> Any:
+    """An override's value as the number it stands for (W&B tables sort and plot numbers)."""
+    if override == "-":  # the key was not given to this job (group)
+        return None
+    try:
+        value = yaml.safe_load(override)
+    except yaml.YAMLError:
+        return override
+    return value if isinstance(value, int | float | str | bool) else override
+
+
+def _table(wandb: Any, rows: list[dict[str, Any]]) -> Any:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    data = [[r.get(c) for c in columns] for r in rows]
+    return wandb.Table(columns=columns, data=data, allow_mixed_types=True)
+
+
+def _job_rows(sweep_dir: Path, configs: list[Any]) -> list[dict[str, Any]]:
+    """The sweep table's rows (collect), each with the swept values that are not its
+    activation, slope or seed (e.g. optimizer.lr)."""
+    swept = {
+        j.folder.relative_to(sweep_dir).as_posix() or ".": c.extra for c in configs for j in c.jobs
+    }
+    rows = []
+    for row in collect(sweep_dir):
+        folder = row.pop("job")
+        extra = {k: _value(v) for k, v in swept.get(folder, {}).items()}
+        # The swept values come right after the seed; the rest keeps the sweep table's order.
+        head = {k: row[k] for k in ("status", "act", "slope", "seed")}
+        rows.append({"folder": folder, **head, **extra, **row})
+    return rows
+
+
+def _config_rows(configs: list[Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """summarize's rows, each (mean, std) pair as two columns."""
+    out = []
+    for c, row in zip(configs, rows, strict=True):
+        flat: dict[str, Any] = {"configuration": c.label}
+        for k, v in row.items():
+            if isinstance(v, tuple):
+                flat[f"{k} mean"], flat[f"{k} std"] = v
+            else:
+                flat[k] = _value(v) if k in c.extra else v
+        out.append(flat)
+    return out
+
+
+def _val_curves(wandb: Any, configs: list[Any], metric: str) -> dict[str, Any]:
+    """Validation metric per epoch, mean over each configuration's seeds, as the report plots it."""
+    lines = []
+    for c in configs:
+        curve = _curve([j for j in c.jobs if j.finished] or c.jobs, f"val/{metric}")
+        if curve is not None:
+            x, mean, _ = curve
+            lines.append((c.label, [int(e) + 1 for e in x], [float(m) for m in mean]))
+    if not lines:
+        return {}
+    chart = wandb.plot.line_series(
+        xs=[x for _, x, _ in lines],
+        ys=[y for _, _, y in lines],
+        keys=[label for label, _, _ in lines],
+        title=f"val/{metric} by epoch (mean over seeds)",
+        xname="epoch",
+    )
+    return {f"sweep/val_{metric}": chart}
+
+
+def _best(configs: list[Any], rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """Job counts, and the configuration with the best mean test metric over its seeds."""
+    summary: dict[str, Any] = {
+        "jobs": sum(len(c.jobs) for c in configs),
+        "jobs_finished": sum(r["seeds"] for r in rows),
+    }
+    test = f"test {metric}"
+    tested = [(r, c) for r, c in zip(rows, configs, strict=True) if r[test][0] is not None]
+    if tested:
+        row, best = max(tested, key=lambda rc: rc[0][test][0])
+        summary.update(
+            {
+                "best/configuration": best.label,
+                f"best/test/{metric}": row[test][0],
+                f"best/test/{metric}_std": row[test][1],
+                f"best/val/{metric}_best": row[f"best val {metric}"][0],
+            }
+        )
+    return summary
+
+
 def latest_sweep(log_dir: Path = ROOT / "logs" / "multiruns") -> Path:
     """The sweep started last (its multirun.yaml is written at the start), whatever its name."""
     sweeps = [p for p in log_dir.glob("*") if p.is_dir()]
@@ -502,10 +694,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {sweep_dir} holds no job folders (.hydra/); name a sweep folder.")
     print(write_report(sweep_dir))
     print(f"\nwrote {sweep_dir / 'report.md'} and its plots")
-    from actlab import wandb_runs  # here: it builds on this module
-
-    if not wandb_runs.has_summary_run(sweep_dir):
-        wandb_runs.write_summary_run(sweep_dir, wandb_runs.report_settings(sweep_dir))
+    if not has_summary_run(sweep_dir):
+        write_summary_run(sweep_dir, report_settings(sweep_dir))
 
 
 if __name__ == "__main__":

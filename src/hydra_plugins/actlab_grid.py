@@ -1,8 +1,10 @@
-"""`hydra/sweeper=grid`, the default: Hydra's basic sweeper, except that identical jobs run once.
+"""`hydra/sweeper=basic` (one job per configuration; configs/hydra/sweeper/basic.yaml shadows
+Hydra's own): Hydra's basic sweeper, except that identical jobs run once.
 
 A grid that names one job twice (`seed=0,0`, or `optimizer.lr=0.1,1e-1`) would train it twice,
 into one folder or into two. Here a job whose composed config (all but `hydra`) is an earlier
-job's is left out, with one log line; `hydra/sweeper=packed` does the same before it packs.
+job's is left out, with one log line; the packed sweeper, the default, does the same before it
+packs.
 """
 
 from __future__ import annotations

@@ -1,17 +1,21 @@
-"""`hydra/sweeper=packed`: Hydra's basic sweeper, except that jobs that can train together do.
+"""`hydra/sweeper=packed`, the default: Hydra's basic sweeper, except that jobs that can train
+together do.
 
 The grid is expanded as the basic sweeper does (`hydra.sweeper.params` included). Each job's
-config is composed; jobs whose configs differ only in `actlab.packing.MEMBER_KEYS` form a pack,
-written to `<sweep>/.packs/pack-<i>/members.yaml` and handed to the configured launcher as ONE
-job (`+pack=<i>`), so the basic, parallel and SLURM launchers all run packs. A job that cannot
-pack runs as an ordinary job of the same sweep, with one log line saying why.
+config is composed; jobs whose configs differ only in `actlab.packing.MEMBER_KEYS` can share a pack.
+They are split into balanced packs, as many as the launcher runs jobs at once (`parallel`: its
+`n_jobs`, one per device slot; `slurm`: the array's `array_parallelism`; any other launcher: one),
+none larger than `max_members`. Each pack is written to `<sweep>/.packs/pack-<i>/members.yaml` and
+handed to the launcher as ONE job (`+pack=<i>`), so the basic, parallel and SLURM launchers all
+run packs. A job that cannot pack runs as an ordinary job of the same sweep, with one log line
+saying why; so does a job alone in its pack.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -24,6 +28,7 @@ from hydra_plugins.actlab_grid import distinct_jobs
 
 log = logging.getLogger(__name__)
 PACKS = ".packs"
+T = TypeVar("T")
 
 
 def members_limit(max_members: Any) -> int | None:
@@ -60,31 +65,42 @@ class PackedSweeper(BasicSweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
         groups: dict[str, list[tuple[int, list[str], DictConfig]]] = {}
-        solo: list[list[str]] = []
+        solo: list[tuple[int, list[str]]] = []
         for num, (job, cfg) in enumerate(jobs):
             reason = solo_reason(cfg)
             if reason:
                 log.info("%s runs as a solo job: %s", cfg.hydra.job.override_dirname, reason)
-                solo.append(job)
+                solo.append((num, job))
             else:
                 groups.setdefault(pack_key(cfg), []).append((num, job, cfg))
         batch: list[list[str]] = []
+        sizes: list[int] = []
+        at_once = jobs_at_once(self.launcher)
+        packable = sum(len(members) for members in groups.values())
         for members in groups.values():
             limit = self.max_members or _default_members(members[0][2])
-            for start in range(0, len(members), limit):
-                chunk = members[start : start + limit]
+            # This group's share of the packs the launcher runs at once.
+            share = max(1, round(at_once * len(members) / packable))
+            for chunk in balanced(members, share, limit):
                 if len(chunk) == 1:
-                    solo.append(chunk[0][1])
+                    solo.append(chunk[0][:2])
                     continue
                 batch.append(self._pack(len(batch), chunk, sweep_dir))
+                sizes.append(len(chunk))
         log.info(
-            "packed sweep: %d jobs as %d pack(s) and %d solo job(s)",
+            "packed sweep: %d jobs as %d pack(s) and %d solo job(s) (members per pack: %s; "
+            "%d job(s) at once)",
             len(jobs),
             len(batch),
             len(solo),
+            ",".join(map(str, sizes)) or "-",
+            at_once,
         )
-        # Packs' members carry the sweep's job numbers; solo jobs are numbered after them.
-        results = self.launcher.launch(batch + solo, initial_job_idx=len(jobs))
+        # Packs' members carry the sweep's job numbers; solo jobs are numbered after them, or,
+        # where no job packs, as the grid numbers them.
+        solo_jobs = [job for _, job in sorted(solo)]
+        first = len(jobs) if batch else 0
+        results = self.launcher.launch(batch + solo_jobs, initial_job_idx=first)
         for r in results:
             _ = r.return_value
         return [results]
@@ -110,6 +126,29 @@ class PackedSweeper(BasicSweeper):
             f"hydra.sweep.subdir={PACKS}/pack-{index}",
             "hydra.output_subdir=null",
         ]
+
+
+def jobs_at_once(launcher: Any) -> int:
+    """How many jobs the launcher runs at once: the parallel launcher's `n_jobs` (by default its
+    device slots, actlab.launch), a SLURM array's `array_parallelism`, else 1 (one by one)."""
+    n = getattr(launcher, "n_jobs", None)
+    if n is None:
+        n = (getattr(launcher, "params", None) or {}).get("array_parallelism")
+    return n if type(n) is int and n >= 1 else 1
+
+
+def balanced(members: list[T], packs: int, limit: int) -> list[list[T]]:
+    """`members` in order, cut into at least `packs` (at most one per member) and as few more as
+    keep each within `limit`; their sizes differ by one at most."""
+    n = len(members)
+    count = min(n, max(packs, -(-n // limit)))
+    size, bigger = divmod(n, count)
+    out, start = [], 0
+    for i in range(count):
+        stop = start + size + (i < bigger)
+        out.append(members[start:stop])
+        start = stop
+    return out
 
 
 def _default_members(cfg: DictConfig) -> int:

@@ -15,7 +15,7 @@ medians, ratios medians of per-round ratios.
 Then `python train.py` is launched as a user would to time process start -> first training step
 (against `python -c "import lightning"` launched the same way) and the peak RSS of the process.
 The sweep section (`--sweep-epochs`) runs `experiment=act_compare` (3 activations x 3 seeds) three
-ways: one job per configuration, packed (`hydra/sweeper=packed`), and packed under
+ways: one job per configuration (`hydra/sweeper=basic`), packed (the default), and packed under
 `hydra/launcher=parallel` (split into packs that fill the device slots); each against the plain
 loop's epoch measured in the same run. The pack-size section (`--pack-sizes`, off by default) gives
 member-epochs per second of one pack of each size K, against solo jobs (and, on a GPU, against
@@ -296,11 +296,11 @@ def run_project(
         "test=false",
         f"paths.data_dir={ROOT / 'data'}",
         f"paths.log_dir={workdir}",
-        "+callbacks.epoch_clock._target_=actlab.bench.EpochClock",
+        "+callbacks.epoch_clock._target_=benchmarks.bench.EpochClock",
         f"+callbacks.epoch_clock.path={clock}",
     ]
     if per_sample:
-        overrides.append("data._target_=actlab.bench.PerSampleDataModule")
+        overrides.append("data._target_=benchmarks.bench.PerSampleDataModule")
     cfg = compose(overrides, out)
     with _quiet():
         train(cfg)
@@ -339,7 +339,7 @@ def time_first_step(args: list[str], workdir: Path) -> dict[str, float]:
             sys.executable,
             "train.py",
             *args,
-            "+callbacks.startup_probe._target_=actlab.bench.StartupProbe",
+            "+callbacks.startup_probe._target_=benchmarks.bench.StartupProbe",
             f"+callbacks.startup_probe.path={stamp}",
         ]
     else:
@@ -444,9 +444,9 @@ def measure_startup(rounds: int, workdir: Path, say: Callable) -> dict[str, Any]
 
 
 SWEEPS = {
-    "one job per config": [],
-    "packed": ["hydra/sweeper=packed"],
-    "packed + parallel": ["hydra/sweeper=packed", "hydra/launcher=parallel"],
+    "one job per config": ["hydra/sweeper=basic"],
+    "packed": [],
+    "packed + parallel": ["hydra/launcher=parallel"],  # one pack per device slot
 }
 
 
@@ -492,9 +492,6 @@ def measure_sweeps(
     cfg = compose(overrides, workdir / "plain")
     out: dict[str, Any] = {"plain loop epoch_s": _median(run_plain(cfg, 64, 3), "epoch_s")}
     for name, extra in SWEEPS.items():
-        if "hydra/launcher=parallel" in extra:
-            slots = max(1, usable_cores())
-            extra = [*extra, f"hydra.sweeper.max_members={-(-9 // slots)}"]
         args = ["experiment=act_compare", *_sweep_args(data, epochs), *extra]
         wall, records = run_sweep(args, workdir / name.replace(" ", "_"))
         # A member's seconds_per_epoch is its share of its pack's epoch.
@@ -519,16 +516,16 @@ def measure_pack_sizes(
     """
     gpu = torch.cuda.is_available()
     common = [*_sweep_args(data, epochs), *(["trainer=gpu"] if gpu else [])]
-    ways = {"one job per config": ["seed=range(0,4)"]}
+    ways = {"one job per config": ["hydra/sweeper=basic", "seed=range(0,4)"]}
     if gpu:
         ways["jobs_per_gpu=4"] = [
+            "hydra/sweeper=basic",
             "seed=range(0,8)",
             "hydra/launcher=parallel",
             "launch.jobs_per_gpu=4",
         ]
     for k in sizes:  # a pack of 1 is a solo job
-        ways[f"pack K={k}"] = ["hydra/sweeper=packed", f"hydra.sweeper.max_members={k}",
-                              f"seed=range(0,{k})"]  # fmt: skip
+        ways[f"pack K={k}"] = [f"hydra.sweeper.max_members={k}", f"seed=range(0,{k})"]
     out: dict[str, Any] = {"device": "cuda" if gpu else "cpu"}
     for name, extra in ways.items():
         folder = name.replace(" ", "_").replace("=", "")  # `=` in hydra.sweep.dir needs quotes
@@ -703,7 +700,7 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m actlab.bench", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.bench", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 512])
     parser.add_argument(

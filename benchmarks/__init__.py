@@ -1,0 +1,1 @@
+"""`make bench` (`python -m benchmarks.bench` from the repository root); not part of the package."""
