@@ -29,7 +29,7 @@ def _sweep(folder: Path, *args: str) -> dict[str, Path]:
 
 
 def _solo_and_packed(tmp: Path, *args: str) -> tuple[dict[str, Path], dict[str, Path]]:
-    solo = _sweep(tmp / "solo", *args)
+    solo = _sweep(tmp / "solo", "hydra/sweeper=basic", *args)
     packed = _sweep(tmp / "packed", "hydra/sweeper=packed", *args)
     assert sorted(solo) == sorted(packed)
     return solo, packed
@@ -308,4 +308,13 @@ def test_members_with_dropout_are_their_solo_jobs(tmp_path: Path) -> None:
     args = [*SWEEP, "trainer.max_epochs=2", "model.dropout=0.2", "model.act=relu,none"]
     solo, packed = _solo_and_packed(tmp_path, *args)
     assert len(packed) == 2
+    _assert_members_are_their_solo_jobs(solo, packed)
+
+
+@pytest.mark.slow
+def test_members_with_rrelu_are_their_solo_jobs(tmp_path: Path) -> None:
+    """RReLU's random slopes: each member draws its solo job's, beside a member without them."""
+    args = [*SWEEP, "trainer.max_epochs=2", "model.act=rrelu,relu", "seed=0,1"]
+    solo, packed = _solo_and_packed(tmp_path, *args)
+    assert len(packed) == 4
     _assert_members_are_their_solo_jobs(solo, packed)

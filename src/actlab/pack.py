@@ -62,7 +62,7 @@ from actlab.diagnostics import hidden_activations
 from actlab.errors import Interrupted, UserError, interruption
 from actlab.launch import finished_before, usable_cores
 from actlab.model import TASKS
-from actlab.packing import OPTIMIZERS
+from actlab.packing import OPTIMIZERS, random_activation
 from actlab.results import (
     RESULTS,
     Heartbeat,
@@ -115,9 +115,9 @@ class StackedMLP(nn.Module):
     activation with parameters is applied to its slice by torch.func.vmap over the members'
     parameters of that layer (actlab.packing.probe checks it gives each member's output).
 
-    Dropout (the nets' `nn.Dropout`, in training mode) draws each member's masks from its own
-    generator in `generators`, as nn.Dropout draws them on a CPU from the global generator of the
-    member's solo job: a generator in that state gives that job's masks.
+    Dropout (the nets' `nn.Dropout`, in training mode) and RReLU draw each member's masks and
+    slopes from its own generator in `generators`, as they draw them on a CPU from the global
+    generator of the member's solo job: a generator in that state gives that job's numbers.
     """
 
     def __init__(
@@ -153,6 +153,12 @@ class StackedMLP(nn.Module):
     def __len__(self) -> int:
         return self.weights[0].shape[0]
 
+    def train(self, mode: bool = True) -> StackedMLP:
+        # The members' activations are not submodules (each run shares one): RReLU's mode too.
+        for act in self.acts:
+            act.train(mode)
+        return super().train(mode)
+
     def layer_act_params(self, layer: int) -> dict[str, nn.Parameter]:
         """Hidden layer `layer`'s activation parameters, stacked, by their solo names."""
         n = len(self.act_names)
@@ -167,8 +173,17 @@ class StackedMLP(nn.Module):
             ]
             return outs[0] if len(outs) == 1 else torch.cat(outs)
         if len(self.runs) == 1:
-            return self.acts[0](h)
-        return torch.cat([self.acts[a](h[a:b]) for a, b in self.runs])
+            return self._run(h, 0, len(self))
+        return torch.cat([self._run(h[a:b], a, b) for a, b in self.runs])
+
+    def _run(self, h: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Members a..b-1's activation of their slice `h`. One that draws random numbers from a
+        `generator` argument (actlab.activations.RReLU) draws each member's from its own, as its
+        solo job draws them from the global one."""
+        act = self.acts[a]
+        if not (self.training and random_activation(act)):
+            return act(h)
+        return torch.stack([act(h[k - a], generator=self.generators[k]) for k in range(a, b)])
 
     def forward(
         self,

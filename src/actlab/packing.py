@@ -10,6 +10,7 @@ The network is built once per distinct model config, on the meta device: no weig
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -70,8 +71,11 @@ def solo_reason(cfg: DictConfig) -> str | None:
     """Why this job cannot be a pack member (it then runs as a solo job), or None."""
     if reason := _data_reason(cfg):
         return reason
-    if cfg.model.get("dropout") and device(cfg) != "cpu":
-        return "model.dropout on a GPU draws masks a pack cannot repeat per member"
+    if device(cfg) != "cpu":
+        if cfg.model.get("dropout"):
+            return "model.dropout on a GPU draws masks a pack cannot repeat per member"
+        if (target := cfg.model.act.get("_target_")) and random_activation(get_object(target)):
+            return f"model.act {target} on a GPU draws numbers a pack cannot repeat per member"
     if reason := _model(cfg)[0]:
         return reason
     if cfg.get("ckpt_path"):
@@ -198,7 +202,7 @@ def _decide(node: DictConfig) -> tuple[str | None, str]:
     if any(type(a) is not type(act) for a in _without_dropout(net)[1::2]):
         return f"the network's activations are not all model.act's {target}", ""
     shapes = ",".join(f"{n}{tuple(p.shape)}" for n, p in act.named_parameters())
-    if stackable:
+    if stackable or random_activation(act):  # the pack draws its numbers per member
         return None, shapes
     for width in sorted(set(widths)):
         if why := probe(act, width):
@@ -208,6 +212,13 @@ def _decide(node: DictConfig) -> tuple[str | None, str]:
                 "",
             )
     return None, shapes
+
+
+def random_activation(act: nn.Module | type) -> bool:
+    """Whether the activation draws its random numbers from a `generator` argument of its
+    forward (as actlab.activations.RReLU does): a pack then gives each member its own."""
+    forward = act.forward
+    return "generator" in inspect.signature(forward).parameters
 
 
 def network_reason(net: nn.Module) -> str | None:
