@@ -443,6 +443,62 @@ def measure_startup(rounds: int, workdir: Path, say: Callable) -> dict[str, Any]
     }
 
 
+def run_process(cmd: list[str], workdir: Path) -> dict[str, float]:
+    """A whole process as a user runs it: its wall seconds and peak RSS (GB)."""
+    with tempfile.TemporaryFile(dir=workdir) as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{tail}")
+    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20}  # ru_maxrss: KiB
+
+
+def measure_main_job(rounds: int, epochs: int, workdir: Path, say: Callable) -> dict[str, Any]:
+    """`python train.py -m model.act=relu,leaky,none` (default sweeper and logger: packed, W&B
+    offline) and with `hydra/sweeper=basic`, against benchmarks/plain_sweep.py training the
+    same three networks one after another; whole processes, in rotating order each round."""
+    data = ROOT / "data"
+    train = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "model.act=relu,leaky,none",
+        f"paths.data_dir={data}",
+    ]
+    train.append(f"trainer.max_epochs={epochs}")
+    ways = {
+        "plain PyTorch script": [
+            sys.executable, "benchmarks/plain_sweep.py", f"--data-dir={data / 'mnist'}",
+            f"--epochs={epochs}",
+        ],
+        "main job (default: packed)": train,
+        "main job, hydra/sweeper=basic": [*train, "hydra/sweeper=basic"],
+    }  # fmt: skip
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
+    names = list(ways)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            cmd = [*ways[name]]
+            if cmd[2] == "-m":
+                cmd.append(f"hydra.sweep.dir={workdir / 'main_job' / f'{r}-{len(samples[name])}'}")
+            samples[name].append({**run_process(cmd, workdir), "round": r})
+            say(f"  main job round {r + 1}/{rounds} {name:<30} {samples[name][-1]['wall_s']:.1f} s")
+    plain = samples["plain PyTorch script"]
+    return {
+        name: {
+            "wall_s": round(_median(s, "wall_s"), 1),
+            "peak_rss_gb": round(max(x["peak_rss_gb"] for x in s), 2),
+            "x plain": round(paired_ratio(s, plain, "wall_s"), 2),
+            "samples": s,
+        }
+        for name, s in samples.items()
+    }
+
+
 SWEEPS = {
     "one job per config": ["hydra/sweeper=basic"],
     "packed": [],
@@ -617,6 +673,17 @@ def table(result: dict[str, Any]) -> str:
                     f"{v['peak_rss_gb']:.2f}",
                 )
             )
+    main_job = result.get("main_job")
+    if main_job:
+        rows += [
+            "",
+            "The main job, whole processes (median wall; x plain: median of per-round ratios):",
+            "",
+            _row("process", "wall (s)", "x plain", "peak RSS (GB)"),
+            _row(*["---"] * 4),
+        ]
+        for name, v in main_job.items():
+            rows.append(_row(name, v["wall_s"], f"{v['x plain']:.2f}x", f"{v['peak_rss_gb']:.2f}"))
     sweeps = result.get("sweeps")
     if sweeps:
         plain = sweeps["plain loop epoch_s"]
@@ -683,6 +750,16 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]
         )
         rss = max(v["peak_rss_gb"] for k, v in s.items() if k.startswith("train.py"))
         out.append(("peak RSS of train.py (GB)", rss, "<=", 1.2))
+    mj = result.get("main_job")
+    if mj:
+        out.append(
+            (
+                "main job / plain script (goal 0.8)",
+                mj["main job (default: packed)"]["x plain"],
+                "<=",
+                1.0,
+            )
+        )
     sw = result.get("sweeps")
     if sw:
         packed = sw["packed"]
@@ -713,6 +790,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sweep-epochs", type=int, default=10, help="act_compare sweeps' epochs (0: skip them)"
     )
+    parser.add_argument(
+        "--main-job-rounds", type=int, default=3,
+        help="rounds of the main job against plain PyTorch, whole processes (0: skip)",
+    )  # fmt: skip
+    parser.add_argument("--main-job-epochs", type=int, default=10, help="their epochs")
     parser.add_argument("--sweep-data", default="mnist", help="their data (synthetic: a check)")
     parser.add_argument(
         "--pack-sizes", type=int, nargs="*", default=[],
@@ -749,6 +831,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.startup_rounds:
             say("start-up and memory of `python train.py` (20 training steps, then test)")
             result["startup"] = measure_startup(args.startup_rounds, workdir, say)
+        if args.main_job_rounds:
+            say(f"the main job against plain PyTorch, {args.main_job_rounds} rounds")
+            result["main_job"] = measure_main_job(
+                args.main_job_rounds, args.main_job_epochs, workdir, say
+            )
         if args.sweep_epochs:
             say(f"act_compare, {args.sweep_epochs} epochs: one job per config, packed, parallel")
             result["sweeps"] = measure_sweeps(

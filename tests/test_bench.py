@@ -105,3 +105,27 @@ def test_pack_sizes_section_measures_a_pack_against_solo_jobs(tmp_path):
     assert (tmp_path / "pack_K2" / ".packs" / "pack-0" / "members.yaml").is_file()
     printed = table({"pack_sizes": out})
     assert "| pack K=2 | 2 |" in printed and "| one job per config | 4 |" in printed
+
+
+@pytest.mark.mnist
+@pytest.mark.slow
+def test_the_plain_script_trains_the_main_jobs_network(tmp_path):
+    """benchmarks/plain_sweep.py, the floor the main job is measured against, trains what
+    `python train.py` trains: same split, start, batch order and updates (1 epoch, ReLU)."""
+    import json
+    import sys
+
+    from conftest import run_command, run_train
+
+    from actlab import ROOT
+    from actlab.results import read_results
+
+    proc = run_train("logger=csv", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    project = read_results(tmp_path)["metrics"]
+    script = ROOT / "benchmarks" / "plain_sweep.py"
+    proc = run_command([sys.executable, script, "--epochs=1", "--acts", "relu"])
+    assert proc.returncode == 0, proc.stderr
+    plain = json.loads(proc.stdout)["relu"]
+    for key in ("val/acc_best", "test/acc"):
+        assert plain[key] == pytest.approx(project[key], abs=0.002), key
