@@ -304,7 +304,7 @@ def test_ctrl_c_leaves_members_interrupted_and_resume_reruns_only_unfinished(
         (["model.act=rrelu"], "cannot be stacked"),
         (["trainer=ddp"], "trainer."),
         (["debug=limit"], "trainer."),
-        (["model.dropout=0.1"], "dropout"),
+        (["model.net.dropout=0.1"], "dropout"),
         (["scheduler=step"], "scheduler"),
         (["callbacks=with_early_stopping"], "early_stopping"),
     ],

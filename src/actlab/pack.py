@@ -57,6 +57,7 @@ from actlab.results import (
     write_json,
 )
 from actlab.runs import drop_rows_after, keep_attempt, resumable, set_aside, trained_epochs
+from actlab.validation import check_net
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,16 @@ CALLBACKS = {"model_checkpoint", "last_checkpoint", "model_summary", "progress_b
 
 def solo_reason(cfg: DictConfig) -> str | None:
     """Why this job cannot be a pack member (it then runs as a solo job), or None."""
+    net = cfg.model.net.get("_target_")
+    if net != "actlab.nets.MLP":
+        return f"model.net {net} is not actlab.nets.MLP, the one network the pack can stack"
     act = cfg.model.act.get("_target_")
     if act not in STACKABLE:
         return f"model.act {act} has weights or randomness and cannot be stacked"
     if cfg.model.get("task", "classification") != "classification":
         return "model.task is not classification"
-    if cfg.model.get("dropout"):
-        return "model.dropout draws random numbers per member"
+    if cfg.model.net.get("dropout"):
+        return "model.net.dropout draws random numbers per member"
     if cfg.get("scheduler"):
         return "a scheduler is set"
     if cfg.get("ckpt_path"):
@@ -478,8 +482,9 @@ class PackTrainer:
         for m in members:
             L.seed_everything(m.cfg.seed, workers=True, verbose=False)  # as the solo job does
             solo = instantiate(m.cfg.model)
+            check_net(solo.net, m.cfg.data.in_features, m.cfg.data.num_classes)
             nets.append(solo.net)
-            # hidden_sizes=[] is a linear model: nothing to activate.
+            # model.net.hidden_sizes=[] is a linear model: nothing to activate.
             hidden = (a for a in solo.net if not isinstance(a, nn.Linear | nn.Dropout))
             acts.append(next(hidden, nn.Identity()))
             opt = instantiate(m.cfg.optimizer)(params=solo.parameters())
