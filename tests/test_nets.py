@@ -178,6 +178,7 @@ def test_a_cnn_and_a_batchnorm_mlp_as_model_net_train_solo_in_a_packed_sweep(
     assert "dead/layer2" not in jobs["model.net=bn_mlp"]["metrics"]
 
 
+@pytest.mark.slow
 def test_a_network_without_activation_modules_trains_and_the_probe_says_it_skips(
     configs: Path, tmp_path: Path
 ) -> None:
@@ -217,6 +218,7 @@ def test_a_kmnist_like_idx_data_set_trains_and_packs(configs: Path, tmp_path: Pa
         assert record["status"] == "finished" and record["pack"]["size"] == 2
 
 
+@pytest.mark.slow
 def test_a_47_class_data_set_trains_with_a_read_out_sized_by_the_data(
     configs: Path, tmp_path: Path
 ) -> None:
@@ -239,6 +241,7 @@ def test_a_47_class_data_set_trains_with_a_read_out_sized_by_the_data(
     assert state["net.2.weight"].shape == (47, 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "error"),
     [
