@@ -22,7 +22,7 @@ from actlab.errors import UserError
 from actlab.nets import MLP
 from actlab.pack import solo_reason
 from actlab.results import config_differences
-from actlab.validation import check_net
+from actlab.validation import check_net, validate
 
 TESTS = Path(__file__).resolve().parent
 # Quick runs the packed sweeper can pack (QUICK's trainer.enable_progress_bar it cannot).
@@ -133,6 +133,11 @@ def test_a_network_that_does_not_fit_the_data_is_refused() -> None:
     net = user_nets.BatchNormMLP(784, 10, nn.ReLU)
     check_net(net, 784, 10)
     assert net.training and net.layers[1].num_batches_tracked == 0  # nothing of it changed
+
+
+def test_a_data_config_without_its_sizes_is_refused() -> None:
+    with pytest.raises(UserError, match=r"data.num_classes is not set: the data config says it"):
+        validate(compose_train("data=synthetic", "~data.num_classes"))
 
 
 def test_the_pack_runs_any_other_network_solo_with_a_reason() -> None:

@@ -109,6 +109,17 @@ def _data_fits_model(cfg: DictConfig) -> list[str]:
     return [f"the data ({target}) needs {wanted}: add these overrides"]
 
 
+def _data_sizes(cfg: DictConfig) -> list[str]:
+    """The sizes the network reads from the data config (`${data.in_features}`, ...)."""
+    if not isinstance(OmegaConf.select(cfg, "data", default=None), DictConfig):
+        return []
+    return [
+        f'data.{key} is not set: the data config says it, the network reads it (README "Extending")'
+        for key in ("in_features", "num_classes")
+        if OmegaConf.select(cfg, f"data.{key}", default=_MISSING) is _MISSING
+    ]
+
+
 def missing_accelerator(cfg: DictConfig) -> bool:
     """The config asks for a GPU and this machine shows none."""
     accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
@@ -136,7 +147,8 @@ def validate(cfg: DictConfig) -> None:
             continue
         if not ok(value):
             problems.append(f"{key}={value} must be {requirement}")
-    problems += _unknown_arguments(cfg, "") + _data_fits_model(cfg) + _accelerator_present(cfg)
+    problems += _unknown_arguments(cfg, "") + _data_fits_model(cfg) + _data_sizes(cfg)
+    problems += _accelerator_present(cfg)
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
 
