@@ -56,7 +56,6 @@ from torch.utils.data import DataLoader, Dataset
 from actlab import CONFIG_DIR, ROOT
 from actlab.data import MNISTDataModule, batch_order
 from actlab.launch import usable_cores
-from actlab.model import build_mlp
 from actlab.results import write_json
 from actlab.train import train
 
@@ -313,7 +312,7 @@ def run_plain(cfg: Any, batch_size: int, epochs: int) -> list[dict[str, float]]:
     dm.setup()
     (x, y), (xv, yv) = dm.train, dm.val
     torch.manual_seed(cfg.seed)
-    model = build_mlp(784, list(cfg.model.hidden_sizes), 10, instantiate(cfg.model.act))
+    model = instantiate(cfg.model.net)  # the run's own network, as train.py builds it
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
     times = []
     for epoch in range(1 + epochs):

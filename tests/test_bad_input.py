@@ -48,8 +48,11 @@ def rejected(*overrides: str) -> str:
         ("optimizer.lr=-0.1", "optimizer.lr=-0.1 must be a number > 0"),
         ("optimizer.lr=nan", "optimizer.lr=nan must be a number > 0"),
         ("data.val_size=0", "data.val_size=0 must be an integer >= 1"),
-        ("model.hidden_sizes=[256,0]", "model.hidden_sizes=[256, 0] must be a list of integers"),
-        ("model.dropout=1.0", "model.dropout=1.0 must be a number in [0, 1)"),
+        (
+            "model.net.hidden_sizes=[256,0]",
+            "model.net.hidden_sizes=[256, 0] must be a list of integers",
+        ),
+        ("model.net.dropout=1.0", "model.net.dropout=1.0 must be a number in [0, 1)"),
         ("model.act._target_=torch.nn.Swish", "torch.nn.Swish cannot be imported"),
     ],
 )
@@ -83,7 +86,7 @@ def test_unknown_group_option_lists_the_available_ones(override: str) -> None:
 
 
 def test_empty_hidden_sizes_is_a_linear_model() -> None:
-    cfg = composed("model.hidden_sizes=[]")
+    cfg = composed("model.net.hidden_sizes=[]")
     validate(cfg)
     model = instantiate(cfg.model)
     assert [type(m).__name__ for m in model.net] == ["Linear"]
@@ -289,7 +292,7 @@ def test_the_wandb_key_is_looked_up_where_wandb_looks(
         (
             ["data=regression"],
             "error: invalid config: the data (actlab.data.RegressionSource) needs "
-            "model.in_features=2 model.num_classes=2 model.task=regression",
+            "model.task=regression",
         ),
         (
             ["trainer.gradient_clip_val=1.0"],
@@ -329,11 +332,7 @@ def test_gpu_trainer_without_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_data_that_fits_the_model_passes() -> None:
     validate(composed("experiment=leaky_regression"))
-    validate(
-        composed(
-            "data=regression", "model.task=regression", "model.in_features=2", "model.num_classes=2"
-        )
-    )
+    validate(composed("data=regression", "model.task=regression"))
 
 
 @pytest.mark.parametrize("entry", ["train.py", "eval.py"])

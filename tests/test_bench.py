@@ -11,6 +11,7 @@ from torch import nn
 
 from actlab.data import MNISTDataModule, SyntheticSource, batch_order
 from actlab.model import MLPClassifier
+from actlab.nets import MLP
 from benchmarks.bench import PerSampleDataModule, measure_pack_sizes, plain_epoch, table
 
 
@@ -43,7 +44,7 @@ def test_project_epoch_makes_the_same_updates_as_the_plain_loop(tmp_path):
     dm = MNISTDataModule(
         SyntheticSource(n_train=700, n_test=100), str(tmp_path), batch_size=64, val_size=100, seed=3
     )
-    model = MLPClassifier(act=nn.ReLU, optimizer=_sgd, hidden_sizes=(32,))
+    model = MLPClassifier(MLP(784, [32], 10, nn.ReLU), optimizer=_sgd)
     net = copy.deepcopy(model.net)
 
     trainer = _bare_trainer(1, limit_val_batches=0)
@@ -83,10 +84,9 @@ def test_epoch_scheduler_steps_once_per_epoch(tmp_path):
 
     dm = MNISTDataModule(SyntheticSource(n_train=300, n_test=50), str(tmp_path), val_size=40)
     model = MLPClassifier(
-        act=nn.ReLU,
+        MLP(784, [16], 10, nn.ReLU),
         optimizer=_sgd,
         scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
-        hidden_sizes=(16,),
     )
     trainer = _bare_trainer(3)
     trainer.fit(model, datamodule=dm)

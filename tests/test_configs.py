@@ -96,7 +96,7 @@ def test_every_group_option_builds_what_a_run_builds(
 
 @pytest.mark.parametrize("act", options("model.act"))
 def test_every_activation_instantiates_one_module_per_layer(act: str) -> None:
-    cfg = compose_train(f"model.act={act}", "model.hidden_sizes=[8,8]")
+    cfg = compose_train(f"model.act={act}", "model.net.hidden_sizes=[8,8]")
     model = instantiate(cfg.model)
     acts = [m for m in model.net if not isinstance(m, nn.Linear)]
     assert len(acts) == 2 and acts[0] is not acts[1]

@@ -40,7 +40,7 @@ from actlab.train import main as train_main
 # A linear model whose learning rate triples every epoch: val/acc peaks at epoch 1 and falls
 # after, so the best checkpoint is not the last one and the scheduler's state matters.
 LINEAR = [
-    "model.hidden_sizes=[]",
+    "model.net.hidden_sizes=[]",
     "scheduler=step",
     "scheduler.step_size=1",
     "scheduler.gamma=3",
@@ -63,7 +63,7 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     The run is held at the start of epoch HELD_AT (tests/probes.py) until the signal comes: it
     cannot finish first, however fast the machine, nor be stopped before its checkpoints exist,
-    however slow. Its model is linear (`model.hidden_sizes=[]`): that must train, stop and
+    however slow. Its model is linear (`model.net.hidden_sizes=[]`): that must train, stop and
     resume too.
     """
     tmp = tmp_path_factory.mktemp("interrupted")

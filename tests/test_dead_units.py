@@ -5,14 +5,14 @@ import torch
 from torch import nn
 
 from actlab.diagnostics import UnitStats
-from actlab.model import build_mlp
+from actlab.nets import MLP
 
 
-def hand_built(act: type[nn.Module]) -> nn.Sequential:
+def hand_built(act: type[nn.Module]) -> MLP:
     """4 inputs -> 5 -> 3 -> 2. Layer 1: units 0-2 never positive (bias -1, -0.5, and exactly 0),
     unit 3 follows input 0, unit 4 input 1. Layer 2: unit 0 never positive, unit 1 follows
     layer-1 unit 4, unit 2 always on."""
-    net = build_mlp(4, [5, 3], 2, act)
+    net = MLP(4, [5, 3], 2, act)
     lin1, lin2 = net[0], net[2]
     with torch.no_grad():
         for p in net.parameters():

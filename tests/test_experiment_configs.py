@@ -60,7 +60,7 @@ def test_experiment_composes_with_each_swept_value(name: str) -> None:
 
 def test_experiment_settings_reach_the_config() -> None:
     cfg = compose("train", overrides=["experiment=relu_vs_linear"])
-    assert list(cfg.model.hidden_sizes) == [512]
+    assert list(cfg.model.net.hidden_sizes) == [512]
     assert (cfg.optimizer.lr, cfg.optimizer.momentum) == (0.15, 0.0)
     assert (cfg.data.batch_size, cfg.data.val_size, cfg.trainer.max_epochs) == (128, 10000, 50)
     reg = compose("train", overrides=["experiment=leaky_regression"])

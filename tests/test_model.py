@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 
 def build(*overrides: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return instantiate(compose_train(*overrides, "model.hidden_sizes=[32,16]").model).net
+    return instantiate(compose_train(*overrides, "model.net.hidden_sizes=[32,16]").model).net
 
 
 def test_leaky_slope_zero_is_relu_and_slope_one_is_identity() -> None:
@@ -24,6 +24,6 @@ def test_leaky_slope_zero_is_relu_and_slope_one_is_identity() -> None:
 
 
 def test_empty_hidden_sizes_is_a_linear_model() -> None:
-    model = instantiate(compose_train("model.hidden_sizes=[]").model)
+    model = instantiate(compose_train("model.net.hidden_sizes=[]").model)
     assert [type(m).__name__ for m in model.net] == ["Linear"]
     assert model(torch.randn(3, 784)).shape == (3, 10)

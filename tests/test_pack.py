@@ -304,7 +304,7 @@ def test_ctrl_c_leaves_members_interrupted_and_resume_reruns_only_unfinished(
         (["model.act=rrelu"], None),  # on a CPU
         (["trainer=ddp"], "trainer."),
         (["debug=limit"], "trainer."),
-        (["model.dropout=0.1"], None),  # on a CPU
+        (["model.net.dropout=0.1"], None),  # on a CPU
         (["scheduler=step"], None),
         (["callbacks=with_early_stopping"], None),
     ],

@@ -305,7 +305,7 @@ def test_a_members_dropout_masks_are_its_solo_jobs() -> None:
 
 @pytest.mark.slow
 def test_members_with_dropout_are_their_solo_jobs(tmp_path: Path) -> None:
-    args = [*SWEEP, "trainer.max_epochs=2", "model.dropout=0.2", "model.act=relu,none"]
+    args = [*SWEEP, "trainer.max_epochs=2", "model.net.dropout=0.2", "model.act=relu,none"]
     solo, packed = _solo_and_packed(tmp_path, *args)
     assert len(packed) == 2
     _assert_members_are_their_solo_jobs(solo, packed)

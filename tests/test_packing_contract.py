@@ -30,7 +30,7 @@ BASE = [
     "callbacks.progress_bar.refresh_rate=0",
     "logger=csv",
     "trainer.max_epochs=2",
-    "model.hidden_sizes=[16,16]",
+    "model.net.hidden_sizes=[16,16]",
 ]
 NEW_ACTS = [
     "torch.nn.Mish",
@@ -109,7 +109,7 @@ def test_the_probe_refuses_what_a_stack_would_change_and_says_why(
         (["model.act=prelu"], None),
         (["model.act=prelu", "model.act.num_parameters=256"], None),
         (["model.act._target_=user_modules.LearnableSwish"], None),
-        (["model.hidden_sizes=[]", "model.act=rrelu"], None),  # nothing to activate
+        (["model.net.hidden_sizes=[]", "model.act=rrelu"], None),  # nothing to activate
         (["model.act=rrelu"], None),  # on a CPU: each member draws its solo slopes
         (
             ["model._target_=user_modules.BatchNormMLP"],
@@ -126,7 +126,7 @@ def test_the_probe_refuses_what_a_stack_would_change_and_says_why(
         (["+model.act.stackable=false"], "model.act torch.nn.ReLU has stackable: false"),
         (["model.act._target_=user_modules.Softmax", "+model.act.stackable=true"], None),
         (["model.act=rrelu", "+model.act.stackable=true"], None),
-        (["model.dropout=0.1"], None),  # on a CPU: each member draws its solo masks
+        (["model.net.dropout=0.1"], None),  # on a CPU: each member draws its solo masks
     ],
 )
 def test_a_job_packs_by_contract_or_says_the_true_reason(

@@ -23,7 +23,7 @@ from conftest import QUICK, run_train
 from actlab.results import read_results
 
 REFERENCE = Path(__file__).parent / "reference" / "solo.json"
-BASE = [*QUICK, "logger=csv", "trainer.max_epochs=3", "model.hidden_sizes=[32]"]
+BASE = [*QUICK, "logger=csv", "trainer.max_epochs=3", "model.net.hidden_sizes=[32]"]
 CASES = {
     "relu_sgd": ["model.act=relu"],
     "leaky_adam": ["model.act=leaky", "model.act.negative_slope=0.1", "optimizer=adam"],
@@ -35,7 +35,11 @@ CASES = {
         "scheduler.gamma=0.5",
     ],
     "prelu_sgd_wd": ["model.act=prelu", "optimizer.weight_decay=0.001"],
-    "regression": ["experiment=leaky_regression", "data=regression", "model.hidden_sizes=[10,10]"],
+    "regression": [
+        "experiment=leaky_regression",
+        "data=regression",
+        "model.net.hidden_sizes=[10,10]",
+    ],
 }
 METRICS = ("val/acc_best", "test/acc", "val/r2_best", "test/r2", "train/loss_epoch")
 # The same arithmetic on this CPU gives the same bits; the margin is for another BLAS or build.

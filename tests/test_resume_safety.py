@@ -23,7 +23,7 @@ from actlab.eval import main as eval_main
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run of a 32-unit MLP that finished its one epoch."""
     folder = tmp_path_factory.mktemp("finished") / "run"
-    args = [*QUICK, "logger=csv", "model.hidden_sizes=[32]", "trainer.max_epochs=1"]
+    args = [*QUICK, "logger=csv", "model.net.hidden_sizes=[32]", "trainer.max_epochs=1"]
     here(*args, f"hydra.run.dir={folder}")
     assert results(folder)["status"] == "finished"
     return folder
@@ -58,7 +58,7 @@ def refused(*args: str) -> str:
     "overrides, expected",
     [
         (
-            ["model.hidden_sizes=[64]", "trainer.max_epochs=3"],
+            ["model.net.hidden_sizes=[64]", "trainer.max_epochs=3"],
             "error: checkpoint has net.0.weight [32, 784], the config builds [64, 784] (and 2 "
             "more): a resume continues the model its run trained, so drop the model.* overrides",
         ),
@@ -162,7 +162,7 @@ def test_weights_that_do_not_fit_a_new_run_are_refused_before_its_folder_exists(
     message = refused(
         *QUICK,
         "logger=csv",
-        "model.hidden_sizes=[64]",
+        "model.net.hidden_sizes=[64]",
         f"ckpt_path={weights}",
         f"hydra.run.dir={new}",
     )

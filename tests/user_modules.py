@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -45,37 +45,30 @@ class Softmax(nn.Module):
 
 
 class BatchNormMLP(MLPClassifier):
-    """The template's classifier with a batch-normalised hidden layer."""
+    """The template's classifier, subclassed to batch-normalise its net's hidden layer."""
 
-    def __init__(
-        self,
-        act: Callable[[], nn.Module],
-        hidden_sizes: Sequence[int] = (256,),
-        in_features: int = 784,
-        num_classes: int = 10,
-        **rest: Any,
-    ) -> None:
-        super().__init__(act, hidden_sizes=hidden_sizes, in_features=in_features, **rest)
-        width = hidden_sizes[0]
+    def __init__(self, net: nn.Sequential, act: Callable[[], nn.Module], **rest: Any) -> None:
+        super().__init__(net, act=act, **rest)
+        width = net[0].out_features
         self.net = nn.Sequential(
-            nn.Linear(in_features, width),
+            nn.Linear(net[0].in_features, width),
             nn.BatchNorm1d(width),
             act(),
-            nn.Linear(width, num_classes),
+            nn.Linear(width, net[-1].out_features),
         )
 
 
 class SmallCNN(MLPClassifier):
-    """A convolution over the 28x28 image, then a linear read-out."""
+    """The template's classifier, subclassed to put a convolution over the 28x28 image."""
 
-    def __init__(self, act: Callable[[], nn.Module], num_classes: int = 10, **rest: Any) -> None:
-        super().__init__(act, num_classes=num_classes, **rest)
+    def __init__(self, net: nn.Sequential, act: Callable[[], nn.Module], **rest: Any) -> None:
+        super().__init__(net, act=act, **rest)
         self.net = nn.Sequential(
             nn.Unflatten(1, (1, 28, 28)),
             nn.Conv2d(1, 4, 5, stride=3),
             act(),
             nn.Flatten(),
-            nn.Linear(4 * 8 * 8, num_classes),
+            nn.Linear(4 * 8 * 8, net[-1].out_features),
         )
 
 

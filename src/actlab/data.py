@@ -119,7 +119,7 @@ class IDXSource:
     rebuilds the files from a copy hosted elsewhere). No file is used unless its MD5 matches.
     """
 
-    model_needs: ClassVar[dict[str, Any]] = {"in_features": 784, "task": "classification"}
+    model_needs: ClassVar[dict[str, Any]] = {"task": "classification"}
 
     name: str
     files: dict[str, list[str]]
@@ -356,7 +356,7 @@ class SyntheticSource(GeneratedSource):
     Learnable in a few epochs, so tests exercise the whole path offline in seconds.
     """
 
-    model_needs: ClassVar[dict[str, Any]] = {"in_features": 784, "task": "classification"}
+    model_needs: ClassVar[dict[str, Any]] = {"task": "classification"}
 
     num_classes: int = 10
     noise: float = 90.0
@@ -380,11 +380,7 @@ class RegressionSource(GeneratedSource):
     x, so a network needs its hidden non-linearity to fit them (R^2 near 1 is reachable).
     """
 
-    model_needs: ClassVar[dict[str, Any]] = {
-        "in_features": 2,
-        "num_classes": 2,  # the read-out width: two targets
-        "task": "regression",
-    }
+    model_needs: ClassVar[dict[str, Any]] = {"task": "regression"}
 
     n_train: int = 4000
     n_test: int = 1000
@@ -459,12 +455,18 @@ class MNISTDataModule(L.LightningDataModule):
     The official training set is split into train/val by a permutation seeded by `split_seed`
     (the same validation set for every run seed); the official test set stays the test set. The
     training batches of epoch e come in `batch_order(seed, e, n)`: `seed` is the run's seed.
+
+    `in_features` (each row's width: an image is flattened) and `num_classes` (the labels run
+    0..num_classes-1; for real targets, their number) are what the network reads from the data
+    config, `${data.in_features}` and `${data.num_classes}`; `setup` refuses data that has others.
     """
 
     def __init__(
         self,
         source: IDXSource | GeneratedSource,
         data_dir: str,
+        in_features: int = 784,
+        num_classes: int = 10,
         batch_size: int = 64,
         eval_batch_size: int = 1000,
         val_size: int = 5000,
@@ -476,6 +478,7 @@ class MNISTDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.source, self.data_dir = source, data_dir
+        self.in_features, self.num_classes = in_features, num_classes
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.train_size, self.split_seed = val_size, train_size, split_seed
         self.seed = seed
@@ -489,12 +492,38 @@ class MNISTDataModule(L.LightningDataModule):
         if self.train is not None:
             return
         x_tr, y_tr, x_te, y_te = self.source.load(self.data_dir)
+        for x, y in ((x_tr, y_tr), (x_te, y_te)):
+            self.check_shapes(x, y)
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         # Split the uint8 arrays, then convert: a quarter of the memory traffic of splitting floats.
         train, val = self.split_indices(len(x_tr))
         self.train = self._tensors(x_tr[train], y_tr[train], device)
         self.val = self._tensors(x_tr[val], y_tr[val], device)
         self.test = self._tensors(x_te, y_te, device)
+
+    def check_shapes(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Refuse, before training, data whose rows or labels the configured sizes do not fit."""
+        name = getattr(self.source, "name", type(self.source).__name__)
+        width = int(np.prod(x.shape[1:]))
+        if width != self.in_features:
+            raise UserError(
+                f"the rows of {name} have {width} values (shape {list(x.shape[1:])}) but "
+                f"data.in_features={self.in_features}: set data.in_features={width} in the data "
+                "config."
+            )
+        if y.dtype.kind in "iu":
+            top = int(y.max()) if len(y) else 0
+            if top >= self.num_classes:
+                raise UserError(
+                    f"the labels of {name} reach {top} but data.num_classes={self.num_classes} "
+                    f"(the network's read-out is that wide): set data.num_classes={top + 1} in "
+                    "the data config."
+                )
+        elif (targets := int(np.prod(y.shape[1:]))) != self.num_classes:
+            raise UserError(
+                f"{name} has {targets} targets per row but data.num_classes={self.num_classes}: "
+                f"set data.num_classes={targets} in the data config."
+            )
 
     def split_indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Train and val indices into the `n` official training images (a seeded permutation)."""

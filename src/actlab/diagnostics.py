@@ -1,32 +1,63 @@
-"""Training probes: what the hidden units of the MLP do (dead, rarely active), their gradients."""
+"""Training probes: what a network's hidden units do (dead, rarely active), their gradients."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
 
-def hidden_activations(net: nn.Module) -> list[nn.Module]:
-    """The activation module after each hidden Linear of a `build_mlp` network, in order.
+
+# The probe's contract with a network (README "Extending"): the activations it watches are the
+# first module after each Linear or Conv layer, in the order the net registers its modules, with
+# normalisation, dropout and pooling passed over; Flatten/Unflatten end the search.
+WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
+PASSED_OVER = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.dropout._DropoutNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+)
+
+
+def hidden_activations(net: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Each activation module of `net` the probe watches, in order, and whether it follows a
+    Conv (its units are channels, dim 1) rather than a Linear (features, the last dim).
 
     Its input is that layer's pre-activation. The read-out Linear feeds no activation.
     """
-    mods = list(net.children())
-    return [
-        mods[i + 1]
-        for i, m in enumerate(mods[:-1])
-        if isinstance(m, nn.Linear) and not isinstance(mods[i + 1], nn.Linear)
-    ]
+    found, after = [], None
+    for m in net.modules():
+        if next(m.children(), None) is not None:
+            continue  # containers: their leaves come next
+        if isinstance(m, WEIGHTED):
+            after = not isinstance(m, nn.Linear)
+        elif isinstance(m, nn.Flatten | nn.Unflatten):
+            after = None
+        elif after is not None and not isinstance(m, PASSED_OVER):
+            found.append((m, after))
+            after = None
+    return found
+
+
+def weighted_layers(net: nn.Module) -> list[nn.Module]:
+    """The Linear and Conv layers of `net` in registration order (the last is the read-out)."""
+    return [m for m in net.modules() if isinstance(m, WEIGHTED)]
 
 
 class UnitStats:
     """Per-unit counts over the samples seen by forward hooks on the hidden activations.
 
-    A hook sees the activation's input (the pre-activation) and output. Everything stays on
-    the device: nothing is read back until `tensors`, so the hooks add no host sync per batch.
+    A hook sees the activation's input (the pre-activation) and output. A unit after a Linear is
+    a feature; after a Conv a channel, active on a sample where it is > 0 at any position (its
+    output averaged over positions). Everything stays on the device: nothing is read back until
+    `tensors`, so the hooks add no host sync per batch.
     """
 
     def __init__(self, net: nn.Module) -> None:
@@ -37,8 +68,8 @@ class UnitStats:
         self._handles: list[Any] = []
 
     def attach(self) -> UnitStats:
-        for i, act in enumerate(self.layers):
-            self._handles.append(act.register_forward_hook(self._hook(i)))
+        for i, (act, channels) in enumerate(self.layers):
+            self._handles.append(act.register_forward_hook(self._hook(i, channels)))
         return self
 
     def detach(self) -> None:
@@ -46,11 +77,14 @@ class UnitStats:
             h.remove()
         self._handles.clear()
 
-    def _hook(self, i: int):
+    def _hook(self, i: int, channels: bool):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            pre = inputs[0].detach().flatten(0, -2)
+            pre, post = inputs[0].detach(), output.detach()
+            if channels and pre.dim() > 2:  # [B, C, *positions] -> [B, C]
+                pre, post = pre.flatten(2).amax(-1), post.flatten(2).mean(-1)
+            pre, post = pre.flatten(0, -2), post.flatten(0, -2)
             active = (pre > 0).sum(0)
-            act_sum = output.detach().flatten(0, -2).sum(0, dtype=torch.float32)
+            act_sum = post.sum(0, dtype=torch.float32)
             if self.active[i] is None:
                 self.active[i], self.act_sum[i] = active, act_sum
             else:
@@ -92,11 +126,22 @@ class DeadUnitMonitor(L.Callback):
     def __init__(self, grad_norms: bool = True) -> None:
         self.grad_norms = grad_norms
         self._stats: UnitStats | None = None
+        self._said_none = False
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        self._stats = UnitStats(pl_module.net).attach()
+        stats = UnitStats(pl_module.net)
+        if not stats.layers:
+            if not self._said_none:
+                log.info(
+                    "dead units: model.net (%s) has no activation module after a Linear or Conv "
+                    'layer (README "Extending"): dead/*, rare/* and act_mean/* are not logged',
+                    type(pl_module.net).__name__,
+                )
+                self._said_none = True
+            return
+        self._stats = stats.attach()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._stats is None:
@@ -117,8 +162,8 @@ class DeadUnitMonitor(L.Callback):
         # Right after backward, before the model clips them: the norms clipping is there to cut.
         if not self.grad_norms or (trainer.global_step + 1) % trainer.log_every_n_steps:
             return
-        linears = [m for m in pl_module.net.children() if isinstance(m, nn.Linear)]
-        names = [f"layer{k}" for k in range(1, len(linears))] + ["output"]
+        linears = weighted_layers(pl_module.net)
+        names = [f"layer{k}" for k in range(1, len(linears))] + ["output"][: len(linears)]
         norms = {}
         for name, lin in zip(names, linears, strict=True):
             grads = [p.grad for p in lin.parameters() if p.grad is not None]

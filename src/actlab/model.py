@@ -1,17 +1,15 @@
-"""The MLP and the LightningModule that trains it."""
+"""The LightningModule that trains the network of `model.net`."""
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import R2Score
 
 from actlab.errors import Diverged, UserError
@@ -20,44 +18,16 @@ from actlab.errors import Diverged, UserError
 TASKS = {"classification": (F.cross_entropy, "acc"), "regression": (F.mse_loss, "r2")}
 
 
-def without_stackable(act: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    """The activation's factory without the `stackable:` key of its config, which the packing
-    rules read (actlab.packing) and its class does not take."""
-    if isinstance(act, functools.partial) and "stackable" in act.keywords:
-        keywords = {k: v for k, v in act.keywords.items() if k != "stackable"}
-        return functools.partial(act.func, *act.args, **keywords)
-    return act
-
-
-def build_mlp(
-    in_features: int,
-    hidden_sizes: Sequence[int],
-    out_features: int,
-    act: Callable[[], nn.Module],
-    dropout: float = 0.0,
-) -> nn.Sequential:
-    """Linear -> act (-> dropout) per hidden layer, then a linear read-out.
-
-    `act` is called once per hidden layer: activations with weights (PReLU) are not shared.
-    An empty `hidden_sizes` gives a linear (softmax-regression) model.
-    """
-    act = without_stackable(act)
-    layers: list[nn.Module] = []
-    width = in_features
-    for h in hidden_sizes:
-        layers += [nn.Linear(width, h), act()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        width = h
-    layers.append(nn.Linear(width, out_features))
-    return nn.Sequential(*layers)
-
-
 class MLPClassifier(L.LightningModule):
-    """An MLP classifier whose activation comes from the `model.act` config group.
+    """Trains `net` (built by Hydra from `model.net`; an `actlab.nets.MLP` by default) as a
+    classifier: cross-entropy on its [B, num_classes] output, accuracy as the eval metric.
 
     `task="regression"` trains the same network on real-valued targets with the mean-squared
-    error (`num_classes` is then the number of targets) and reports R^2 instead of accuracy.
+    error (its output is then [B, targets]) and reports R^2 instead of accuracy.
+
+    `act` is the `model.act` choice. The default net's config takes it by interpolation
+    (`act: ${model.act}`); it is a parameter here only because Hydra passes every key of
+    `model`, so a net of the user's own may ignore the group.
 
     Training metrics are accumulated on the device and read once per epoch (plus every
     `log_every_n_steps`), so a small model is not slowed down by a host sync per step.
@@ -74,13 +44,10 @@ class MLPClassifier(L.LightningModule):
 
     def __init__(
         self,
-        act: Callable[[], nn.Module],
+        net: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-        hidden_sizes: Sequence[int] = (256,),
-        dropout: float = 0.0,
-        in_features: int = 784,
-        num_classes: int = 10,
+        act: Callable[[], nn.Module] | None = None,
         task: str = "classification",
         gradient_clip_val: float | None = None,
     ) -> None:
@@ -91,13 +58,12 @@ class MLPClassifier(L.LightningModule):
         self.classify = task == "classification"
         self.automatic_optimization = False
         self.gradient_clip_val = gradient_clip_val
-        self.net = build_mlp(in_features, list(hidden_sizes), num_classes, act, dropout)
+        self.net = net
         self.optimizer, self.scheduler = optimizer, scheduler
         self.register_buffer("_train_sums", torch.zeros(3), persistent=False)  # loss, correct, n
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        if self.classify:
-            acc = dict(num_classes=num_classes, average="micro", validate_args=False)
-            self.val_acc, self.test_acc = MulticlassAccuracy(**acc), MulticlassAccuracy(**acc)
+        if self.classify:  # accuracy: the mean of 0/1 per sample, whatever the read-out's width
+            self.val_acc, self.test_acc = MeanMetric(), MeanMetric()
         else:  # the eval metric keeps the `*_acc` attributes; it is logged under its own name
             self.val_acc, self.test_acc = R2Score(), R2Score()
         self.val_acc_best = MaxMetric()
@@ -167,7 +133,11 @@ class MLPClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         getattr(self, f"{stage}_loss").update(self.loss_fn(logits, y), weight=len(y))
-        getattr(self, f"{stage}_acc").update(logits, y)
+        acc = getattr(self, f"{stage}_acc")
+        if self.classify:
+            acc.update((logits.argmax(1) == y).float())
+        else:
+            acc.update(logits, y)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -73,6 +73,7 @@ from actlab.results import (
     write_json,
 )
 from actlab.runs import drop_rows_after, keep_attempt, resumable, set_aside, trained_epochs
+from actlab.validation import check_net
 
 log = logging.getLogger(__name__)
 
@@ -539,10 +540,11 @@ class PackTrainer:
         for m in members:
             L.seed_everything(m.cfg.seed, workers=True, verbose=False)  # as the solo job does
             solo = instantiate(m.cfg.model)
+            check_net(solo.net, m.cfg.data.in_features, m.cfg.data.num_classes)
             # The global generator as the solo job's dropout first draws from it.
             generators.append(torch.Generator().set_state(torch.get_rng_state()))
             nets.append(solo.net)
-            # hidden_sizes=[] is a linear model: nothing to activate.
+            # model.net.hidden_sizes=[] is a linear model: nothing to activate.
             acts.append(next(iter(hidden_activations(solo.net)), nn.Identity()))
             opt = instantiate(m.cfg.optimizer)(params=solo.parameters())
             self.opts.append(opt)

@@ -20,7 +20,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from actlab.data import MNISTDataModule
-from actlab.model import MLPClassifier, without_stackable
+from actlab.model import MLPClassifier
+from actlab.nets import without_stackable
 
 # Config keys in which the members of one pack may differ.
 MEMBER_KEYS = (
@@ -72,8 +73,8 @@ def solo_reason(cfg: DictConfig) -> str | None:
     if reason := _data_reason(cfg):
         return reason
     if device(cfg) != "cpu":
-        if cfg.model.get("dropout"):
-            return "model.dropout on a GPU draws masks a pack cannot repeat per member"
+        if cfg.model.net.get("dropout"):
+            return "model.net.dropout on a GPU draws masks a pack cannot repeat per member"
         if (target := cfg.model.act.get("_target_")) and random_activation(get_object(target)):
             return f"model.act {target} on a GPU draws numbers a pack cannot repeat per member"
     if reason := _model(cfg)[0]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from actlab import ROOT
+from actlab import CONFIG_DIR, ROOT
 from actlab.errors import UserError
 
 RESULTS = "results.json"
@@ -92,13 +92,18 @@ def describe(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
         "act": choices.get("model.act"),
         "negative_slope": act.get("negative_slope"),
         "data": choices.get("data"),
-        "hidden_sizes": list(cfg.model.get("hidden_sizes", [])),
+        "hidden_sizes": _hidden_sizes(cfg.model.net),
         "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
         "lr": cfg.optimizer.get("lr"),
         "batch_size": cfg.data.get("batch_size"),
         "max_epochs": cfg.trainer.get("max_epochs"),
         "seed": cfg.seed,
     }
+
+
+def _hidden_sizes(net: DictConfig) -> list[int] | None:
+    sizes = net.get("hidden_sizes")
+    return None if sizes is None else list(sizes)  # None: a network without the key
 
 
 def running_record(
@@ -300,9 +305,36 @@ def compared(key: str) -> bool:
     return not any(key == k or key.startswith(f"{k}.") for k in NOT_COMPARED)
 
 
+# Keys that moved when the network became the config node `model.net` (the model.net group):
+# a run saved before says the old key, and is read as if it said the new one.
+MOVED = {
+    "model.hidden_sizes": "model.net.hidden_sizes",
+    "model.dropout": "model.net.dropout",
+    "model.in_features": "data.in_features",
+    "model.num_classes": "data.num_classes",
+}
+
+
+def upgraded(config: dict[str, Any]) -> dict[str, Any]:
+    """A composed config saved before `model.net` existed, as today's configs say it: the MLP of
+    model.net/mlp.yaml with its widths and dropout, the sizes moved to the data config."""
+    model = config.get("model")
+    if not isinstance(model, dict) or "net" in model or "hidden_sizes" not in model:
+        return config
+    config = {**config, "model": dict(model), "data": dict(config.get("data") or {})}
+    model, data = config["model"], config["data"]
+    net = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "model.net" / "mlp.yaml"))
+    net.update(hidden_sizes=model.pop("hidden_sizes"), dropout=model.pop("dropout", 0.0))
+    model["net"] = net
+    data["in_features"] = model.pop("in_features", 784)  # the old config's defaults
+    data["num_classes"] = model.pop("num_classes", 10)
+    return config
+
+
 def config_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """`key: before -> now` for every key that can change a result and differs (sorted)."""
-    a, b = flatten(before), flatten(now)
+    """`key: before -> now` for every key that can change a result and differs (sorted); a
+    `before` saved by an older version is read as today's (`upgraded`)."""
+    a, b = flatten(upgraded(before)), flatten(now)
     absent = object()
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, absent) != b.get(k, absent))
     keys = [k for k in keys if compared(k)]

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actlab import CONFIG_DIR, ROOT, checkpoints
 from actlab.errors import UserError
-from actlab.results import RESULTS, config_differences, read_results
+from actlab.results import MOVED, RESULTS, config_differences, read_results, upgraded
 from actlab.validation import validate
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,29 @@ def require_run_dir(ckpt: Path) -> Path:
 
 
 def trained_config(folder: Path) -> DictConfig:
-    """The config a run was trained with (unresolved, as Hydra saved it)."""
-    return OmegaConf.load(folder / ".hydra" / "config.yaml")
+    """The config a run was trained with (unresolved, as Hydra saved it; an older version's
+    read as today's configs say it)."""
+    saved = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    return OmegaConf.create(upgraded(OmegaConf.to_container(saved, resolve=False)))
+
+
+def _moved(override: str) -> str:
+    """An override of a run saved by an older version, in today's key (results.MOVED)."""
+    key = _key(override)
+    if key not in MOVED:
+        return override
+    prefix = override[: len(override) - len(override.lstrip("~+"))]
+    return prefix + MOVED[key] + override[len(prefix) + len(key) :]
+
+
+def refuse_moved(args: list[str]) -> None:
+    """One line for a key that moved (`model.hidden_sizes=`), not Hydra's 'Could not override'."""
+    for a in args:
+        if (key := _key(a)) in MOVED:
+            raise UserError(
+                f"{key} is now {MOVED[key]} (the network is the config node model.net, its "
+                f"sizes the data's): write {_moved(a)}"
+            )
 
 
 def resume_args(args: list[str]) -> list[str]:
@@ -99,7 +120,7 @@ def resume_args(args: list[str]) -> list[str]:
     if folder is None or "-m" in args or "--multirun" in args:
         return args
     given = {_key(a) for a in args}
-    saved = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
+    saved = [_moved(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
     # `+resume=true` told the sweep to skip finished jobs; it is not part of the job's config.
     earlier = [o for o in saved if _key(o) not in given | {"ckpt_path", "resume"}]
     here = [] if "hydra.run.dir" in given else [f"hydra.run.dir={quote(str(folder))}"]

@@ -51,6 +51,7 @@ from actlab.runs import (
     keep_attempt,
     load_weights,
     nothing_to_train,
+    refuse_moved,
     require_checkpoint,
     resumable,
     resume_args,
@@ -59,7 +60,7 @@ from actlab.runs import (
     set_aside,
     trained_epochs,
 )
-from actlab.validation import validate
+from actlab.validation import check_net, validate
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ def build(
     """The run's data, model and trainer (with its callbacks and loggers), as configured."""
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
+    check_net(model.net, cfg.data.in_features, cfg.data.num_classes)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += slot.callbacks() if slot else []
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
@@ -306,6 +308,7 @@ def run(cfg: DictConfig) -> float | None:
 def main() -> None:
     """`python train.py [overrides]`; `ckpt_path=<run>/checkpoints/last.ckpt` resumes that run."""
     with one_line_errors(), stop_on_signals():
+        refuse_moved(sys.argv[1:])
         ckpt = checkpoint_arg(sys.argv[1:])
         require_checkpoint(ckpt)
         sys.argv[1:] = args = resume_args(sys.argv[1:])

@@ -2,7 +2,8 @@
 
 `validate(cfg)` runs at the entry points (train, eval) on the composed config and reports all
 problems at once, named by the config key the user types. `check_split` is the one rule that
-needs the data's size; the DataModule calls it once the data is loaded.
+needs the data's size; the DataModule calls it once the data is loaded. `check_net` is the one
+that needs the built network; training calls it before the first step.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from actlab.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 _MISSING = object()
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -38,15 +42,17 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.val_size", _int_at_least(1), "an integer >= 1"),
     ("data.train_size", lambda v: v is None or _int_at_least(1)(v), "null or an integer >= 1"),
     ("data.std", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("data.in_features", _int_at_least(1), "an integer >= 1"),
+    ("data.num_classes", _int_at_least(1), "an integer >= 1"),
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0"),
     ("optimizer.momentum", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("optimizer.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
     (
-        "model.hidden_sizes",
+        "model.net.hidden_sizes",
         lambda v: isinstance(v, list | ListConfig) and all(_int_at_least(1)(h) for h in v),
         "a list of integers >= 1 ([] is a linear model)",
     ),
-    ("model.dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("model.net.dropout", lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("model.act.negative_slope", _number, "a finite number"),
     ("model.act.stackable", lambda v: isinstance(v, bool), "true or false"),
     # -1 would train forever with no message, 0 would record an untrained model as finished.
@@ -90,7 +96,8 @@ def _unknown_arguments(node: DictConfig, key: str) -> list[str]:
 
 
 def _data_fits_model(cfg: DictConfig) -> list[str]:
-    """The model keys the data's source needs (its `model_needs`), e.g. 2 inputs for regression."""
+    """The model keys the data's source needs (its `model_needs`): real targets need
+    model.task=regression. Its sizes the data config says itself (data.in_features, ...)."""
     target = OmegaConf.select(cfg, "data.source._target_", default=None)
     model = OmegaConf.select(cfg, "model", default=None)
     if not isinstance(target, str) or not isinstance(model, DictConfig):
@@ -103,6 +110,17 @@ def _data_fits_model(cfg: DictConfig) -> list[str]:
         return []
     wanted = " ".join(f"model.{k}={v}" for k, v in needs.items())
     return [f"the data ({target}) needs {wanted}: add these overrides"]
+
+
+def _data_sizes(cfg: DictConfig) -> list[str]:
+    """The sizes the network reads from the data config (`${data.in_features}`, ...)."""
+    if not isinstance(OmegaConf.select(cfg, "data", default=None), DictConfig):
+        return []
+    return [
+        f'data.{key} is not set: the data config says it, the network reads it (README "Extending")'
+        for key in ("in_features", "num_classes")
+        if OmegaConf.select(cfg, f"data.{key}", default=_MISSING) is _MISSING
+    ]
 
 
 def missing_accelerator(cfg: DictConfig) -> bool:
@@ -132,9 +150,43 @@ def validate(cfg: DictConfig) -> None:
             continue
         if not ok(value):
             problems.append(f"{key}={value} must be {requirement}")
-    problems += _unknown_arguments(cfg, "") + _data_fits_model(cfg) + _accelerator_present(cfg)
+    problems += _unknown_arguments(cfg, "") + _data_fits_model(cfg) + _data_sizes(cfg)
+    problems += _accelerator_present(cfg)
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
+
+
+def check_net(net: torch.nn.Module, in_features: int, num_classes: int) -> None:
+    """Refuse a network that does not take the data's rows to one output per class (target).
+
+    One forward of two zero rows, in eval mode and without gradients: no weight, running
+    statistic or random stream changes.
+    """
+    import torch
+
+    name = type(net).__name__
+    training = net.training
+    param = next(net.parameters(), None)
+    x = torch.zeros(2, in_features, device=param.device if param is not None else "cpu")
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(x)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"model.net ({name}) cannot take the data's rows [batch, {in_features}] "
+            f"(data.in_features): {reason}. Make its input {in_features} wide."
+        ) from None
+    finally:
+        net.train(training)
+    shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if shape != [2, num_classes]:
+        raise UserError(
+            f"model.net ({name}) gives {shape} for [2, {in_features}] rows but the data has "
+            f"{num_classes} classes (data.num_classes): make its output [batch, {num_classes}], "
+            "e.g. by reading ${data.num_classes} in its config."
+        )
 
 
 def check_split(n: int, val_size: int, train_size: int | None) -> int:
