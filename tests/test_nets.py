@@ -20,7 +20,7 @@ from actlab.data import md5, write_idx
 from actlab.diagnostics import UnitStats, hidden_activations
 from actlab.errors import UserError
 from actlab.nets import MLP
-from actlab.pack import solo_reason
+from actlab.packing import solo_reason
 from actlab.results import config_differences
 from actlab.validation import check_net, validate
 
@@ -140,11 +140,13 @@ def test_a_data_config_without_its_sizes_is_refused() -> None:
         validate(compose_train("data=synthetic", "~data.num_classes"))
 
 
-def test_the_pack_runs_any_other_network_solo_with_a_reason() -> None:
+def test_the_pack_runs_a_network_it_cannot_stack_solo_with_a_reason() -> None:
     assert solo_reason(compose_train("data=synthetic")) is None
-    cfg = compose_train("data=synthetic", "model.net._target_=user_nets.Other")
+    net = ["model.net._target_=user_nets.BatchNormMLP", "~model.net.hidden_sizes"]
+    cfg = compose_train("data=synthetic", *net, "~model.net.dropout")
     assert solo_reason(cfg) == (
-        "model.net user_nets.Other is not actlab.nets.MLP, the one network the pack can stack"
+        "model.net user_nets.BatchNormMLP cannot be stacked: the network is a "
+        "user_nets.BatchNormMLP, not an nn.Sequential"
     )
 
 
@@ -169,7 +171,7 @@ def test_a_cnn_and_a_batchnorm_mlp_as_model_net_train_solo_in_a_packed_sweep(
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     for target in ("user_nets.SmallCNN", "user_nets.BatchNormMLP"):
-        assert f"runs as a solo job: model.net {target} is not actlab.nets.MLP" in out
+        assert f"runs as a solo job: model.net {target} cannot be stacked" in out
     jobs = {
         results(p.parent)["job"]["overrides"][-1]: results(p.parent) for p in sweep.glob("*/.hydra")
     }

@@ -136,7 +136,7 @@ class StackedMLP(nn.Module):
             nn.Parameter(torch.stack([ls[i].bias.detach()[None] for ls in linears]))
             for i in range(len(linears[0]))
         )
-        hidden = [hidden_activations(net) for net in nets]
+        hidden = [[act for act, _ in hidden_activations(net)] for net in nets]
         self.act_names = [n for n, _ in hidden[0][0].named_parameters()] if hidden[0] else []
         self.act_params = nn.ParameterList(
             nn.Parameter(torch.stack([dict(h[i].named_parameters())[n].detach() for h in hidden]))
@@ -545,7 +545,7 @@ class PackTrainer:
             generators.append(torch.Generator().set_state(torch.get_rng_state()))
             nets.append(solo.net)
             # model.net.hidden_sizes=[] is a linear model: nothing to activate.
-            acts.append(next(iter(hidden_activations(solo.net)), nn.Identity()))
+            acts.append(next((a for a, _ in hidden_activations(solo.net)), nn.Identity()))
             opt = instantiate(m.cfg.optimizer)(params=solo.parameters())
             self.opts.append(opt)
             scheduler = m.cfg.get("scheduler")

@@ -187,7 +187,7 @@ def _decide(node: DictConfig) -> tuple[str | None, str]:
     except Exception as e:  # noqa: BLE001 -- the solo job reports it in its own words
         return f"the model cannot be built here ({type(e).__name__}: {e})", ""
     if reason := network_reason(net):
-        return reason, ""
+        return f"model.net {node.net.get('_target_')} cannot be stacked: {reason}", ""
     widths = [m.out_features for m in list(net)[:-1] if isinstance(m, nn.Linear)]
     if not widths:
         return None, ""  # a linear model: nothing to activate
