@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -225,21 +226,27 @@ def test_a_kmnist_like_idx_data_set_trains_and_packs(configs: Path, tmp_path: Pa
         assert record["status"] == "finished" and record["pack"]["size"] == 2
 
 
-@pytest.mark.slow
-def test_a_47_class_data_set_trains_with_a_read_out_sized_by_the_data(
-    configs: Path, tmp_path: Path
-) -> None:
+def _run_emnist_like(configs: Path, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python train.py` on a 47-class IDX data set (EMNIST-like), into tmp_path/run."""
     idx_data(configs, tmp_path / "data", "emnist_like", 47)
-    run = tmp_path / "run"
-    proc = run_train(
+    return run_train(
         "data=emnist_like",
         f"paths.data_dir={tmp_path / 'data'}",
         searchpath(configs),
         *QUICK[4:],
         "logger=csv",
-        "trainer.max_epochs=1",
-        "model.net.hidden_sizes=[16]",
-        f"hydra.run.dir={run}",
+        *overrides,
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+
+
+@pytest.mark.slow
+def test_a_47_class_data_set_trains_with_a_read_out_sized_by_the_data(
+    configs: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    proc = _run_emnist_like(
+        configs, tmp_path, "trainer.max_epochs=1", "model.net.hidden_sizes=[16]"
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = results(run)
@@ -268,17 +275,8 @@ def test_a_47_class_data_set_trains_with_a_read_out_sized_by_the_data(
 def test_a_read_out_narrower_than_the_labels_is_refused_before_training(
     configs: Path, tmp_path: Path, override: str, error: str
 ) -> None:
-    idx_data(configs, tmp_path / "data", "emnist_like", 47)
     run = tmp_path / "run"
-    proc = run_train(
-        "data=emnist_like",
-        f"paths.data_dir={tmp_path / 'data'}",
-        searchpath(configs),
-        *QUICK[4:],
-        "logger=csv",
-        override,
-        f"hydra.run.dir={run}",
-    )
+    proc = _run_emnist_like(configs, tmp_path, override)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.splitlines()[-1] == error  # the last line, and no traceback before it
     assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1

@@ -304,17 +304,18 @@ def test_a_members_dropout_masks_are_its_solo_jobs() -> None:
 
 
 @pytest.mark.slow
-def test_members_with_dropout_are_their_solo_jobs(tmp_path: Path) -> None:
-    args = [*SWEEP, "trainer.max_epochs=2", "model.net.dropout=0.2", "model.act=relu,none"]
-    solo, packed = _solo_and_packed(tmp_path, *args)
-    assert len(packed) == 2
-    _assert_members_are_their_solo_jobs(solo, packed)
-
-
-@pytest.mark.slow
-def test_members_with_rrelu_are_their_solo_jobs(tmp_path: Path) -> None:
-    """RReLU's random slopes: each member draws its solo job's, beside a member without them."""
-    args = [*SWEEP, "trainer.max_epochs=2", "model.act=rrelu,relu", "seed=0,1"]
-    solo, packed = _solo_and_packed(tmp_path, *args)
-    assert len(packed) == 4
+@pytest.mark.parametrize(
+    "grid",
+    [
+        ["model.net.dropout=0.2", "model.act=relu,none"],
+        # RReLU's random slopes, beside members without them
+        ["model.act=rrelu,relu", "seed=0,1"],
+    ],
+    ids=["dropout", "rrelu"],
+)
+def test_members_that_draw_random_numbers_are_their_solo_jobs(
+    tmp_path: Path, grid: list[str]
+) -> None:
+    solo, packed = _solo_and_packed(tmp_path, *SWEEP, "trainer.max_epochs=2", *grid)
+    assert len(packed) == 2 * (len(grid[1].split(",")) if "seed" in grid[1] else 1)
     _assert_members_are_their_solo_jobs(solo, packed)
