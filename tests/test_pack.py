@@ -64,6 +64,9 @@ def test_every_member_matches_its_solo_job(sweeps: tuple[dict, dict]) -> None:
         assert set(p["metrics"]) == set(s["metrics"])
         for key in ("val/acc_best", "test/acc"):
             assert abs(p["metrics"][key] - s["metrics"][key]) <= 0.001, (name, key)
+        # The dead-unit probe's numbers: one definition (diagnostics.unit_metrics) for both.
+        for key in ("dead/mean", "dead/layer1", "rare/layer1", "act_mean/layer1"):
+            assert p["metrics"][key] == pytest.approx(s["metrics"][key], abs=1e-4), (name, key)
         ws, wp = _weights(s["best_checkpoint"]), _weights(p["best_checkpoint"])
         assert Path(s["best_checkpoint"]).name == Path(p["best_checkpoint"]).name
         for key in ws:

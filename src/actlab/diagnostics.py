@@ -96,22 +96,30 @@ class UnitStats:
         return hook
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """`dead/layerK`, `rare/layerK`, `act_mean/layerK` and `dead/mean` as 0-d device tensors.
+        """unit_metrics of the samples seen, as 0-d device tensors."""
+        return unit_metrics(self.active, self.act_sum, self.n) if self.n else {}
 
-        Dead: pre-activation <= 0 for every sample seen (ReLU passes no gradient through it).
-        Rare: active (> 0) on fewer than 1% of the samples. `dead/mean` is the mean over layers.
-        """
-        out: dict[str, torch.Tensor] = {}
-        if self.n == 0:
-            return out
-        dead = []
-        for k, (active, act_sum) in enumerate(zip(self.active, self.act_sum, strict=True), 1):
-            dead.append((active == 0).float().mean())
-            out[f"dead/layer{k}"] = dead[-1]
-            out[f"rare/layer{k}"] = (active < 0.01 * self.n).float().mean()
-            out[f"act_mean/layer{k}"] = act_sum.mean() / self.n
-        out["dead/mean"] = torch.stack(dead).mean()
-        return out
+
+def unit_metrics(
+    active: list[torch.Tensor], act_sum: list[torch.Tensor], n: int
+) -> dict[str, torch.Tensor]:
+    """`dead/layerK`, `rare/layerK`, `act_mean/layerK` and `dead/mean` from each hidden layer's
+    per-unit counts over `n` samples: how often the pre-activation was > 0, and the sum of the
+    activation's output. The units are the last dim; leading dims (a pack's members) are kept.
+
+    Dead: pre-activation <= 0 for every sample seen (ReLU passes no gradient through it).
+    Rare: active (> 0) on fewer than 1% of the samples. `dead/mean` is the mean over layers.
+    """
+    out: dict[str, torch.Tensor] = {}
+    dead = []
+    for k, (a, s) in enumerate(zip(active, act_sum, strict=True), 1):
+        dead.append((a == 0).float().mean(-1))
+        out[f"dead/layer{k}"] = dead[-1]
+        out[f"rare/layer{k}"] = (a < 0.01 * n).float().mean(-1)
+        out[f"act_mean/layer{k}"] = s.mean(-1) / n
+    if dead:
+        out["dead/mean"] = torch.stack(dead).mean(0)
+    return out
 
 
 class DeadUnitMonitor(L.Callback):

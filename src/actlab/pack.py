@@ -58,7 +58,7 @@ from torchmetrics.functional.regression.r2 import _r2_score_compute
 from actlab import checkpoints, packing
 from actlab import loggers as actlab_loggers
 from actlab.data import batch_order
-from actlab.diagnostics import hidden_activations
+from actlab.diagnostics import hidden_activations, unit_metrics
 from actlab.errors import Interrupted, UserError, interruption
 from actlab.launch import finished_before, usable_cores
 from actlab.model import TASKS
@@ -751,14 +751,8 @@ class PackTrainer:
             out["r2"] = torch.stack(
                 [_r2_score_compute(squared[k], obs[k], rss[k], n) for k in range(K)]
             )
-        if units and layers:
-            dead = []
-            for k in range(layers):
-                dead.append((active[k] == 0).float().mean(1))
-                out[f"dead/layer{k + 1}"] = dead[-1]
-                out[f"rare/layer{k + 1}"] = (active[k] < 0.01 * n).float().mean(1)
-                out[f"act_mean/layer{k + 1}"] = act_sum[k].mean(1) / n
-            out["dead/mean"] = torch.stack(dead).mean(0)
+        if units:
+            out.update(unit_metrics(active, act_sum, n))
         return {k: v.tolist() for k, v in out.items()}
 
     def _end_epoch(self, epoch: int, sums: torch.Tensor) -> None:
