@@ -3,6 +3,7 @@ runs one job per configuration, packs fill the launcher's slots, old sweeps resu
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -105,8 +106,14 @@ def _make_sweep(tmp_path: Path, *variables: str) -> list[str]:
     none (no venv built, nothing installed), from a copy of the Makefile in an empty folder."""
     shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
     (tmp_path / "pyproject.toml").touch()
+    # Not as a sub-make of `make test`: it would print "make[1]: Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     proc = subprocess.run(
-        ["make", "-n", "sweep", *variables], cwd=tmp_path, capture_output=True, text=True
+        ["make", "--no-print-directory", "-n", "sweep", *variables],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile", "pyproject.toml"]
