@@ -347,3 +347,12 @@ def test_stacked_learnable_activations_give_each_member_its_own_output_and_gradi
         for (name, p), stacked, kind in zip(net.named_parameters(), params, kinds, strict=True):
             torch.testing.assert_close(state[name], p.detach())
             torch.testing.assert_close(pack.to_solo(stacked.grad, k, kind), p.grad)
+
+
+def test_on_a_gpu_an_activation_that_does_not_import_is_a_reason_not_a_crash() -> None:
+    cfg = compose_train("trainer.accelerator=gpu", "model.act._target_=nowhere.Act")
+    assert packing.solo_reason(cfg).startswith("the model cannot be built here")
+    cfg = compose_train("trainer.accelerator=gpu", "model.act=rrelu")
+    assert packing.solo_reason(cfg) == (
+        "model.act actlab.activations.RReLU on a GPU draws numbers a pack cannot repeat per member"
+    )

@@ -72,13 +72,14 @@ def solo_reason(cfg: DictConfig) -> str | None:
     """Why this job cannot be a pack member (it then runs as a solo job), or None."""
     if reason := _data_reason(cfg):
         return reason
+    if reason := _model(cfg)[0]:
+        return reason
+    # After the model's check: its activation's class imports.
     if device(cfg) != "cpu":
         if cfg.model.net.get("dropout"):
             return "model.net.dropout on a GPU draws masks a pack cannot repeat per member"
         if (target := cfg.model.act.get("_target_")) and random_activation(get_object(target)):
             return f"model.act {target} on a GPU draws numbers a pack cannot repeat per member"
-    if reason := _model(cfg)[0]:
-        return reason
     if cfg.get("ckpt_path"):
         return "ckpt_path is set"
     opt = cfg.optimizer
