@@ -1,5 +1,6 @@
-# A GPU user picks another build, e.g. make install TORCH="torch==2.13.0 --index-url ..."
-TORCH ?= torch==2.13.0
+# torch and torchvision as a pair that imports together (README, Install); another pair:
+# make install TORCH="torch==... torchvision==..."
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := .venv/bin/python
 STAMP := .venv/.installed
 # Holds the TORCH the venv was built with: rewritten (so the install reruns) only when it changes.
