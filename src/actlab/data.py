@@ -197,13 +197,9 @@ class IDXSource:
 
 
 def _download(url: str, dest: Path, timeout: float) -> None:
-    try:
-        from torchvision.datasets.utils import download_url
-    except Exception:  # torchvision is optional and may not even import here
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(dest, "wb") as f:
-            shutil.copyfileobj(r, f)
-    else:
-        download_url(url, str(dest.parent), filename=dest.name)
+    # Not torchvision's download_url: it has no timeout, so an unreachable mirror would hang.
+    with urllib.request.urlopen(url, timeout=timeout) as r, open(dest, "wb") as f:
+        shutil.copyfileobj(r, f)
 
 
 def _install_verified(
