@@ -356,8 +356,11 @@ UNTRACKED_LISTED = 20
 
 def provenance() -> dict[str, Any]:
     """Library versions and the git state, so a number can be traced to the code that made it."""
-    versions = {}
-    for pkg in ("torch", "lightning", "torchmetrics", "hydra-core", "wandb", "numpy"):
+    import torch  # here, not at the top: reading records (make report) needs no torch
+
+    # torch's own string keeps the build (2.14.1+cu130 or +cpu), which the package metadata drops.
+    versions: dict[str, str | None] = {"torch": torch.__version__}
+    for pkg in ("torchvision", "lightning", "torchmetrics", "hydra-core", "wandb", "numpy"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
