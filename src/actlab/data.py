@@ -1,4 +1,5 @@
-"""Datasets as in-memory tensors: IDX files (MNIST, Fashion-MNIST) and synthetic data.
+"""Datasets as in-memory tensors: IDX files (MNIST, Fashion-MNIST), torchvision's data sets and
+synthetic data.
 
 A *source* knows how to make its raw arrays available (`prepare`) and read them (`load`); the
 `MNISTDataModule` turns them into normalised tensors, splits them and serves minibatches by
@@ -605,7 +606,9 @@ class TensorBatches:
 
 
 class MNISTDataModule(L.LightningDataModule):
-    """MNIST-format data (MNIST, Fashion-MNIST, synthetic) as normalised in-memory tensors.
+    """Image data (MNIST, Fashion-MNIST, torchvision's sets, synthetic) as normalised in-memory
+    tensors: each image a row (C x H x W flattened), each channel normalised by its own mean and
+    std where `mean` and `std` are lists.
 
     The official training set is split into train/val by a permutation seeded by `split_seed`
     (the same validation set for every run seed); the official test set stays the test set. The
