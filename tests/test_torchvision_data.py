@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train, here, here_exit, run_command, run_train, script_env
+from conftest import compose_train, here, here_exit, run_train
 from hydra.utils import instantiate
 
 from actlab import ROOT
@@ -91,8 +91,7 @@ def test_a_colour_data_set_trains_solo_and_packed(tmp_path: Path) -> None:
         "callbacks.model_summary=null",
     ]
     solo = tmp_path / "solo"
-    proc = run_train(*base, f"hydra.run.dir={solo}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    here(*base, f"hydra.run.dir={solo}")
     proc = run_train("-m", *base, "model.act=relu,leaky", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 jobs as 1 pack(s) and 0 solo job(s)" in proc.stdout + proc.stderr
@@ -107,25 +106,18 @@ def test_a_colour_data_set_trains_solo_and_packed(tmp_path: Path) -> None:
         assert relu["metrics"][key] == pytest.approx(s["metrics"][key], abs=1e-4), key
 
 
-@pytest.mark.parametrize(
-    "command", [["train.py"], ["-m", "actlab.data"]], ids=["train", "make-data"]
-)
-def test_a_data_set_that_cannot_be_fetched_says_which_files_go_where(
-    tmp_path: Path, command: list[str]
-) -> None:
-    """No network here: torchvision's download fails, and the one line names KMNIST's files and
-    the folder torchvision reads them from."""
-    args = [ROOT / command[0]] if command[0] == "train.py" else command
-    proc = run_command(
-        [sys.executable, *args, "data=kmnist", f"paths.data_dir={tmp_path}", "logger=csv"],
-        cwd=tmp_path,
-    )
+def test_a_data_set_that_cannot_be_fetched_says_which_files_go_where(tmp_path: Path) -> None:
+    """No network here: torchvision's download fails, and one line names KMNIST's files and the
+    folder torchvision reads them from, from `python train.py` and from `make data`."""
+    proc = run_train("data=kmnist", f"paths.data_dir={tmp_path}", "logger=csv", cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [last]
     assert f"{tmp_path}/kmnist/KMNIST/raw/" in last
     assert all(name in last for name in KMNIST_FILES)
+    status, _, err = here_exit("data=kmnist", f"paths.data_dir={tmp_path}", main=data_main)
+    assert status == 2 and err.strip() == last
 
 
 def test_python_m_actlab_data_prepares_the_data_set_named() -> None:
@@ -174,8 +166,7 @@ def test_without_torchvision_only_its_data_sets_stop(
 def test_torchvision_mnist_gives_the_idx_readers_tensors_bit_for_bit(tmp_path: Path) -> None:
     """data=mnist's verified files read by torchvision.datasets.MNIST (from <root>/MNIST/raw/,
     linked here: nothing is downloaded) give the same split, normalised tensors."""
-    proc = run_command([sys.executable, "-m", "actlab.data"], env=script_env())
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    here(main=data_main)  # verified (fetched, where they are not there yet)
     cfg = compose_train("data=mnist")
     idx = instantiate(cfg.data)
     assert isinstance(idx.source, IDXSource)
