@@ -54,15 +54,33 @@ def test_colour_images_are_normalised_per_channel_on_the_training_split() -> Non
     torch.testing.assert_close(x.std(dim=(0, 2), correction=0), torch.ones(3), atol=1e-4, rtol=0)
 
 
-def test_rows_are_what_totensor_and_normalize_make_of_each_image() -> None:
-    """C x H x W order, each channel with its own mean and std, as torchvision's transforms."""
+class StoredChannelsLast:
+    """fake_colour's images stored as CIFAR10 stores its own: one N x H x W x C uint8 array in
+    `.data`, the labels a list in `.targets`."""
+
+    def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+        from torchvision import datasets
+
+        fake = fake_colour()
+        images = datasets.FakeData(**fake.kwargs, **(fake.train if train else fake.test))
+        self.data = np.stack([np.asarray(images[i][0]) for i in range(len(images))])
+        self.targets = [images[i][1] for i in range(len(images))]
+
+
+@pytest.mark.parametrize("stored", ["images", "channels_last_array"])
+def test_rows_are_what_totensor_and_normalize_make_of_each_image(stored: str) -> None:
+    """C x H x W order, each channel with its own mean and std, as torchvision's transforms,
+    from a set of PIL images (FakeData) and from one array stored H x W x C (as CIFAR's)."""
     from torchvision import datasets, transforms
 
     mean, std = [0.2, 0.5, 0.7], [0.3, 0.25, 0.1]
     source = fake_colour()
+    if stored == "channels_last_array":
+        source = TorchvisionSource(f"{__name__}.StoredChannelsLast", "hwc", channels_last=True)
     dm = MNISTDataModule(source, "unused", in_features=90, val_size=50, mean=mean, std=std)
     dm.setup()
-    images = datasets.FakeData(**source.kwargs, **source.test)
+    fake = fake_colour()
+    images = datasets.FakeData(**fake.kwargs, **fake.test)
     reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     expected = torch.stack([reference(images[i][0]).flatten() for i in range(len(images))])
     torch.testing.assert_close(dm.test[0], expected, atol=1e-6, rtol=0)
