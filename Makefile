@@ -30,9 +30,9 @@ ifneq ($(findstring torchvision,$(TORCH)),)
 	$(PY) -m pip install -q -e '.[dev]'
 else
 	$(PY) -m pip uninstall -qq -y torchvision
-	$(PY) -m pip install -q --no-deps -e .
 	$(PY) scripts/requirements.py --extra dev --without torchvision > .venv/requirements.txt
 	$(PY) -m pip install -q -r .venv/requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	@echo 'torchvision left out (TORCH names none): data=mnist, fashion_mnist, synthetic and regression work, the torchvision data sets (kmnist, emnist, qmnist, cifar10, cifar100, svhn) end with an error; for them: make install TORCH="$(DEFAULT_TORCH)"'
 endif
 	touch $(STAMP)

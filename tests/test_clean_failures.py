@@ -156,9 +156,10 @@ def test_make_install_without_torchvision_installs_none(tmp_path: Path) -> None:
         "-m pip install -q --upgrade pip",
         "-m pip install -q torch==2.13.0",
         "-m pip uninstall -qq -y torchvision",
-        "-m pip install -q --no-deps -e .",
         "scripts/requirements.py --extra dev --without torchvision",
         "-m pip install -q -r .venv/requirements.txt",
+        # last: pip checks no requirements of a --no-deps install (and so names no torchvision)
+        "-m pip install -q --no-deps -e .",
     ]
     assert proc.stdout.count("torchvision left out") == 1
     assert "cifar10" in proc.stdout and "data=mnist" in proc.stdout
