@@ -62,7 +62,11 @@ def test_project_epoch_makes_the_same_updates_as_the_plain_loop(tmp_path):
 
 
 def test_per_sample_path_serves_the_same_data(tmp_path):
-    """The per-sample DataLoader path sees the same split and the same normalised images."""
+    """The per-sample DataLoader path sees the same split and the same normalised images,
+    through torchvision's own MNIST, ToTensor and Normalize, as the reference templates."""
+    datasets = pytest.importorskip("torchvision.datasets")
+    from torchvision import transforms
+
     source = SyntheticSource(n_train=300, n_test=50)
     tensors = MNISTDataModule(source, str(tmp_path), val_size=40)
     per_sample = PerSampleDataModule(source, str(tmp_path), val_size=40)
@@ -71,6 +75,9 @@ def test_per_sample_path_serves_the_same_data(tmp_path):
     for split in ("train", "val", "test"):
         x, y = getattr(tensors, split)
         ds = getattr(per_sample, split)
+        assert type(ds) is datasets.MNIST
+        steps = [type(t) for t in ds.transform.transforms]
+        assert steps[:2] == [transforms.ToTensor, transforms.Normalize]
         assert len(ds) == len(x)
         for i in (0, len(ds) // 2, len(ds) - 1):
             xi, yi = ds[i]
