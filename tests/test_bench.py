@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import lightning as L
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from actlab.data import MNISTDataModule, SyntheticSource, batch_order
 from actlab.model import MLPClassifier
 from actlab.nets import MLP
-from benchmarks.bench import PerSampleDataModule, measure_pack_sizes, plain_epoch, table
+from benchmarks.bench import PerSampleDataModule, main, measure_pack_sizes, plain_epoch, table
 
 
 def _sgd(params):
@@ -83,6 +84,18 @@ def test_per_sample_path_serves_the_same_data(tmp_path):
             xi, yi = ds[i]
             torch.testing.assert_close(xi, x[i])
             assert yi == int(y[i])
+
+
+def test_bench_without_torchvision_ends_with_one_error_line(monkeypatch):
+    """The lean install (no torchvision): the per-sample row cannot run, so the bench says so
+    before it measures anything."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "torchvision" else find_spec(n, *a)
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["--rounds", "1"])
+    assert str(e.value).startswith("error: ") and "--rounds 0" in str(e.value)
 
 
 def test_epoch_scheduler_steps_once_per_epoch(tmp_path):
