@@ -2,8 +2,8 @@
 
     python scripts/requirements.py --extra dev --without torchvision
 
-`make install` with a TORCH that names no torchvision (the small CPU build) installs the project
-with `pip install --no-deps -e .` and then these: pip cannot leave one dependency out, and the
+`make install` with a TORCH that names no torchvision (the small CPU build) installs these, then
+the project with `pip install --no-deps -e .`: pip cannot leave one dependency out, and the
 torchvision it would pick requires a torch of its own, which would replace the one TORCH chose.
 """
 
