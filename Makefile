@@ -1,10 +1,15 @@
 # torch and torchvision as a pair that imports together (README, Install); another pair:
-# make install TORCH="torch==... torchvision==..."
-TORCH ?= torch==2.14.1 torchvision==0.29.1
+# make install TORCH="torch==... torchvision==...". A TORCH without torchvision (the small CPU
+# build: make install TORCH=torch==2.13.0) installs the project without it.
+DEFAULT_TORCH := torch==2.14.1 torchvision==0.29.1
 PY := .venv/bin/python
 STAMP := .venv/.installed
 # Holds the TORCH the venv was built with: rewritten (so the install reruns) only when it changes.
 TORCH_USED := .venv/.torch
+# Once chosen, a TORCH stays: `make test` after `make install TORCH=...` keeps that venv.
+ifndef TORCH
+TORCH := $(or $(shell cat $(TORCH_USED) 2>/dev/null),$(DEFAULT_TORCH))
+endif
 
 .DEFAULT_GOAL := help
 .PHONY: help install data train sweep eval report bench test lint format sync clean clean-logs FORCE
@@ -21,7 +26,15 @@ $(STAMP): pyproject.toml $(TORCH_USED)
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
+ifneq ($(findstring torchvision,$(TORCH)),)
 	$(PY) -m pip install -q -e '.[dev]'
+else
+	$(PY) -m pip uninstall -qq -y torchvision
+	$(PY) scripts/requirements.py --extra dev --without torchvision > .venv/requirements.txt
+	$(PY) -m pip install -q -r .venv/requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@echo 'torchvision left out (TORCH names none): data=mnist, fashion_mnist, synthetic and regression work, the torchvision data sets (kmnist, emnist, qmnist, cifar10, cifar100, svhn) end with an error; for them: make install TORCH="$(DEFAULT_TORCH)"'
+endif
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv: torch first (make variable TORCH), then the project

@@ -6,8 +6,8 @@ Three ways to train the same 784-256-10 MLP on the same MNIST split, batch size 
              the default callbacks, the CSV logger; `project+wandb` adds the offline W&B logger),
              with one extra callback that reads the clock at epoch boundaries;
   plain      a hand-written loop over the same in-memory tensors: the floor on this machine;
-  per-sample the project's Trainer fed by a per-sample `Dataset` + `DataLoader(num_workers=0)` that
-             converts one image at a time, as the reference templates do (no torchvision).
+  per-sample the project's Trainer fed as the reference templates feed theirs: torchvision's MNIST
+             with ToTensor + Normalize, one image per call, and `DataLoader(num_workers=0)`.
 
 Each measurement is one epoch after a warm-up epoch; the variants are interleaved round by round
 (A B C D, then B C D A, ...) so that load from other processes hits them alike; times are
@@ -28,6 +28,7 @@ import argparse
 import atexit
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import logging
 import os
@@ -155,30 +156,24 @@ pathlib.Path({path!r}).write_text(json.dumps(record))
 # The per-sample path of the reference templates
 
 
-class PerSampleMNIST(Dataset):
-    """What torchvision's `MNIST(transform=Compose([ToTensor(), Normalize(...)]))` does per image.
+def per_sample_mnist(images: np.ndarray, labels: np.ndarray, mean: float, std: float) -> Dataset:
+    """torchvision's `MNIST(transform=Compose([ToTensor(), Normalize(...)]))`, the reference
+    templates' data set, over arrays already in memory.
 
-    A PIL image from the uint8 array, then ToTensor (copy, HWC -> CHW, float, /255) and
-    Normalize (clone, subtract, divide), then a flatten for the MLP, one image per call.
-    Written out here because torchvision does not install on this machine's torch build.
+    Its own `__getitem__` runs: a PIL image from the uint8 array, then the transforms, one image
+    per call; a flatten for the MLP ends the transform. Only the files are not read: `__init__`
+    would look for them under `<root>/MNIST/raw`, and the bench also runs on other sources.
     """
+    from torchvision import transforms
+    from torchvision.datasets import MNIST, VisionDataset
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float, std: float) -> None:
-        self.images, self.labels = images, labels
-        self.mean, self.std = torch.tensor([mean]), torch.tensor([std])
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        pic = Image.fromarray(self.images[i])  # a 2-D uint8 array gives mode "L"
-        x = torch.from_numpy(np.array(pic, np.uint8, copy=True))
-        x = x.view(pic.size[1], pic.size[0], 1).permute((2, 0, 1)).contiguous()
-        x = x.to(dtype=torch.float32).div(255)
-        x = x.clone().sub_(self.mean.view(-1, 1, 1)).div_(self.std.view(-1, 1, 1))
-        return x.flatten(), int(self.labels[i])
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((mean,), (std,)), torch.flatten]
+    )
+    ds = MNIST.__new__(MNIST)
+    VisionDataset.__init__(ds, root=None, transform=transform)
+    ds.train, ds.data, ds.targets = True, torch.from_numpy(images), torch.from_numpy(labels)
+    return ds
 
 
 class PerSampleDataModule(MNISTDataModule):
@@ -189,9 +184,9 @@ class PerSampleDataModule(MNISTDataModule):
             return
         x_tr, y_tr, x_te, y_te = self.source.load(self.data_dir)
         idx_train, idx_val = self.split_indices(len(x_tr))
-        self.train = PerSampleMNIST(x_tr[idx_train], y_tr[idx_train], self.mean, self.std)
-        self.val = PerSampleMNIST(x_tr[idx_val], y_tr[idx_val], self.mean, self.std)
-        self.test = PerSampleMNIST(x_te, y_te, self.mean, self.std)
+        self.train = per_sample_mnist(x_tr[idx_train], y_tr[idx_train], self.mean, self.std)
+        self.val = per_sample_mnist(x_tr[idx_val], y_tr[idx_val], self.mean, self.std)
+        self.test = per_sample_mnist(x_te, y_te, self.mean, self.std)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, num_workers=0)
@@ -803,6 +798,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench")
     args = parser.parse_args(argv)
+    if args.rounds and importlib.util.find_spec("torchvision") is None:
+        sys.exit(
+            "error: the per-sample row runs torchvision's MNIST and this venv has no torchvision: "
+            "install the torch and torchvision pair (README, Install) or pass --rounds 0"
+        )
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import lightning as L
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from actlab.data import MNISTDataModule, SyntheticSource, batch_order
 from actlab.model import MLPClassifier
 from actlab.nets import MLP
-from benchmarks.bench import PerSampleDataModule, measure_pack_sizes, plain_epoch, table
+from benchmarks.bench import PerSampleDataModule, main, measure_pack_sizes, plain_epoch, table
 
 
 def _sgd(params):
@@ -62,7 +63,11 @@ def test_project_epoch_makes_the_same_updates_as_the_plain_loop(tmp_path):
 
 
 def test_per_sample_path_serves_the_same_data(tmp_path):
-    """The per-sample DataLoader path sees the same split and the same normalised images."""
+    """The per-sample DataLoader path sees the same split and the same normalised images,
+    through torchvision's own MNIST, ToTensor and Normalize, as the reference templates."""
+    datasets = pytest.importorskip("torchvision.datasets")
+    from torchvision import transforms
+
     source = SyntheticSource(n_train=300, n_test=50)
     tensors = MNISTDataModule(source, str(tmp_path), val_size=40)
     per_sample = PerSampleDataModule(source, str(tmp_path), val_size=40)
@@ -71,11 +76,26 @@ def test_per_sample_path_serves_the_same_data(tmp_path):
     for split in ("train", "val", "test"):
         x, y = getattr(tensors, split)
         ds = getattr(per_sample, split)
+        assert type(ds) is datasets.MNIST
+        steps = [type(t) for t in ds.transform.transforms]
+        assert steps[:2] == [transforms.ToTensor, transforms.Normalize]
         assert len(ds) == len(x)
         for i in (0, len(ds) // 2, len(ds) - 1):
             xi, yi = ds[i]
             torch.testing.assert_close(xi, x[i])
             assert yi == int(y[i])
+
+
+def test_bench_without_torchvision_ends_with_one_error_line(monkeypatch):
+    """The lean install (no torchvision): the per-sample row cannot run, so the bench says so
+    before it measures anything."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "torchvision" else find_spec(n, *a)
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["--rounds", "1"])
+    assert str(e.value).startswith("error: ") and "--rounds 0" in str(e.value)
 
 
 def test_epoch_scheduler_steps_once_per_epoch(tmp_path):

@@ -22,6 +22,7 @@ import actlab.data as data
 from actlab import ROOT, results
 from actlab.launch import DeviceSlots, usable_cores
 from actlab.report import latest_sweep
+from scripts.requirements import name, requirements
 
 
 def test_usable_cores_without_sched_getaffinity(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,24 +119,56 @@ def test_report_looks_for_sweeps_in_the_repository(
     assert "not-this-one" not in found and str(ROOT / "logs" / "multiruns") in found
 
 
-def test_make_install_reinstalls_when_torch_changes(tmp_path: Path) -> None:
-    shutil.copy(ROOT / "Makefile", tmp_path)
-    (tmp_path / "pyproject.toml").write_text("")
+def _make_install(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`make install ARGS` on a copy of the Makefile whose venv python records its arguments."""
     fake = tmp_path / ".venv" / "bin" / "python"
-    fake.parent.mkdir(parents=True)
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n')
-    fake.chmod(0o755)
+    if not fake.exists():  # once: a newer pyproject.toml would make every call reinstall
+        shutil.copy(ROOT / "Makefile", tmp_path)
+        (tmp_path / "pyproject.toml").write_text("")
+        fake.parent.mkdir(parents=True)
+        fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n')
+        fake.chmod(0o755)
+    calls = tmp_path / "calls"
+    calls.unlink(missing_ok=True)
+    proc = run_command(["make", "-C", tmp_path, "install", *args])
+    assert proc.returncode == 0, proc.stderr
+    return proc, calls.read_text().splitlines() if calls.exists() else []
 
-    def install(torch_spec: str) -> list[str]:
-        calls = tmp_path / "calls"
-        calls.unlink(missing_ok=True)
-        proc = run_command(["make", "-C", tmp_path, "install", f"TORCH={torch_spec}"])
-        assert proc.returncode == 0, proc.stderr
-        return calls.read_text().splitlines() if calls.exists() else []
 
-    assert "-m pip install -q torch==2.13.0" in install("torch==2.13.0")
-    assert install("torch==2.13.0") == []  # installed already
-    assert "-m pip install -q torch==2.6.0" in install("torch==2.6.0")
+def test_make_install_reinstalls_when_torch_changes(tmp_path: Path) -> None:
+    default = _make_install(tmp_path)[1]
+    assert "-m pip install -q torch==2.14.1 torchvision==0.29.1" in default
+    assert "-m pip install -q -e .[dev]" in default
+    other = "TORCH=torch==2.6.0 torchvision==0.21.0"
+    assert "-m pip install -q torch==2.6.0 torchvision==0.21.0" in _make_install(tmp_path, other)[1]
+    assert _make_install(tmp_path, other)[1] == []  # installed already
+    assert (
+        "-m pip install -q torch==2.14.1 torchvision==0.29.1"
+        in _make_install(tmp_path, "TORCH=torch==2.14.1 torchvision==0.29.1")[1]
+    )
+
+
+def test_make_install_without_torchvision_installs_none(tmp_path: Path) -> None:
+    """The small CPU build (TORCH names no torchvision): pip is never asked for torchvision,
+    one left from an earlier install is removed, and later make calls keep that build."""
+    proc, calls = _make_install(tmp_path, "TORCH=torch==2.13.0")
+    assert calls == [
+        "-m pip install -q --upgrade pip",
+        "-m pip install -q torch==2.13.0",
+        "-m pip uninstall -qq -y torchvision",
+        "scripts/requirements.py --extra dev --without torchvision",
+        "-m pip install -q -r .venv/requirements.txt",
+        # last: pip checks no requirements of a --no-deps install (and so names no torchvision)
+        "-m pip install -q --no-deps -e .",
+    ]
+    assert proc.stdout.count("torchvision left out") == 1
+    assert "cifar10" in proc.stdout and "data=mnist" in proc.stdout
+    assert _make_install(tmp_path)[1] == []  # no TORCH: the venv keeps the one chosen
+
+    found = requirements(ROOT / "pyproject.toml", ["dev"], ["torchvision"])
+    assert "torchvision" in requirements(ROOT / "pyproject.toml", ["dev"], [])
+    assert not [r for r in found if "vision" in r]
+    assert "lightning" in {name(r) for r in found} and "pytest" in {name(r) for r in found}
 
 
 @pytest.mark.slow
