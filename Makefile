@@ -5,7 +5,8 @@ DEFAULT_TORCH := torch==2.14.1 torchvision==0.29.1
 PY := .venv/bin/python
 STAMP := .venv/.installed
 # Holds the TORCH the venv was built with: rewritten (so the install reruns) only when it changes.
-TORCH_USED := .venv/.torch
+# (Not .venv/.torch, which venvs made before the pair was the default hold: those get the pair.)
+TORCH_USED := .venv/.torch-pair
 # Once chosen, a TORCH stays: `make test` after `make install TORCH=...` keeps that venv.
 ifndef TORCH
 TORCH := $(or $(shell cat $(TORCH_USED) 2>/dev/null),$(DEFAULT_TORCH))
@@ -33,7 +34,7 @@ else
 	$(PY) scripts/requirements.py --extra dev --without torchvision > .venv/requirements.txt
 	$(PY) -m pip install -q -r .venv/requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
-	@echo 'torchvision left out (TORCH names none): data=mnist, fashion_mnist, synthetic and regression work, the torchvision data sets (kmnist, emnist, qmnist, cifar10, cifar100, svhn) end with an error; for them: make install TORCH="$(DEFAULT_TORCH)"'
+	@echo 'torchvision left out (TORCH names none): data=mnist, fashion_mnist, synthetic and regression work, the torchvision data sets (kmnist, emnist, qmnist, cifar10, cifar100, svhn, fakedata) end with an error; for them: make install TORCH="$(DEFAULT_TORCH)"'
 endif
 	touch $(STAMP)
 
