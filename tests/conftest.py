@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
@@ -23,8 +24,11 @@ from actlab.data import IDXSource, md5, write_idx
 from actlab.train import CONFIG_DIR
 from actlab.train import main as train_main
 
+# A test that trains means the CPU (its tolerances are the CPU's) unless it is a `gpu` test: a value
+# override, so a `trainer=...` a test adds still trains on the CPU.
+CPU = ["trainer.accelerator=cpu"]
 # Quick, offline defaults for a training run in a test; a test adds its own overrides.
-FAST = ["data=synthetic", "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0"]
+FAST = ["data=synthetic", "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0", *CPU]
 TESTS = Path(__file__).resolve().parent
 # Small synthetic data, no progress bar: the whole path in seconds, offline. Add a logger.
 QUICK = [
@@ -35,6 +39,7 @@ QUICK = [
     "callbacks.progress_bar=null",
     "callbacks.model_summary=null",
     "++trainer.enable_progress_bar=false",
+    *CPU,
 ]
 
 # A bound on a whole command, not a measure of its speed: far beyond what the slowest machine
@@ -57,7 +62,10 @@ def registry_unreachable() -> str | None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Tests that need the registry skip, with pip's reason, on a machine that cannot reach it."""
+    """Tests that need the registry skip, with pip's reason, on a machine that cannot reach it;
+    `gpu` tests skip where torch sees no GPU."""
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip(f"no GPU visible to torch {torch.__version__} (torch.cuda.is_available())")
     needs_registry = item.get_closest_marker("registry") is not None
     if item.get_closest_marker("mnist") is not None:
         needs_registry |= not all((ROOT / "data" / "mnist" / f).is_file() for f in MNIST_FILES)
