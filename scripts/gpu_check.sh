@@ -16,14 +16,13 @@ OUT=${OUT:-/tmp/gpu_check}
 GPU_DIR=${GPU_DIR:-.gpu}
 STEPS=${STEPS:-install data test epochs bench jobs}
 BUDGET_S=${BUDGET_S:-470}  # about 8 minutes: the device tool allows 600 s a command
-VENV=${VENV:-/tmp/actlab-venv}
 WORK=$(mktemp -d /tmp/gpu_check.XXXX)
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline HYDRA_FULL_ERROR=1
-RUN=$PY  # the python that runs the project, once installed
-export PY VENV GPU_DIR WORK RUN
+SITE=$WORK/site
+export PY GPU_DIR WORK SITE
 : >"$OUT/steps.tsv"
 
 say() { echo "== $*" | tee -a "$LOG"; }
@@ -51,31 +50,39 @@ step() {
   return $rc
 }
 
-# The project and the carried wheels in a venv that sees the machine's own packages (torch): pip
-# there counts those as installed and takes a carried wheel only for what they lack. A venv made
-# by a venv's python has the base Python's packages, not the torch venv's: a .pth adds those.
-install_venv() {
-  rm -rf "$VENV"
-  "$PY" -m venv --without-pip "$VENV" || return 1
-  local purelib
-  purelib=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  "$PY" -c 'import site, sys; print("".join(f"import site; site.addsitedir({p!r})\n" for p in site.getsitepackages()))' \
-    >"$purelib/gpu_machine.pth" || return 1
-  # The machine's pip, run by the venv's python, installs into the venv.
-  "$VENV/bin/python" -m pip install -q --no-index --no-cache-dir --find-links "$GPU_DIR/wheels" \
-    -e . || return 1
-  "$VENV/bin/python" -m pip check || true # the machine's own packages' complaints: not ours
-}
+# The carried wheels in a folder of their own on PYTHONPATH, and src/ beside it; the machine's own
+# packages (torch) stay as they are. A wheel is left out where the machine has that package at
+# its version or newer; an older one it shadows. No resolver: pip's, asked to fit the wheels to
+# everything installed there, was still backtracking after 5 minutes in a copy of that setup here.
+install() {
+  rm -rf "$SITE"
+  local wheels
+  wheels=$("$PY" - "$GPU_DIR/wheels" <<'PYEOF'
+import importlib.metadata as md, sys
+from pathlib import Path
+from packaging.utils import parse_wheel_filename
+from packaging.version import Version
 
-# If the venv's install fails: every carried wheel, unresolved, on PYTHONPATH, and src/ beside it.
-install_target() {
-  rm -rf "$WORK/site"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --target "$WORK/site" $(ls "$GPU_DIR"/wheels/*.whl | grep -v /setuptools-)
+for wheel in sorted(Path(sys.argv[1]).glob("*.whl")):
+    name, version, *_ = parse_wheel_filename(wheel.name)
+    try:
+        there = Version(md.version(name))
+    except md.PackageNotFoundError:
+        there = None
+    if there is not None and there >= version:
+        print(f"kept the machine's {name} {there} (carried: {version})", file=sys.stderr)
+    else:
+        print(wheel)
+PYEOF
+  ) || return 1
+  # setuptools: only a build needs it, and none is run here.
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+    $(grep -v /setuptools- <<<"$wheels") || return 1
+  PYTHONPATH=$SITE:$PWD/src "$PY" -m pip check || true # told, not fatal: the tests say more
 }
 
 import_check() {
-  "$RUN" -c 'import torch, actlab.train, hydra_plugins.actlab_parallel, wandb, submitit
+  "$PY" -c 'import torch, actlab.train, hydra_plugins.actlab_parallel, wandb, submitit
 ok = torch.cuda.is_available()
 print("torch", torch.__version__, "cuda", torch.version.cuda, "GPU:", torch.cuda.get_device_name(0) if ok else None)'
 }
@@ -83,18 +90,13 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "GPU:", torch.cuda
 unpack() {
   mkdir -p data/mnist
   for f in "$GPU_DIR"/data/mnist/*.gz; do gunzip -c "$f" >"data/mnist/$(basename "$f" .gz)"; done
-  "$RUN" -m actlab.data # checks the MD5s
+  "$PY" -m actlab.data # checks the MD5s
 }
-export -f install_venv install_target import_check unpack
+export -f install import_check unpack
 
 if wants install; then
-  if step install-venv 150 install_venv; then
-    export RUN=$VENV/bin/python
-  else
-    say "the venv's install failed (log above): carried wheels on PYTHONPATH instead"
-    step install-target 90 install_target
-    export PYTHONPATH=$WORK/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-  fi
+  step install 90 install
+  export PYTHONPATH=$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
   step import 60 import_check
 fi
 
@@ -103,27 +105,27 @@ if wants data; then
 fi
 
 if wants test; then
-  step test 180 "$RUN" -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+  step test 180 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 fi
 
 JOB=(data=mnist logger=csv trainer=gpu callbacks.progress_bar.refresh_rate=0)
 if wants epochs; then
   for b in 64 512; do
-    step "epochs-b$b" 60 "$RUN" train.py "${JOB[@]}" "data.batch_size=$b" trainer.max_epochs=3 \
+    step "epochs-b$b" 60 "$PY" train.py "${JOB[@]}" "data.batch_size=$b" trainer.max_epochs=3 \
       "hydra.run.dir=$WORK/epochs-b$b"
   done
 fi
 
 if wants bench; then
   # --main-job-rounds 0: the main job's rounds (whole processes, 10 epochs each) do not fit here.
-  step bench 200 "$RUN" -m benchmarks.bench --rounds 0 --startup-rounds 0 --main-job-rounds 0 \
+  step bench 200 "$PY" -m benchmarks.bench --rounds 0 --startup-rounds 0 --main-job-rounds 0 \
     --sweep-epochs 0 --pack-sizes 1 8 64 256 --out "$OUT/bench"
 fi
 
 if wants jobs; then
   for k in 1 4; do
     t0=$(date +%s.%N)
-    step "jobs-per-gpu-$k" 90 "$RUN" train.py -m "${JOB[@]}" hydra/sweeper=basic \
+    step "jobs-per-gpu-$k" 90 "$PY" train.py -m "${JOB[@]}" hydra/sweeper=basic \
       hydra/launcher=parallel "launch.jobs_per_gpu=$k" "seed=range(0,8)" trainer.max_epochs=1 \
       "hydra.sweep.dir=$WORK/jobs-per-gpu-$k" &&
       echo "$k $t0 $(date +%s.%N)" >>"$WORK/jobs.txt"
@@ -131,8 +133,8 @@ if wants jobs; then
 fi
 
 # The summary: what ran, how it went, the figures.
-"$RUN" - "$OUT" "$WORK" <<'EOF' | tee -a "$LOG"
-import json, subprocess, sys
+"$PY" - "$OUT" "$WORK" <<'EOF' | tee -a "$LOG"
+import json, shutil, subprocess, sys
 from pathlib import Path
 
 out, work = Path(sys.argv[1]), Path(sys.argv[2])
@@ -144,9 +146,9 @@ try:
     fig["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU visible"
 except Exception as e:  # noqa: BLE001 -- the summary says what it could not read
     fig["device"] = f"torch does not import: {e}"
-smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                      "--format=csv,noheader"], capture_output=True, text=True)
-fig["nvidia-smi"] = smi.stdout.strip() or smi.stderr.strip()
+if shutil.which("nvidia-smi"):
+    query = ["--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+    fig["nvidia-smi"] = subprocess.run(["nvidia-smi", *query], capture_output=True, text=True).stdout.strip()
 fig["steps"] = [dict(zip(("step", "result", "seconds"), l.split("\t")))
                 for l in (out / "steps.tsv").read_text().splitlines()]
 xml = out / "pytest.xml"
@@ -160,7 +162,8 @@ for b in (64, 512):
     r = work / f"epochs-b{b}" / "results.json"
     if r.exists():
         rec = json.loads(r.read_text())
-        fig[f"solo MNIST batch {b}"] = {"s/epoch": rec.get("seconds_per_epoch"),
+        fig[f"solo MNIST batch {b}"] = {"status": rec.get("status"),
+                                        "s/epoch": rec.get("seconds_per_epoch"),
                                         "test/acc": rec.get("metrics", {}).get("test/acc"),
                                         "device": rec.get("device")}
 jobs = work / "jobs.txt"
@@ -186,8 +189,9 @@ lines += ["", "| step | result | s |", "| --- | --- | --- |"]
 lines += [f"| {s['step']} | {s['result']} | {s['seconds']} |" for s in fig["steps"]]
 for name, p in fig.get("pack sizes", {}).items():
     if isinstance(p, dict):
+        fit = p["member_epochs_per_s_fit"]
         lines.append(f"- {name}: {p['jobs']} jobs, {p['member_epochs_per_s_wall']:.2f} "
-                     f"member-epochs/s (wall), fit {p['member_epochs_per_s_fit']}")
+                     f"member-epochs/s by wall time, {'-' if fit is None else f'{fit:.2f}'} by fit time")
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

@@ -24,9 +24,9 @@ from actlab.data import IDXSource, md5, write_idx
 from actlab.train import CONFIG_DIR
 from actlab.train import main as train_main
 
-# A test that trains means the CPU (its tolerances are the CPU's) unless it is a `gpu` test: a value
-# override, so a `trainer=...` a test adds still trains on the CPU.
-CPU = ["trainer.accelerator=cpu"]
+# A test that trains means the CPU (its tolerances are the CPU's) unless it is a `gpu` test
+# (tests/test_gpu.py). A test that chooses another trainer adds `trainer.accelerator=cpu` after it.
+CPU = ["trainer=cpu"]
 # Quick, offline defaults for a training run in a test; a test adds its own overrides.
 FAST = ["data=synthetic", "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0", *CPU]
 TESTS = Path(__file__).resolve().parent

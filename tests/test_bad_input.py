@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import wandb
-from conftest import here_exit, run_command, run_train, script_env
+from conftest import CPU, here_exit, run_command, run_train, script_env
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
@@ -190,7 +190,7 @@ def test_wandb_online_without_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None):
     return run_train(
-        f"paths.log_dir={tmp_path}/logs", *args, cwd=tmp_path, env=script_env(**(env or {}))
+        f"paths.log_dir={tmp_path}/logs", *CPU, *args, cwd=tmp_path, env=script_env(**(env or {}))
     )
 
 

@@ -135,12 +135,12 @@ def test_the_plain_script_trains_the_main_jobs_network(tmp_path):
     import json
     import sys
 
-    from conftest import run_command, run_train
+    from conftest import CPU, run_command, run_train
 
     from actlab import ROOT
     from actlab.results import read_results
 
-    proc = run_train("logger=csv", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}")
+    proc = run_train("logger=csv", "trainer.max_epochs=1", *CPU, f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     project = read_results(tmp_path)["metrics"]
     script = ROOT / "benchmarks" / "plain_sweep.py"

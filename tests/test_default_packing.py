@@ -53,8 +53,10 @@ def test_the_default_sweep_packs_and_basic_runs_a_job_each(tmp_path: Path) -> No
 @pytest.mark.slow
 def test_members_are_split_into_one_pack_per_device_slot(tmp_path: Path) -> None:
     # 6 members on 3 simulated GPUs (one slot each): 3 packs of 2, run side by side.
-    env = script_env(ACTLAB_FAKE_GPUS="3")
-    out = _sweep(tmp_path, ACTS, "seed=0,1", "hydra/launcher=parallel", env=env)
+    # Slots for GPUs only where the trainer may use one; a GPU of this machine stays hidden.
+    env = script_env(ACTLAB_FAKE_GPUS="3", CUDA_VISIBLE_DEVICES="")
+    args = [ACTS, "seed=0,1", "hydra/launcher=parallel", "trainer.accelerator=auto"]
+    out = _sweep(tmp_path, *args, env=env)
     assert (
         "6 jobs as 3 pack(s) and 0 solo job(s) (members per pack: 2,2,2; 3 job(s) at once)" in out
     )

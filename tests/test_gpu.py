@@ -1,6 +1,6 @@
 """On a GPU: a solo job, a pack, the parallel launcher's GPU slots, and a GPU run tested on the CPU.
 
-Each test is marked `gpu` and skips, saying why, where torch sees no GPU (tests/conftest.py).
+Those tests are marked `gpu` and skip, saying why, where torch sees no GPU (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CPU, FAST, results, run_command, run_train, script_env
+from conftest import CPU, FAST, QUICK, compose_train, results, run_command, run_train, script_env
 
-from actlab import ROOT
-
-pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+from actlab import ROOT, packing
 
 ACTS = "model.act=relu,leaky,none"
 # The CPU pin left out: these runs are meant for the GPU.
@@ -52,6 +50,15 @@ def gpu_solo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def test_the_quick_configs_train_on_the_cpu() -> None:
+    """On a GPU machine too: the other tests' tolerances are the CPU's."""
+    for quick in (QUICK, FAST):
+        cfg = compose_train(*quick)
+        assert cfg.trainer.accelerator == "cpu" and packing.device(cfg) == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
 def test_a_solo_job_trains_on_the_gpu(gpu_solo: Path, cpu_solo: dict[str, dict]) -> None:
     record = results(gpu_solo)
     assert record["status"] == "finished", record.get("error")
@@ -62,6 +69,8 @@ def test_a_solo_job_trains_on_the_gpu(gpu_solo: Path, cpu_solo: dict[str, dict])
     assert abs(acc - on_cpu) <= GPU_VS_CPU_ACC, (acc, on_cpu)
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
 def test_a_pack_on_the_gpu_matches_its_solo_cpu_jobs(
     tmp_path: Path, cpu_solo: dict[str, dict]
 ) -> None:
@@ -75,6 +84,8 @@ def test_a_pack_on_the_gpu_matches_its_solo_cpu_jobs(
             assert abs(got - solo) <= GPU_VS_CPU_ACC, (act, key, got, solo)
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
 def test_the_parallel_launcher_shares_the_gpu_by_jobs_per_gpu(tmp_path: Path) -> None:
     jobs = _sweep(
         tmp_path,
@@ -94,6 +105,8 @@ def test_the_parallel_launcher_shares_the_gpu_by_jobs_per_gpu(tmp_path: Path) ->
         assert r["device"] == "cuda:0"
 
 
+@pytest.mark.gpu
+@pytest.mark.slow
 def test_a_gpu_checkpoint_is_tested_on_the_cpu(gpu_solo: Path) -> None:
     """As on a machine without one: the GPU hidden, `accelerator=cpu` tests it on the CPU."""
     record = results(gpu_solo)

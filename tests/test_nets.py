@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import user_nets
-from conftest import QUICK, compose_train, results, run_command, run_train
+from conftest import CPU, QUICK, compose_train, results, run_command, run_train
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -27,7 +27,7 @@ from actlab.validation import check_net, validate
 
 TESTS = Path(__file__).resolve().parent
 # Quick runs the packed sweeper can pack (QUICK's trainer.enable_progress_bar it cannot).
-PACKABLE = ["callbacks.progress_bar.refresh_rate=0", "logger=csv", "trainer.max_epochs=2"]
+PACKABLE = ["callbacks.progress_bar.refresh_rate=0", "logger=csv", "trainer.max_epochs=2", *CPU]
 USER_NETS = {
     "cnn": "_target_: user_nets.SmallCNN\nin_features: ${data.in_features}\n"
     "num_classes: ${data.num_classes}\nact: ${model.act}\nchannels: 4\n",

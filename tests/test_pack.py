@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, compose_train, run_command, run_train, wandb_inspect
+from conftest import CPU, FAST, compose_train, run_command, run_train, wandb_inspect
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch import nn
@@ -225,7 +225,7 @@ def test_diverging_and_invalid_members_leave_the_others_alone(
 
 SWEEP_JOB_03 = (
     "callbacks.progress_bar.refresh_rate=0,data=synthetic,logger=csv,model.act=relu,"
-    "optimizer.lr=0.03,seed=0,trainer.max_epochs=2"
+    "optimizer.lr=0.03,seed=0,trainer.max_epochs=2,trainer=cpu"
 )
 
 
@@ -313,7 +313,7 @@ def test_ctrl_c_leaves_members_interrupted_and_resume_reruns_only_unfinished(
     ],
 )
 def test_jobs_that_cannot_pack_say_why(overrides: list[str], reason: str | None) -> None:
-    got = packing.solo_reason(compose_train(*overrides))
+    got = packing.solo_reason(compose_train(*CPU, *overrides))
     assert got is None if reason is None else reason in got
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import here
+from conftest import CPU, compose_train, here
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from test_pack import WEIGHT_ATOL, _columns, _weights
@@ -20,7 +20,7 @@ from actlab.pack import StackedMLP, StackedOptimizer
 from actlab.results import read_results
 
 SWEEP = ["data=synthetic", "data.source.n_train=1000", "logger=csv"]
-SWEEP += ["callbacks.progress_bar.refresh_rate=0", "callbacks.model_summary=null"]
+SWEEP += ["callbacks.progress_bar.refresh_rate=0", "callbacks.model_summary=null", *CPU]
 
 
 def _sweep(folder: Path, *args: str) -> dict[str, Path]:
@@ -150,7 +150,7 @@ def test_an_early_stopped_member_is_recorded_as_its_solo_job(tmp_path: Path) -> 
     """A member that stops is frozen and ends as its solo job does (its epochs, its best
     checkpoint, tested on it, early stopping's state in its checkpoints); the others train on."""
     # Not SWEEP: a folder's name (the overrides) must stay within 255 characters.
-    args = ["data=synthetic", "logger=csv", "callbacks.progress_bar.refresh_rate=0"]
+    args = ["data=synthetic", "logger=csv", "callbacks.progress_bar.refresh_rate=0", *CPU]
     args += ["trainer.max_epochs=3", "callbacks=with_early_stopping"]
     args += ["callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=0.01"]
     args.append("optimizer.lr=0.01,0.1")
@@ -264,10 +264,13 @@ def test_an_interrupted_pack_resumes_its_schedulers_and_early_stopping(
 ) -> None:
     """`+resume=true` continues each member from its last.ckpt (learning rate, scheduler, early
     stopping's wait) to the numbers of its uninterrupted solo job."""
-    args = ["data=synthetic", "logger=csv", "callbacks.progress_bar.refresh_rate=0"]
+    args = ["data=synthetic", "logger=csv", "callbacks.progress_bar.refresh_rate=0", *CPU]
     args += ["trainer.max_epochs=3", "scheduler=step", "scheduler.step_size=1"]
     args += ["callbacks=with_early_stopping", "callbacks.early_stopping.patience=1"]
     args += ["callbacks.early_stopping.min_delta=0.01", "optimizer.lr=0.01,0.1"]
+    # The CPU pin out of the folders' names, which would grow past 255 characters with it.
+    unnamed = [*compose_train().hydra.job.config.override_dirname.exclude_keys, "trainer"]
+    args.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(unnamed)}]")
     solo = _sweep(tmp_path / "solo", *args)
     args = ["hydra/sweeper=packed", *args, f"hydra.sweep.dir={tmp_path / 'packed'}"]
     end_epoch = pack.PackTrainer._end_epoch

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, run_command, run_train
+from conftest import CPU, compose_train, run_command, run_train
 from hydra.utils import instantiate
 from test_pack import WEIGHT_ATOL, _main, _weights
 from torch import nn
@@ -31,6 +31,7 @@ BASE = [
     "logger=csv",
     "trainer.max_epochs=2",
     "model.net.hidden_sizes=[16,16]",
+    *CPU,
 ]
 NEW_ACTS = [
     "torch.nn.Mish",

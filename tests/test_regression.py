@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_command
+from conftest import CPU, run_command
 
 from actlab.data import RegressionSource
 from actlab.results import read_results
@@ -39,6 +39,7 @@ def test_leaky_regression_fits_a_linear_net_does_not_and_diagnostics_are_logged(
         "trainer.log_every_n_steps=20",
         "callbacks.progress_bar=null",
         "+trainer.enable_progress_bar=false",
+        *CPU,
         f"paths.log_dir={tmp_path}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]

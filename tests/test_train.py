@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_command, run_train, wandb_inspect
+from conftest import CPU, FAST, run_command, run_train, wandb_inspect
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -93,6 +93,7 @@ def test_one_epoch_on_real_mnist_reaches_95_percent(tmp_path: Path) -> None:
         "trainer.max_epochs=1",
         "logger=csv",
         "callbacks.progress_bar.refresh_rate=0",
+        *CPU,
         f"hydra.run.dir={run}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import compose_train, run_train, script_env, wandb_inspect, wandb_leet
+from conftest import CPU, compose_train, run_train, script_env, wandb_inspect, wandb_leet
 from hydra.utils import instantiate
 from test_report_sweep import FINISHED, make_job
 
@@ -25,6 +25,7 @@ SWEEP = [
     "callbacks.progress_bar=null",
     "callbacks.model_summary=null",
     "++trainer.enable_progress_bar=false",
+    *CPU,
     "model.act=relu,leaky",
     "optimizer.lr=0.1,-1",
     "seed=0,1",
