@@ -29,9 +29,9 @@ BASE = [
     "data.val_size=100",
     "callbacks.progress_bar.refresh_rate=0",
     "logger=csv",
+    *CPU,
     "trainer.max_epochs=2",
     "model.net.hidden_sizes=[16,16]",
-    *CPU,
 ]
 NEW_ACTS = [
     "torch.nn.Mish",
