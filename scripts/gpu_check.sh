@@ -5,8 +5,8 @@
 # touched), unpacks MNIST, then runs, each step time-boxed within BUDGET_S in all:
 #   test    the GPU tests (python -m pytest -m gpu)
 #   epochs  s/epoch of a solo MNIST job at batch 64 and 512
-#   bench   python -m benchmarks.bench --pack-sizes 1 8 64 256 (member-epochs/s against solo jobs)
 #   jobs    jobs per minute of 8 solo MNIST jobs under hydra/launcher=parallel, jobs_per_gpu 1 vs 4
+#   bench   python -m benchmarks.bench --pack-sizes 1 8 64 256 (member-epochs/s against solo jobs)
 # Everything goes to $OUT (summary.md, figures.json, log.txt, pytest.xml, bench/*.json).
 # PY: the machine's python with torch; STEPS: which steps (all by default); GPU_DIR: the wheels.
 set -uo pipefail
@@ -14,8 +14,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_check}
 GPU_DIR=${GPU_DIR:-.gpu}
-STEPS=${STEPS:-install data test epochs bench jobs}
-BUDGET_S=${BUDGET_S:-470}  # about 8 minutes: the device tool allows 600 s a command
+STEPS=${STEPS:-install data test epochs jobs bench}
+BUDGET_S=${BUDGET_S:-480}  # 8 minutes: the device tool allows 600 s a command
 WORK=$(mktemp -d /tmp/gpu_check.XXXX)
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
@@ -54,7 +54,7 @@ step() {
 # packages (torch) stay as they are. A wheel is left out where the machine has that package at
 # its version or newer; an older one it shadows. No resolver: pip's, asked to fit the wheels to
 # everything installed there, was still backtracking after 5 minutes in a copy of that setup here.
-install() {
+install_wheels() {
   rm -rf "$SITE"
   local wheels
   wheels=$("$PY" - "$GPU_DIR/wheels" <<'PYEOF'
@@ -92,16 +92,16 @@ unpack() {
   for f in "$GPU_DIR"/data/mnist/*.gz; do gunzip -c "$f" >"data/mnist/$(basename "$f" .gz)"; done
   "$PY" -m actlab.data # checks the MD5s
 }
-export -f install import_check unpack
+export -f install_wheels import_check unpack
 
 if wants install; then
-  step install 90 install
+  step install 90 install_wheels
   export PYTHONPATH=$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
   step import 60 import_check
 fi
 
 if wants data; then
-  step data 60 unpack
+  step data 90 unpack
 fi
 
 if wants test; then
@@ -116,12 +116,6 @@ if wants epochs; then
   done
 fi
 
-if wants bench; then
-  # --main-job-rounds 0: the main job's rounds (whole processes, 10 epochs each) do not fit here.
-  step bench 200 "$PY" -m benchmarks.bench --rounds 0 --startup-rounds 0 --main-job-rounds 0 \
-    --sweep-epochs 0 --pack-sizes 1 8 64 256 --out "$OUT/bench"
-fi
-
 if wants jobs; then
   for k in 1 4; do
     t0=$(date +%s.%N)
@@ -130,6 +124,13 @@ if wants jobs; then
       "hydra.sweep.dir=$WORK/jobs-per-gpu-$k" &&
       echo "$k $t0 $(date +%s.%N)" >>"$WORK/jobs.txt"
   done
+fi
+
+# Last: the longest. Cut short, it writes no JSON, but the log keeps each way's rate as it ends.
+if wants bench; then
+  # --main-job-rounds 0: the main job's rounds (whole processes, 10 epochs each) do not fit here.
+  step bench 240 "$PY" -m benchmarks.bench --rounds 0 --startup-rounds 0 --main-job-rounds 0 \
+    --sweep-epochs 0 --pack-sizes 1 8 64 256 --out "$OUT/bench"
 fi
 
 # The summary: what ran, how it went, the figures.
@@ -151,11 +152,11 @@ if shutil.which("nvidia-smi"):
     fig["nvidia-smi"] = subprocess.run(["nvidia-smi", *query], capture_output=True, text=True).stdout.strip()
 fig["steps"] = [dict(zip(("step", "result", "seconds"), l.split("\t")))
                 for l in (out / "steps.tsv").read_text().splitlines()]
-xml = out / "pytest.xml"
-if xml.exists():
+junit = out / "pytest.xml"
+if junit.exists():
     import xml.etree.ElementTree as ET
 
-    root = ET.parse(xml).getroot()
+    root = ET.parse(junit).getroot()
     s = root if root.find("testsuite") is None else root.find("testsuite")
     fig["gpu tests"] = {k: s.get(k) for k in ("tests", "failures", "errors", "skipped", "time")}
 for b in (64, 512):
