@@ -36,8 +36,8 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 wheels = Path(sys.argv[1])
 # In the device's image (the device tool's KINDS.md), big, and used as they are there.
 DEVICE = {
-    "torch", "torchvision", "lightning", "pytorch-lightning", "torchmetrics", "numpy", "pandas",
-    "matplotlib", "tensorboard", "triton", "pytest",
+    "torch", "torchvision", "lightning", "pytorch-lightning", "torchmetrics", "numpy", "scipy",
+    "pandas", "matplotlib", "tensorboard", "triton", "pytest",
 }  # fmt: skip
 PYVER = os.environ["PYVER"]
 TARGET = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train, here, here_exit, run_train
+from conftest import CPU, compose_train, here, here_exit, run_train
 from hydra.utils import instantiate
 
 from actlab import ROOT
@@ -107,6 +107,7 @@ def test_a_colour_data_set_trains_solo_and_packed(tmp_path: Path) -> None:
         "logger=csv",
         "callbacks.progress_bar=null",  # (trainer.enable_progress_bar would make each job solo)
         "callbacks.model_summary=null",
+        *CPU,
     ]
     solo = tmp_path / "solo"
     here(*base, f"hydra.run.dir={solo}")
