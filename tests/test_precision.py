@@ -14,13 +14,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, QUICK, compose_train, run_command, run_train
+from conftest import FAST, QUICK, compose_train, here, here_exit, run_command, run_train
 from hydra.utils import instantiate
 from lightning.pytorch.plugins import MixedPrecision
+from omegaconf import OmegaConf
 
 from actlab import packing
 from actlab.diagnostics import DeadUnitMonitor
 from actlab.errors import UserError
+from actlab.eval import main as eval_main
 from actlab.results import read_results
 from actlab.validation import validate
 
@@ -194,6 +196,24 @@ def test_matmul_precision_reaches_torch_during_training(tmp_path: Path) -> None:
     assert record["matmul_precision"] == "medium" and record["precision"] == "32-true"
 
 
+def test_eval_of_a_16_mixed_run_on_a_cpu_says_what_to_add(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    here(*QUICK, "trainer=cpu", "logger=csv", "trainer.max_epochs=1", f"hydra.run.dir={folder}")
+    config = folder / ".hydra" / "config.yaml"
+    trained = OmegaConf.load(config)
+    trained.trainer.precision = "16-mixed"  # as a run trained with it on a GPU records it
+    OmegaConf.save(trained, config)
+    best = read_results(folder)["best_checkpoint"]
+    status, _, err = here_exit(f"ckpt_path={best}", main=eval_main)
+    assert status == 2
+    assert err.strip().splitlines()[-1] == (
+        "error: run trained with trainer.precision=16-mixed, which needs a GPU: add "
+        "precision=32-true (or bf16-mixed) to test it on the CPU."
+    )
+    here(f"ckpt_path={best}", "precision=bf16-mixed", main=eval_main)
+    assert (folder / f"eval_{Path(best).stem}.json").is_file()
+
+
 # --- the figure: real MNIST, 2 epochs -------------------------------------------------
 
 
@@ -207,6 +227,8 @@ def test_bf16_mixed_is_within_half_a_point_of_fp32_on_mnist(tmp_path: Path) -> N
         "logger=csv",
         "callbacks.progress_bar=null",
         "trainer.precision=32-true,bf16-mixed",
+        # One thread: where other processes share the cores, 2 threads each wait on the other.
+        "threads=1",
     ]
     solo = _by(_sweep(tmp_path / "solo", *args, "hydra/sweeper=basic"), "trainer.precision")
     packed = _by(
