@@ -26,8 +26,9 @@ from actlab.eval import main as eval_main
 from actlab.results import read_results
 from actlab.validation import validate
 
-# QUICK without its trainer flag (which a pack does not honour), on the CPU.
-CPU = [*(a for a in QUICK if not a.startswith("++trainer.")), "trainer=cpu", "logger=csv"]
+# QUICK without its trainer flag, which a pack does not honour.
+SMALL = [*(a for a in QUICK if not a.startswith("++trainer.")), "logger=csv"]
+CPU = [*SMALL, "trainer=cpu"]
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU is visible")
 
 
@@ -251,8 +252,7 @@ def test_bf16_mixed_is_within_half_a_point_of_fp32_on_mnist(tmp_path: Path) -> N
 @GPU
 def test_16_mixed_trains_a_solo_job_on_a_gpu(tmp_path: Path) -> None:
     proc = run_train(
-        *QUICK,
-        "logger=csv",
+        *SMALL,
         "trainer=gpu",
         "trainer.precision=16-mixed",
         "model.gradient_clip_val=1.0",
@@ -271,7 +271,7 @@ def test_16_mixed_trains_a_solo_job_on_a_gpu(tmp_path: Path) -> None:
 def test_a_16_mixed_packed_sweep_runs_its_jobs_solo_and_bf16_packs_on_a_gpu(
     tmp_path: Path,
 ) -> None:
-    args = [*QUICK, "logger=csv", "trainer=gpu", "seed=0,1", "hydra/sweeper=packed"]
+    args = [*SMALL, "trainer=gpu", "seed=0,1", "hydra/sweeper=packed"]
     half = _sweep(tmp_path / "half", *args, "trainer.precision=16-mixed")
     assert len(half) == 2
     for r in half.values():
