@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from actlab.loggers import AppendingCSVLogger
 
@@ -177,3 +178,13 @@ def hold_packs(epoch: int, hold: str) -> None:
                 time.sleep(0.05)
 
     pack.PackTrainer._end_epoch = held
+
+
+class MatmulPrecisionSeen(L.Callback):
+    """Writes to `path` torch.get_float32_matmul_precision() as the run's training starts."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.path.write_text(torch.get_float32_matmul_precision())

@@ -166,8 +166,12 @@ class DeadUnitMonitor(L.Callback):
         )
         pl_module.log_dict(stats.tensors())
 
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Right after backward, before the model clips them: the norms clipping is there to cut.
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Lightning calls it before the module's own hook (which clips): the norms clipping is
+        # there to cut; under 16-mixed, after the GradScaler unscaled them (backward made them
+        # the loss scale times larger).
         if not self.grad_norms or (trainer.global_step + 1) % trainer.log_every_n_steps:
             return
         linears = weighted_layers(pl_module.net)

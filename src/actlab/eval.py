@@ -11,10 +11,11 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from actlab import CONFIG_DIR
+from actlab import CONFIG_DIR, packing
 from actlab.checkpoints import SafeCheckpointIO
 from actlab.errors import UserError, one_line_errors
 from actlab.results import provenance, write_json
@@ -45,7 +46,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{folder.name} trained with trainer.accelerator={trained.trainer.accelerator} and "
             "no GPU is visible here: add accelerator=cpu to test it on the CPU."
         )
+    if cfg.get("precision"):
+        trained.trainer.precision = cfg.precision
+    elif trained.trainer.get("precision") == "16-mixed" and packing.device(trained) == "cpu":
+        raise UserError(
+            f"{folder.name} trained with trainer.precision=16-mixed, which needs a GPU: add "
+            "precision=32-true (or bf16-mixed) to test it on the CPU."
+        )
     validate(trained)
+    torch.set_float32_matmul_precision(trained.get("matmul_precision", "highest"))
     start = time.perf_counter()
     datamodule = instantiate(trained.data)
     model = instantiate(trained.model)

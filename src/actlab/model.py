@@ -82,10 +82,8 @@ class MLPClassifier(L.LightningModule):
         logits = self(x)
         loss = self.loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if self.gradient_clip_val:
-            self.clip_gradients(optimizer, self.gradient_clip_val, "norm")
-        optimizer.step()
+        self.manual_backward(loss)  # under 16-mixed: of the loss times the GradScaler's scale
+        optimizer.step()  # clips in on_before_optimizer_step
         # Where Lightning's automatic loop steps an epoch-interval scheduler: after the epoch's
         # last batch, before validation and the checkpoint that a resumed run restarts from.
         if batch_idx + 1 == self.trainer.num_training_batches:
@@ -103,6 +101,12 @@ class MLPClassifier(L.LightningModule):
             logs = {"train/loss": loss, "train/acc": correct / len(y)}
             self.log_dict(logs if self.classify else {"train/loss": loss})
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Inside optimizer.step(): under 16-mixed after Lightning's GradScaler unscaled the
+        # gradients (and before it skips a step whose gradients are not finite).
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, self.gradient_clip_val, "norm")
 
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
         # The epoch's loss sum turns NaN/inf with the first bad step and stays so. Reading it at

@@ -513,6 +513,11 @@ class PackTrainer:
         self.epochs = int(first.trainer.max_epochs)
         self.log_every = int(first.trainer.get("log_every_n_steps", 50))
         self.clip = first.model.get("gradient_clip_val")
+        # As Lightning's bf16-mixed: forward and loss under autocast, the weights and their
+        # gradients float32, no loss scale (packing.solo_reason sends 16-mixed jobs solo).
+        precision = str(first.trainer.get("precision", "32-true"))
+        self.precision = "32-true" if precision == "32" else precision  # as Lightning names it
+        self.bf16 = self.precision == "bf16-mixed"
         self.classify = first.model.get("task", "classification") == "classification"
         self.metric = TASKS[first.model.get("task", "classification")][1]
         callbacks = first.get("callbacks") or {}
@@ -624,8 +629,9 @@ class PackTrainer:
                 flat = idx.flatten()
                 xb = x.index_select(0, flat).view(K, -1, *x.shape[1:])
                 yb = y.index_select(0, flat).view(K, -1, *y.shape[1:])
-                logits = self.model(xb)
-                losses = self._losses(logits, yb)
+                with self.autocast():
+                    logits = self.model(xb)
+                    losses = self._losses(logits, yb)
                 for p in self.params:
                     p.grad = None
                 losses.sum().backward()
@@ -659,6 +665,11 @@ class PackTrainer:
             self._end_epoch(epoch, sums)
             if not self.training:  # each stopped early
                 return
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False
+        )
 
     def _losses(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Each member's mean loss over its batch: [K]."""
@@ -731,7 +742,10 @@ class PackTrainer:
 
         bs = int(self.members[0].cfg.data.eval_batch_size)
         for xb, yb in zip(x.split(bs), y.split(bs), strict=True):
-            logits = self.model(xb, probe if units else None)
+            # As Lightning runs a solo job's validation and test steps; the loss in float32, as
+            # autocast computes it.
+            with self.autocast():
+                logits = self.model(xb, probe if units else None).float()
             target = yb.expand(K, *yb.shape)
             if self.classify:
                 loss += F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1)
@@ -1048,6 +1062,7 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
     heartbeat.start()
     try:
         torch.set_num_threads(cfg.get("threads") or usable_cores())
+        torch.set_float32_matmul_precision(members[0].cfg.get("matmul_precision", "highest"))
         slot = instantiate(cfg.launch).acquire() if cfg.get("launch") else None
         launch_info = {}
         if slot:
@@ -1099,6 +1114,8 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
                 best_checkpoint=str(m.best_path) if m.best_path else None,
                 device=str(device),
                 threads=torch.get_num_threads(),
+                precision=trainer.precision,
+                matmul_precision=torch.get_float32_matmul_precision(),
             )
         return {"status": "finished", "metrics": {}}
     except BaseException as e:

@@ -55,6 +55,7 @@ TRAINER_KEYS = {
     "log_every_n_steps",
     "check_val_every_n_epoch",
     "deterministic",
+    "precision",  # a pack's key: members of one pack train in one precision
 }
 CALLBACKS = {
     "model_checkpoint",
@@ -103,6 +104,13 @@ def solo_reason(cfg: DictConfig) -> str | None:
         return "trainer.devices or trainer.check_val_every_n_epoch is not 1"
     if trainer.get("max_epochs") in (None, -1):
         return "trainer.max_epochs is not set"
+    if trainer.get("precision") == "16-mixed":
+        # One GradScaler for the stack would skip every member's step where one member's
+        # gradients overflow, and scale them all by its history.
+        return (
+            "trainer.precision=16-mixed: each job's loss scale skips its own steps, which one "
+            "stacked step cannot repeat per member (bf16-mixed packs)"
+        )
     callbacks = _container(cfg.get("callbacks") or {})
     extra = sorted(k for k, v in callbacks.items() if v and k not in CALLBACKS)
     if extra:

@@ -331,10 +331,15 @@ def upgraded(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+# Keys added since a run may have been saved, with the value such a run trained with.
+ADDED = {"trainer.precision": "32-true", "matmul_precision": "highest"}
+
+
 def config_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`key: before -> now` for every key that can change a result and differs (sorted); a
-    `before` saved by an older version is read as today's (`upgraded`)."""
-    a, b = flatten(upgraded(before)), flatten(now)
+    `before` saved by an older version is read as today's (`upgraded`, `ADDED`)."""
+    b = flatten(now)
+    a = {**{k: v for k, v in ADDED.items() if k in b}, **flatten(upgraded(before))}
     absent = object()
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, absent) != b.get(k, absent))
     keys = [k for k in keys if compared(k)]

@@ -124,6 +124,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         validate(cfg)
         torch.set_num_threads(cfg.get("threads") or usable_cores())
+        torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
         # Under the parallel launcher the job holds a device slot (and its share of the cores).
         slot = instantiate(cfg.launch).acquire() if cfg.get("launch") else None
         if slot:
@@ -162,6 +163,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             best_checkpoint=best,
             device=str(trainer.strategy.root_device),
             threads=torch.get_num_threads(),
+            precision=trainer.precision,
+            matmul_precision=torch.get_float32_matmul_precision(),
         )
         for cb in trainer.callbacks:
             if isinstance(cb, ShareIdleCores):

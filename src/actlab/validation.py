@@ -38,6 +38,10 @@ def _per_channel(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: ok(v) or (isinstance(v, list | ListConfig) and len(v) > 0 and all(map(ok, v)))
 
 
+# The precisions the solo module and a pack train in (Lightning's names; 32 is 32-true).
+PRECISIONS = (32, "32", "32-true", "bf16-mixed", "16-mixed")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
 # (config key, test, what the value must be). A key the config does not have is not checked.
 RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("seed", lambda v: _int_at_least(0)(v) and v < 2**32, "an integer in [0, 2**32 - 1]"),
@@ -72,6 +76,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     # The module optimizes manually (for speed), which Lightning's own clipping cannot serve.
     ("trainer.gradient_clip_val", lambda v: v is None, "null: use model.gradient_clip_val"),
     ("trainer.accumulate_grad_batches", lambda v: v == 1, "1: the module steps every batch"),
+    ("trainer.precision", lambda v: v in PRECISIONS, "32-true, bf16-mixed or 16-mixed"),
+    ("matmul_precision", lambda v: v in MATMUL_PRECISIONS, "highest, high or medium"),
 ]
 
 
@@ -151,6 +157,22 @@ def _accelerator_present(cfg: DictConfig) -> list[str]:
     return [f"trainer.accelerator={accelerator} but no GPU is visible: use trainer=cpu"]
 
 
+def _precision_runs_here(cfg: DictConfig) -> list[str]:
+    """16-mixed on a CPU, which Lightning would silently train in bf16-mixed instead."""
+    if OmegaConf.select(cfg, "trainer.precision", default=None) != "16-mixed":
+        return []
+    import torch
+
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default="auto")
+    gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
+    if accelerator == "cpu" or (accelerator == "auto" and not gpu):
+        return [
+            "trainer.precision=16-mixed needs a GPU (on a CPU Lightning would train in bf16): "
+            "use trainer.precision=bf16-mixed on a CPU"
+        ]
+    return []
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise one UserError that lists every value that breaks a rule."""
     problems = []
@@ -161,7 +183,7 @@ def validate(cfg: DictConfig) -> None:
         if not ok(value):
             problems.append(f"{key}={value} must be {requirement}")
     problems += _unknown_arguments(cfg, "") + _data_fits_model(cfg) + _data_sizes(cfg)
-    problems += _accelerator_present(cfg)
+    problems += _accelerator_present(cfg) + _precision_runs_here(cfg)
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
 
