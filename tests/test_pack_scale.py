@@ -15,7 +15,12 @@ from conftest import COMMAND_TIMEOUT, QUICK, here, results, script_env
 
 from actlab import ROOT, pack
 
-TINY = [*QUICK, "model.net.hidden_sizes=[8]", "threads=1"]
+# QUICK without its trainer key (a pack honours only some: that one would make solo jobs).
+TINY = [
+    *(o for o in QUICK if not o.startswith("++trainer.")),
+    "model.net.hidden_sizes=[8]",
+    "threads=1",
+]
 # A bound for the pack's process: 64 members with their W&B runs and train.logs open fit well
 # inside it (measured: about 150), while a handle or two more per member would not.
 OPEN_FILES = 320
