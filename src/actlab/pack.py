@@ -228,12 +228,15 @@ class StackedMLP(nn.Module):
         )
         return h * noise.div_(1 - self.p)
 
-    def member_state(self, k: int, names: list[str]) -> dict[str, torch.Tensor]:
-        """Member k's weights under its solo module's state_dict names (net.0.weight, ...)."""
+    def member_state(
+        self, k: int, names: list[str], stacked: list[torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Member k's weights under its solo module's state_dict names (net.0.weight, ...),
+        sliced from `stacked` (a copy of solo_order's parameters, by default those)."""
         params, kinds = self.solo_order()
         return {
             name: to_solo(t, k, kind).detach().clone()
-            for name, t, kind in zip(names, params, kinds, strict=True)
+            for name, t, kind in zip(names, stacked or params, kinds, strict=True)
         }
 
 
@@ -845,10 +848,7 @@ class PackTrainer:
         """The member's best (if this epoch is) and last checkpoints: each a whole file in its
         folder, serialized once where both hold the same."""
         weights, opt_state = host
-        state = {
-            name: to_solo(t, m.index, kind).clone()
-            for name, t, kind in zip(self.names, weights, self.kinds, strict=True)
-        }
+        state = self.model.member_state(m.index, self.names, weights)
         old = blob = None
         if self.keep_best and self._improved(m):
             m.best_score, m.best_state = m.metrics[self.monitor], state
