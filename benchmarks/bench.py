@@ -592,6 +592,7 @@ def measure_pack_sizes(
         solo = [
             "+callbacks.epoch_clock._target_=benchmarks.bench.EpochClock",
             f"+callbacks.epoch_clock.path={clock}",
+            "hydra.sweep.subdir=solo",  # not a folder named by that path's slashes
         ]
         ways[f"pack K={k}"] = [
             f"hydra.sweeper.max_members={k}",
