@@ -556,16 +556,24 @@ def measure_sweeps(
 
 
 def measure_pack_sizes(
-    sizes: list[int], epochs: int, workdir: Path, say: Callable, data: str = "mnist"
+    sizes: list[int],
+    epochs: int,
+    workdir: Path,
+    say: Callable,
+    data: str = "mnist",
+    overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Member-epochs per second of one pack of K members (ReLU, seeds 0..K-1) for each K, of one
     job per configuration, and, on a GPU, of `launch.jobs_per_gpu=4` (4 solo jobs sharing it).
 
     Two rates each: by wall time (process start, data, test and records included) and by fit
-    time (`seconds_per_epoch`: a pack's whole epoch, a solo job's own).
+    time (`seconds_per_epoch`: a pack's whole epoch, a solo job's own). For each K, the seconds
+    per member-epoch of the fit and, of those, outside the training steps (evaluation, logging,
+    checkpoints, batch orders): a pack's own record of them; for K=1 (a solo job), EpochClock's
+    whole epoch less its steps.
     """
     gpu = torch.cuda.is_available()
-    common = [*_sweep_args(data, epochs), *(["trainer=gpu"] if gpu else [])]
+    common = [*_sweep_args(data, epochs), *(["trainer=gpu"] if gpu else []), *overrides]
     ways = {"one job per config": ["hydra/sweeper=basic", "seed=range(0,4)"]}
     if gpu:
         ways["jobs_per_gpu=4"] = [
@@ -574,25 +582,42 @@ def measure_pack_sizes(
             "hydra/launcher=parallel",
             "launch.jobs_per_gpu=4",
         ]
-    for k in sizes:  # a pack of 1 is a solo job
-        ways[f"pack K={k}"] = [f"hydra.sweeper.max_members={k}", f"seed=range(0,{k})"]
+    clock = workdir / "solo_epochs.json"
+    for k in sizes:  # a pack of 1 is a solo job: its epochs timed by EpochClock
+        solo = [
+            "+callbacks.epoch_clock._target_=benchmarks.bench.EpochClock",
+            f"+callbacks.epoch_clock.path={clock}",
+            "hydra.sweep.subdir=solo",  # not a folder named by that path's slashes
+        ]
+        ways[f"pack K={k}"] = [
+            f"hydra.sweeper.max_members={k}",
+            f"seed=range(0,{k})",
+            *(solo if k == 1 else []),
+        ]
     out: dict[str, Any] = {"device": "cuda" if gpu else "cpu"}
     for name, extra in ways.items():
         folder = name.replace(" ", "_").replace("=", "")  # `=` in hydra.sweep.dir needs quotes
         wall, records = run_sweep([*common, *extra], workdir / folder)
         jobs = len(records)
-        pack_epoch = records[0].get("pack", {}).get("seconds_per_epoch")
-        if pack_epoch:
-            fit_rate = jobs / pack_epoch
+        pack = records[0].get("pack", {})
+        outside = None
+        if pack:
+            fit_rate = jobs / pack["seconds_per_epoch"]
+            outside = pack["seconds_outside_steps_per_epoch"] / jobs
         elif "hydra/launcher=parallel" not in extra:  # one job at a time
             fit_rate = 1 / statistics.median(r["seconds_per_epoch"] for r in records)
         else:
             fit_rate = None  # jobs overlap: only the wall rate says what they achieve together
+        if any("epoch_clock" in e for e in extra):
+            timed = json.loads(clock.read_text())
+            outside = statistics.mean(e["epoch_s"] - e["train_s"] for e in timed)
         out[name] = {
             "jobs": jobs,
             "wall_s": round(wall, 1),
             "member_epochs_per_s_wall": jobs * epochs / wall,
             "member_epochs_per_s_fit": fit_rate,
+            "fit_s_per_member_epoch": 1 / fit_rate if fit_rate else None,
+            "outside_steps_s_per_member_epoch": outside,
         }
         say(f"  {name}: {jobs * epochs / wall:.2f} member-epochs/s by wall time")
     return out
@@ -703,9 +728,19 @@ def table(result: dict[str, Any]) -> str:
             "",
             f"member-epochs per second on {packs['device']} (ReLU, seeds 0..K-1):",
             "",
-            _row("way", "jobs", "wall (s)", "by wall time", "x one job per config", "by fit time"),
-            _row(*["---"] * 6),
+            _row(
+                "way",
+                "jobs",
+                "wall (s)",
+                "by wall time",
+                "x one job per config",
+                "by fit time",
+                "fit ms per member-epoch",
+                "of which outside the steps",
+            ),
+            _row(*["---"] * 8),
         ]
+        ms = lambda v: "-" if v is None else f"{1000 * v:.1f}"  # noqa: E731
         for name, v in packs.items():
             if name == "device":
                 continue
@@ -713,7 +748,8 @@ def table(result: dict[str, Any]) -> str:
             rate = v["member_epochs_per_s_wall"]
             rows.append(
                 _row(name, v["jobs"], v["wall_s"], f"{rate:.2f}", f"{rate / base:.1f}x",
-                     "-" if fit is None else f"{fit:.2f}")
+                     "-" if fit is None else f"{fit:.2f}", ms(v.get("fit_s_per_member_epoch")),
+                     ms(v.get("outside_steps_s_per_member_epoch")))
             )  # fmt: skip
     checks = targets(result)
     if checks:
@@ -795,6 +831,10 @@ def main(argv: list[str] | None = None) -> None:
         help="member-epochs/s of one pack of each size K (e.g. 1 8 64 256 on a GPU)",
     )  # fmt: skip
     parser.add_argument("--pack-epochs", type=int, default=2, help="epochs of those sweeps")
+    parser.add_argument(
+        "--pack-overrides", nargs="*", default=[],
+        help="config overrides for those sweeps (e.g. model.net.hidden_sizes=[32])",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench")
     args = parser.parse_args(argv)
@@ -843,7 +883,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.pack_sizes:
             say(f"packs of {args.pack_sizes} members, {args.pack_epochs} epochs")
             result["pack_sizes"] = measure_pack_sizes(
-                args.pack_sizes, args.pack_epochs, workdir, say, args.sweep_data
+                args.pack_sizes,
+                args.pack_epochs,
+                workdir,
+                say,
+                args.sweep_data,
+                tuple(args.pack_overrides),
             )
     result["machine"]["load_average_after"] = os.getloadavg()
     result["bench_seconds"] = round(time.perf_counter() - started, 1)

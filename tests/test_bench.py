@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -149,3 +150,31 @@ def test_the_plain_script_trains_the_main_jobs_network(tmp_path):
     plain = json.loads(proc.stdout)["relu"]
     for key in ("val/acc_best", "test/acc"):
         assert plain[key] == pytest.approx(project[key], abs=0.002), key
+
+
+@pytest.mark.slow
+def test_pack_sizes_flag_prints_each_sizes_overhead_per_member(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`bench.py --pack-sizes 1 2` at tiny sizes: a row per K with the fit's and the seconds
+    outside the training steps per member-epoch, a solo job's (K=1) by its clock, a pack's from
+    its record."""
+    from benchmarks.bench import main
+
+    main(
+        [
+            *("--rounds", "0", "--startup-rounds", "0", "--main-job-rounds", "0"),
+            *("--sweep-epochs", "0", "--sweep-data", "synthetic", "--pack-epochs", "1"),
+            *("--pack-sizes", "1", "2", "--pack-overrides", "model.net.hidden_sizes=[8]"),
+            *("--out", str(tmp_path / "out")),
+        ]
+    )
+    rows = {
+        cells[0]: cells
+        for line in capsys.readouterr().out.splitlines()
+        if (cells := [c.strip() for c in line.strip("|").split("|")])[0].startswith("pack K=")
+    }
+    assert set(rows) == {"pack K=1", "pack K=2"}
+    for cells in rows.values():
+        fit, outside = float(cells[6]), float(cells[7])
+        assert 0 < outside < fit

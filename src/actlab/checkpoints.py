@@ -75,8 +75,10 @@ def _unreadable(path: str | Path, e: Exception) -> UserError:
     )
 
 
-def save(checkpoint: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file beside `path`, synced to disk, then renamed over it.
+def save(checkpoint: dict[str, Any] | bytes, path: Path) -> None:
+    """torch.save to a temporary file beside `path` (or bytes torch.save made: a pack's member
+    writes one serialization to its best and last checkpoints), synced to disk, then renamed
+    over it.
 
     Lightning writes a temporary file in $TMPDIR and moves it into place: a copy, cut short by
     a kill, where $TMPDIR is on another file system (as on most clusters), and never synced.
@@ -85,7 +87,10 @@ def save(checkpoint: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+            if isinstance(checkpoint, bytes):
+                f.write(checkpoint)
+            else:
+                torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

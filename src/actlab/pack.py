@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import itertools
 import logging
 import math
@@ -227,12 +228,15 @@ class StackedMLP(nn.Module):
         )
         return h * noise.div_(1 - self.p)
 
-    def member_state(self, k: int, names: list[str]) -> dict[str, torch.Tensor]:
-        """Member k's weights under its solo module's state_dict names (net.0.weight, ...)."""
+    def member_state(
+        self, k: int, names: list[str], stacked: list[torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Member k's weights under its solo module's state_dict names (net.0.weight, ...),
+        sliced from `stacked` (a copy of solo_order's parameters, by default those)."""
         params, kinds = self.solo_order()
         return {
             name: to_solo(t, k, kind).detach().clone()
-            for name, t, kind in zip(names, params, kinds, strict=True)
+            for name, t, kind in zip(names, stacked or params, kinds, strict=True)
         }
 
 
@@ -342,13 +346,18 @@ class StackedOptimizer:
         p.addcdiv_(m, denom, value=-step_size)
 
     def member_state(
-        self, k: int, groups: list[dict[str, Any]], kinds: list[str]
+        self,
+        k: int,
+        groups: list[dict[str, Any]],
+        kinds: list[str],
+        stacked: list[dict[str, torch.Tensor]] | None = None,
     ) -> dict[str, Any]:
         """Member k's state in torch.optim's own state_dict format (`groups` from its optimizer,
-        `kinds` of the parameters as to_solo takes them)."""
+        `kinds` of the parameters as to_solo takes them), sliced from `stacked` (a copy of the
+        stacked state, by default the state itself)."""
         state = {}
         numbers = self.numbers[k]
-        for i, s in enumerate(self.state):
+        for i, s in enumerate(self.state if stacked is None else stacked):
             tensors = {n: to_solo(t, k, kinds[i]).clone() for n, t in s.items()}
             # torch keeps a state only for what the member's numbers use
             if not numbers.get("momentum"):
@@ -533,15 +542,21 @@ class PackTrainer:
         self.global_step = 0
         self.heartbeat: Heartbeat | None = None
         self._loop_template: dict[str, Any] | None = None
+        # Seconds of the epochs outside their training steps (batch orders, evaluation, logging,
+        # checkpoints) and the epochs they cover: what a pack pays per epoch besides its steps.
+        self.outside_steps, self.epochs_run = 0.0, 0
         self.start = time.perf_counter()
         self.datamodule = instantiate(first.data)
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
         nets, acts, generators = [], [], []
         # Each member's solo optimizer and scheduler: the scheduler steps it as in its solo job,
-        # and the stacked optimizer takes its numbers from there.
+        # and the stacked optimizer takes its numbers from there. The optimizer holds one empty
+        # tensor for its param group, not the solo net's parameters: those are freed once stacked.
         self.opts: list[torch.optim.Optimizer] = []
         self.schedulers: list[torch.optim.lr_scheduler.LRScheduler | None] = []
+        # Each member's ModelCheckpoints, built once: their state goes into its checkpoints.
+        self.checkpointers: list[dict[str, Any]] = []
         for m in members:
             L.seed_everything(m.cfg.seed, workers=True, verbose=False)  # as the solo job does
             solo = instantiate(m.cfg.model)
@@ -551,12 +566,15 @@ class PackTrainer:
             nets.append(solo.net)
             # model.net.hidden_sizes=[] is a linear model: nothing to activate.
             acts.append(next((a for a, _ in hidden_activations(solo.net)), nn.Identity()))
-            opt = instantiate(m.cfg.optimizer)(params=solo.parameters())
+            opt = instantiate(m.cfg.optimizer)(params=[torch.zeros(0)])
             self.opts.append(opt)
             scheduler = m.cfg.get("scheduler")
             self.schedulers.append(instantiate(scheduler)(optimizer=opt) if scheduler else None)
-            if es := (m.cfg.get("callbacks") or {}).get("early_stopping"):
+            callbacks = m.cfg.get("callbacks") or {}
+            if es := callbacks.get("early_stopping"):
                 m.early_stopping = instantiate(es)
+            names = [n for n in ("model_checkpoint", "last_checkpoint") if callbacks.get(n)]
+            self.checkpointers.append({n: instantiate(callbacks[n]) for n in names})
         self.names = [f"net.{n}" for n, _ in nets[0].named_parameters()]
         n_params = sum(p.numel() for p in nets[0].parameters())
         widths = sum(p.shape[0] for p in nets[0].parameters() if p.dim() == 2)
@@ -566,6 +584,8 @@ class PackTrainer:
         self.model.generators = generators
         # The solo order, as in its optimizer state.
         self.params, self.kinds = self.model.solo_order()
+        # A solo optimizer's param group numbers its parameters in this order.
+        self.param_ids = list(range(len(self.params)))
         self.optimizer = StackedOptimizer(
             self.params, first.optimizer._target_, [m.cfg.optimizer for m in members]
         )
@@ -617,12 +637,15 @@ class PackTrainer:
 
     def fit(self) -> None:
         x, y = self._tensors(self.datamodule.train)
+        self.val = self._tensors(self.datamodule.val)  # on the device for every evaluation
         n, bs = len(x), int(self.members[0].cfg.data.batch_size)
         steps = -(-n // bs)
         K = len(self.members)
         for epoch in range(self.first_epoch, self.epochs):
             self.model.train()  # evaluate() left it in eval mode: no dropout there
-            orders = torch.stack([batch_order(s, epoch, n) for s in self.seeds]).to(self.device)
+            start = time.perf_counter()
+            orders = self._orders(epoch, n)
+            self.outside_steps += time.perf_counter() - start
             sums = torch.zeros(3, K, device=self.device)  # loss, correct, n
             for s in range(steps):
                 idx = orders[:, s * bs : (s + 1) * bs]
@@ -662,7 +685,12 @@ class PackTrainer:
                     self._check_divergence(sums[0], epoch)
                 if not self.training:
                     return
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the steps' time is the steps'
+            start = time.perf_counter()
             self._end_epoch(epoch, sums)
+            self.outside_steps += time.perf_counter() - start
+            self.epochs_run += 1
             if not self.training:  # each stopped early
                 return
 
@@ -670,6 +698,14 @@ class PackTrainer:
         return torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False
         )
+
+    def _orders(self, epoch: int, n: int) -> torch.Tensor:
+        """Each member's batch order of `epoch`, [K, n] on the device: its solo job's, drawn as
+        that job draws it (a CPU generator; a CUDA one gives other orders), sent in one copy."""
+        orders = torch.stack([batch_order(s, epoch, n) for s in self.seeds])
+        if self.device.type == "cuda":
+            orders = orders.pin_memory()
+        return orders.to(self.device, non_blocking=True)
 
     def _losses(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Each member's mean loss over its batch: [K]."""
@@ -727,8 +763,9 @@ class PackTrainer:
 
     @torch.no_grad()
     def evaluate(self, split: tuple[torch.Tensor, torch.Tensor], units: bool) -> dict:
+        """Each member's loss and metric on `split`, tensors on the device."""
         self.model.eval()
-        x, y = self._tensors(split)
+        x, y = split
         K = len(self.members)
         loss, correct = torch.zeros(K, device=self.device), torch.zeros(K, device=self.device)
         r2 = 0  # torchmetrics' R2Score sums per member: targets, their squares, squared residuals
@@ -771,8 +808,11 @@ class PackTrainer:
 
     def _end_epoch(self, epoch: int, sums: torch.Tensor) -> None:
         loss_sum, correct, n = sums.tolist()
-        val = self.evaluate(self.datamodule.val, self.probe_units)
+        val = self.evaluate(self.val, self.probe_units)
         name = self.metric
+        # Once for all members: the stack on the host (one copy from a GPU), Lightning's loops.
+        host = self._on_host()
+        loops = self._loops(epoch)
         for m in self.training:
             k = m.index
             value = val[name][k]
@@ -792,9 +832,8 @@ class PackTrainer:
             # As in a solo job, early stopping decides before the checkpoints are written: they
             # hold its state.
             stop = self._early_stop(m, epoch)
-            state = self.model.member_state(k, self.names)
             try:
-                self._checkpoint(m, state, epoch)
+                self._checkpoint(m, host, loops, epoch)
             except Exception as e:  # its folder's fault, as for its solo job: the others go on
                 self.optimizer.freeze(k)
                 error = f"{type(e).__name__}: {e}"
@@ -807,18 +846,39 @@ class PackTrainer:
         if self.heartbeat:
             self.heartbeat.beat(epoch + 1)
 
-    def _checkpoint(self, m: Member, state: dict[str, torch.Tensor], epoch: int) -> None:
-        old = None
+    def _on_host(self) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """The stacked weights and optimizer state on the CPU (the tensors themselves there)."""
+        cpu = torch.device("cpu")
+        weights = [p.detach().to(cpu) for p in self.params]
+        return weights, [{k: t.to(cpu) for k, t in s.items()} for s in self.optimizer.state]
+
+    def _checkpoint(
+        self,
+        m: Member,
+        host: tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]],
+        loops: dict[str, Any],
+        epoch: int,
+    ) -> None:
+        """The member's best (if this epoch is) and last checkpoints: each a whole file in its
+        folder, serialized once where both hold the same."""
+        weights, opt_state = host
+        state = self.model.member_state(m.index, self.names, weights)
+        old = blob = None
         if self.keep_best and self._improved(m):
             m.best_score, m.best_state = m.metrics[self.monitor], state
             old, m.best_path = (
                 m.best_path,
                 m.out / "checkpoints" / f"best-epoch{epoch:03d}.ckpt",
             )
-            self.save(m, m.best_path, state, epoch)
+            blob = self.save(m, state, opt_state, loops, epoch)
+            checkpoints.save(blob, m.best_path)
         if self.keep_last:
-            m.last_path = m.out / "checkpoints" / "last.ckpt"
-            self.save(m, m.last_path, state, epoch)
+            last = m.out / "checkpoints" / "last.ckpt"
+            if m.last_path != last:  # the checkpoint names it: the best's bytes say otherwise
+                m.last_path, blob = last, None
+            if blob is None:
+                blob = self.save(m, state, opt_state, loops, epoch)
+            checkpoints.save(blob, last)
         # Only now: killed before, last.ckpt still names a best checkpoint that exists.
         if old and old != m.best_path:
             old.unlink(missing_ok=True)
@@ -851,24 +911,32 @@ class PackTrainer:
             log.info("%s: early stopping after epoch %d: %s", m.out.name, epoch, reason)
         return stop
 
-    def save(self, m: Member, path: Path, state: dict[str, torch.Tensor], epoch: int) -> None:
-        """A checkpoint in the solo job's format: eval.py and `ckpt_path=` read it."""
+    def save(
+        self,
+        m: Member,
+        state: dict[str, torch.Tensor],
+        opt_state: list[dict[str, torch.Tensor]],
+        loops: dict[str, Any],
+        epoch: int,
+    ) -> bytes:
+        """A checkpoint in the solo job's format, serialized: eval.py and `ckpt_path=` read it."""
+        groups = [{**g, "params": self.param_ids} for g in self.opts[m.index].param_groups]
         ckpt = {
             "epoch": epoch,
             "global_step": self.global_step,
             "pytorch-lightning_version": L.__version__,
             "state_dict": {**state, "val_acc_best.max_value": torch.tensor(m.best)},
-            "loops": self._loops(epoch),
+            "loops": loops,
             "optimizer_states": [
-                self.optimizer.member_state(
-                    m.index, self.opts[m.index].state_dict()["param_groups"], self.kinds
-                )
+                self.optimizer.member_state(m.index, groups, self.kinds, opt_state)
             ],
             "lr_schedulers": [s.state_dict()] if (s := self.schedulers[m.index]) else [],
             "callbacks": self._checkpointer_states(m),
             "metrics": dict(m.metrics),
         }
-        checkpoints.save(ckpt, path)
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        return buffer.getvalue()
 
     def _checkpointer_states(self, m: Member) -> dict[str, Any]:
         """The member's ModelCheckpoint and EarlyStopping states, so a resumed solo run knows its
@@ -876,11 +944,7 @@ class PackTrainer:
         states = {}
         if es := m.early_stopping:
             states[es.state_key] = es.state_dict()
-        for name in ("model_checkpoint", "last_checkpoint"):
-            node = (m.cfg.get("callbacks") or {}).get(name)
-            if not node:
-                continue
-            cb = instantiate(node)
+        for cb in self.checkpointers[m.index].values():
             if cb.monitor is None:
                 cb.best_model_path = str(m.last_path or "")
             elif m.best_path is not None:
@@ -893,7 +957,8 @@ class PackTrainer:
         return states
 
     def _loops(self, epoch: int) -> dict[str, Any]:
-        """Lightning's loop state at the end of `epoch`, so `ckpt_path=` resumes after it."""
+        """Lightning's loop state at the end of `epoch`, so `ckpt_path=` resumes after it (the
+        same for every member of the epoch)."""
         if self._loop_template is None:
             t = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
             self._loop_template = {
@@ -903,7 +968,7 @@ class PackTrainer:
         loops = copy.deepcopy(self._loop_template)
         fit = loops["fit_loop"]
         steps = self.global_step // (epoch + 1)
-        val = -(-len(self.datamodule.val[0]) // int(self.members[0].cfg.data.eval_batch_size))
+        val = -(-len(self.val[0]) // int(self.members[0].cfg.data.eval_batch_size))
         for progress, current, total in (
             (fit["epoch_loop.batch_progress"], steps, self.global_step),
             (fit["epoch_loop.manual_optimization.optim_step_progress"], self.global_step, None),
@@ -929,7 +994,7 @@ class PackTrainer:
                     continue
                 for name, t, kind in zip(self.names, self.params, self.kinds, strict=True):
                     _put(t, m.index, m.best_state[name], kind)
-        tested = self.evaluate(self.datamodule.test, False)
+        tested = self.evaluate(self._tensors(self.datamodule.test), False)
         name = self.metric
         for m in self.running:
             metrics = {"test/loss": tested["loss"][m.index], f"test/{name}": tested[name][m.index]}
@@ -1098,6 +1163,10 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
             m.record["metrics"] = m.metrics
             # Its share of the pack's epoch, comparable with a solo job's s/epoch.
             m.record["pack"]["seconds_per_epoch"] = round(pack_epoch, 3)
+            # What the pack's epoch costs besides its steps (actlab.pack.PackTrainer.fit).
+            m.record["pack"]["seconds_outside_steps_per_epoch"] = round(
+                trainer.outside_steps / max(trainer.epochs_run, 1), 4
+            )
             log.info(
                 "%s: test/acc=%.4f val/acc_best=%.4f epochs=%d -> %s",
                 m.out.name,
