@@ -79,7 +79,7 @@ def test_a_precision_the_cpu_cannot_run_ends_with_one_error_line(
 
 
 def test_16_mixed_is_refused_on_a_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = compose_train(*FAST, "trainer.precision=16-mixed")  # accelerator: auto
+    cfg = compose_train(*FAST, "trainer.accelerator=auto", "trainer.precision=16-mixed")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     validate(cfg)  # a GPU would run it
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
