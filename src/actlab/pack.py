@@ -536,14 +536,18 @@ def memory_need(
     per_layer = 4 if any(isinstance(m, nn.Dropout) and m.p for m in net) else 2
     bs, eval_bs = int(first.data.batch_size), int(first.data.eval_batch_size)
     rows = min(bs, len(data[0]))  # a batch is no larger than its split
-    eval_rows = min(eval_bs, max(len(data[2]), len(data[4])))
-    # Without a graph a layer's input, pre- and post-activation at a time (12 bytes a unit); the
-    # dead-unit probe's count of active units holds pre > 0 as bool and as int64 (8 + 9).
-    per_unit = 17 if callbacks.get("dead_units") else 12
+    val_rows, test_rows = (min(eval_bs, len(x)) for x in data[2::2])
     # The batch, its labels, the hidden layers, the logits and their log-softmax; the backward
     # pass adds two gradients of the widest layer at a time.
     train = k * rows * (4 * (inputs + per_layer * sum(widths) + 2 * out + 2 * widest) + 8)
-    evaluation = k * eval_rows * (per_unit * widest + 12 * out)
+    # Without a graph, a layer's pre- and post-activation at a time, and the next layer's
+    # pre-activation (4 bytes a unit each); the dead-unit probe of the validation pass holds a
+    # layer's pre > 0 as bool and as int64 beside its pre- and post-activation (8 + 9).
+    held = 8 if len(widths) == 1 else 12
+    val_unit = 17 if callbacks.get("dead_units") else held
+    evaluation = k * max(
+        val_rows * (val_unit * widest + 12 * out), test_rows * (held * widest + 12 * out)
+    )
     return MemoryNeed(
         kept={
             "data": sum(t.nbytes for t in data),
@@ -553,8 +557,8 @@ def memory_need(
             "solo modules": k * params if device.type == "cpu" else 0,
             "gradients": k * params,
             "optimizer state": states * k * params,
-            # Each member's best weights, kept for its test; and one member's checkpoint state.
-            "best states": (k * bool(callbacks.get("model_checkpoint")) + 1) * params,
+            # Each member's best weights, kept for its test.
+            "best states": k * params if callbacks.get("model_checkpoint") else 0,
             "batch orders": k * len(data[0]) * 8,
         },
         phases={
@@ -611,16 +615,20 @@ def check_memory(
         what = f"1/{sharing} of its {total / gib:.1f} GiB, shared by {sharing} device slots"
     else:
         what = f"of the {budget / gib:.1f} GiB free"
-    # All but the data grows with the pack.
+    # All but the data is in proportion to the members.
     data = need.kept["data"]
     fits = int((allowed - data) // ((peak - data) / members))
     lower = [f"hydra.sweeper.max_members to {fits}"] if fits >= 2 else []
-    lower += [name.partition("(")[2].partition("=")[0] for name in need.phases if "=" in name]
-    lower += ["launch.jobs_per_gpu"] if sharing > 1 else []
+    phase, size = max(need.phases.items(), key=lambda kv: kv[1])
+    if "=" in phase and size >= peak / 10:
+        lower.append(phase.partition("(")[2].partition("=")[0])  # its batch size
+    if sharing > 1:
+        lower.append("launch.jobs_per_gpu")
+    lower = lower or ["model.net.hidden_sizes"]
     raise UserError(
         f"a pack of {members} members needs about {peak / gib:.1f} GiB on {device} ({parts} GiB) "
         f"but may take {allowed / gib:.1f} GiB ({HEADROOM:.0%} {what}): lower "
-        f"{', '.join(lower[:-1])} or {lower[-1]}."
+        + (f"{', '.join(lower[:-1])} or {lower[-1]}." if len(lower) > 1 else f"{lower[0]}.")
     )
 
 
