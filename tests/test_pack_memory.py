@@ -33,7 +33,12 @@ BASE = [
     "hydra/sweeper=packed",
     "hydra.sweep.subdir=${hydra.job.num}",
 ]
-SYNTHETIC = ["data=synthetic", "data.source.n_train=164", "data.source.n_test=100"]
+SYNTHETIC = [
+    "data=synthetic",
+    "data.source.n_train=164",
+    "data.source.n_test=100",
+    "data.val_size=100",
+]
 # 2 inputs: wide layers whose activations outweigh their weights, at little arithmetic.
 REGRESSION = [
     "experiment=leaky_regression",
@@ -45,7 +50,7 @@ CASES = {
     # the weights' copies (stacked, solo, gradients, best states), Adam's moments and its step
     "weights": (
         8,
-        [*SYNTHETIC, "data.val_size=100", "model.net.hidden_sizes=[1024,1024]", "optimizer=adam"],
+        [*SYNTHETIC, "model.net.hidden_sizes=[1024,1024]", "optimizer=adam"],
     ),
     # the evaluation pass of a large eval batch, with the dead-unit probe
     "evaluation": (
