@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TESTS, compose_train, here_exit, results, run_command, run_train, script_env
+from conftest import TESTS, compose_train, here_exit, results, run_command, run_train
 from hydra.utils import instantiate
 
 from actlab import launch, pack
@@ -114,6 +114,7 @@ def test_the_estimate_is_the_peak_rss_of_a_cpu_pack(tmp_path: Path, case: str) -
 
 
 @pytest.mark.slow
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", CASES)
 def test_the_estimate_is_the_peak_allocated_memory_of_a_gpu_pack(tmp_path: Path, case: str) -> None:
@@ -172,7 +173,7 @@ def test_a_sweep_refuses_a_pack_too_big_for_its_device(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _device(monkeypatch, total=GIB, free=MIB)
-    args = [*BASE, *SYNTHETIC, "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
+    args = [*BASE, *SYNTHETIC, "trainer=cpu", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
     status, _, _ = here_exit("-m", *args)
     assert status == 1
     for member in ("0", "1"):
@@ -219,17 +220,11 @@ def test_a_slot_knows_how_many_share_its_memory(
 
 @pytest.mark.slow
 def test_packs_of_a_parallel_sweep_plan_for_their_slots_share(tmp_path: Path) -> None:
-    # One simulated GPU, two jobs on it: two packs, each trained on the CPU, whose RAM all the
-    # slots share: each may take HEADROOM of half the machine's memory.
+    # Two CPU slots: two packs, whose RAM both slots share: each may take HEADROOM of half of it.
     base = [a for a in BASE if not a.startswith("trainer.max_epochs=")]
-    args = [*base, *SYNTHETIC, "trainer.max_epochs=1", "seed=0,1,2,3", "hydra/launcher=parallel"]
-    proc = run_train(
-        "-m",
-        *args,
-        "launch.jobs_per_gpu=2",
-        f"hydra.sweep.dir={tmp_path}",
-        env=script_env(**{launch.FAKE_GPUS_ENV: "1"}),
-    )
+    args = [*base, *SYNTHETIC, "trainer=cpu", "trainer.max_epochs=1", "seed=0,1,2,3"]
+    slots = ["hydra/launcher=parallel", "launch.cpus=2", "launch.cpus_per_job=1"]
+    proc = run_train("-m", *args, *slots, f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     meminfo = Path("/proc/meminfo").read_text()
     total = int(re.search(r"MemTotal:\s+(\d+) kB", meminfo)[1]) * 1024
