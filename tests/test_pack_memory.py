@@ -22,8 +22,9 @@ MIB = 2**20
 # rise of the peak RSS also holds what the estimate leaves out: the process's own allocations
 # after the check (the loops' Trainer, loggers, checkpoint writing: 12 MiB for a pack of 2 x 32
 # units) and the heap glibc keeps for reuse. Measured (a loaded 2-core machine), rise / estimate:
-# 1.06-1.18 "weights", 0.97-1.00 "evaluation", 0.98 "training"; the estimate before it counted
-# best states, the evaluation pass and the data was 0.27 of the rise for "evaluation".
+# 1.14 "weights", 1.09 "evaluation", 0.89 "training". The estimate before this one (weights,
+# gradients, two optimizer states, training activations) was 0.53 and 0.06 of the rise of the
+# first two.
 MARGIN, SLACK = 0.25, 32 * MIB
 BASE = [
     "callbacks.progress_bar=null",
