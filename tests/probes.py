@@ -188,3 +188,44 @@ class MatmulPrecisionSeen(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.path.write_text(torch.get_float32_matmul_precision())
+
+
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith(field)))
+
+
+def measure_pack_memory(out: str) -> None:
+    """Writes to `out` (JSON) a pack's memory estimate (the `need` its check was given) and what
+    it used from the check to the end of its test: on a GPU the rise of
+    torch.cuda.max_memory_allocated, on a CPU of the process's peak RSS (VmHWM, reset at the check
+    through /proc/self/clear_refs: Linux). For this process only: see measured_pack_train.py."""
+    from actlab import pack
+
+    check, test = pack.check_memory, pack.PackTrainer.test
+    seen: dict = {}
+
+    def checked(need, members, device, sharing=1, resident=0):
+        budget = check(need, members, device, sharing, resident)
+        seen.update(
+            need={**need.kept, **need.phases}, peak=need.peak, resident=resident, device=device.type
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            seen["base"] = torch.cuda.memory_allocated(device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            seen["base"] = 1024 * _status_kib("VmRSS:")
+        return budget
+
+    def tested(self) -> None:
+        test(self)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            seen["used"] = torch.cuda.max_memory_allocated(self.device) - seen["base"]
+        else:
+            seen["used"] = 1024 * _status_kib("VmHWM:") - seen["base"]
+        Path(out).write_text(json.dumps(seen))
+
+    pack.check_memory, pack.PackTrainer.test = checked, tested

@@ -71,6 +71,18 @@ class Slot:
     def device(self) -> str:
         return "cpu" if self.gpu is None else f"cuda:{self.gpu}"
 
+    @property
+    def sharing(self) -> int:
+        """How many slots share this slot's memory: a GPU's `jobs_per_gpu`; the machine's RAM, all
+        CPU slots (and simulated GPUs': their jobs train on the CPU)."""
+        if self._slots is None:
+            return 1
+        return (
+            self._slots.jobs_per_gpu
+            if self.gpu is not None and not self.simulated
+            else len(self._slots)
+        )
+
     def info(self) -> dict[str, Any]:
         """What results.json and the loggers' config record about where the job ran."""
         return {

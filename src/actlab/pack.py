@@ -496,27 +496,156 @@ def max_members(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
 
-def check_memory(
-    nets: int, params_per_member: int, batch: int, widths: int, dev: torch.device
-) -> None:
-    """Refuse, before training, a pack whose tensors would not fit the device's free memory."""
-    # params, grads, two optimizer states; activations and their grads for a batch.
-    need = nets * 4 * (4 * params_per_member + 4 * batch * widths)
-    if dev.type == "cuda":
-        free = torch.cuda.mem_get_info(dev)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need > 0.8 * free:
-        raise UserError(
-            f"a pack of {nets} members needs about {need / 2**30:.1f} GiB but {dev} has "
-            f"{free / 2**30:.1f} GiB free: lower hydra.sweeper.max_members."
+# Of a device's memory, the part a pack may plan for: the rest is for what the estimate leaves
+# out (the CUDA context, the allocator's cache, Python and the libraries on a CPU) and its margin
+# (tests/test_pack_memory.py).
+HEADROOM = 0.8
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes a pack keeps on its device, by what holds them (actlab.pack.memory_need)."""
+
+    kept: dict[str, int]  # through the whole training
+    phases: dict[str, int]  # one at a time: the peak holds the largest
+
+    @property
+    def peak(self) -> int:
+        return sum(self.kept.values()) + max(self.phases.values())
+
+    def largest(self, n: int) -> list[tuple[str, int]]:
+        return sorted({**self.kept, **self.phases}.items(), key=lambda kv: -kv[1])[:n]
+
+
+def memory_need(
+    net: nn.Sequential, cfgs: list[DictConfig], data: list[torch.Tensor], device: torch.device
+) -> MemoryNeed:
+    """What a pack of members with these configs keeps on `device`; `net` is one member's network
+    (its shapes: a meta-device one will do), `data` the tensors of the train, val and test
+    splits (x, y each)."""
+    k, first = len(cfgs), cfgs[0]
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    params = 4 * sum(p.numel() for p in net.parameters())  # one member's, float32
+    largest = 4 * max(p.numel() for p in net.parameters())
+    widths = [lin.out_features for lin in linears[:-1]]
+    inputs, out = linears[0].in_features, linears[-1].out_features
+    widest = max([*widths, out])
+    opts = [c.optimizer for c in cfgs]
+    if first.optimizer._target_ == "torch.optim.SGD":
+        states = int(any(o.get("momentum") for o in opts))
+        # weight decay and Nesterov each make a gradient-sized tensor
+        temporaries = any(o.get("weight_decay") for o in opts) + any(
+            o.get("nesterov") for o in opts
         )
+    else:  # Adam's two moments (amsgrad's maximum), and its step's denominator in two tensors
+        states, temporaries = 2 + any(o.get("amsgrad") for o in opts), 2
+    callbacks = first.get("callbacks") or {}
+    # Each hidden layer keeps its pre- and post-activation for the backward pass; with dropout
+    # also its mask and the masked output.
+    per_layer = 4 if any(isinstance(m, nn.Dropout) and m.p for m in net) else 2
+    bs, eval_bs = int(first.data.batch_size), int(first.data.eval_batch_size)
+    rows = min(bs, len(data[0]))  # a batch is no larger than its split
+    val_rows, test_rows = (min(eval_bs, len(x)) for x in data[2::2])
+    # The batch, its labels, the hidden layers, the logits and their log-softmax; the backward
+    # pass adds two gradients of the widest layer at a time.
+    train = k * rows * (4 * (inputs + per_layer * sum(widths) + 2 * out + 2 * widest) + 8)
+    # Without a graph, a layer's pre- and post-activation at a time, and the next layer's
+    # pre-activation (4 bytes a unit each); the dead-unit probe of the validation pass holds a
+    # layer's pre > 0 as bool and as int64 beside its pre- and post-activation (8 + 9).
+    held = 8 if len(widths) == 1 else 12
+    val_unit = 17 if callbacks.get("dead_units") else held
+    evaluation = k * max(
+        val_rows * (val_unit * widest + 12 * out), test_rows * (held * widest + 12 * out)
+    )
+    return MemoryNeed(
+        kept={
+            "data": sum(t.nbytes for t in data),
+            "weights": k * params,
+            # Each member's solo module stays, with the solo optimizer its scheduler steps: in
+            # the host's memory, which on a CPU is the device's.
+            "solo modules": k * params if device.type == "cpu" else 0,
+            "gradients": k * params,
+            "optimizer state": states * k * params,
+            # Each member's best weights, kept for its test.
+            "best states": k * params if callbacks.get("model_checkpoint") else 0,
+            "batch orders": k * len(data[0]) * 8,
+        },
+        phases={
+            f"training activations (data.batch_size={bs})": train,
+            "optimizer step": temporaries * k * largest,
+            f"evaluation activations (data.eval_batch_size={eval_bs})": evaluation,
+        },
+    )
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(total, free) bytes: a GPU's (this process's cached blocks count as free: an earlier
+    pack's), or the machine's RAM (MemTotal, MemAvailable)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return total, free + cached
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines)}
+        return info["MemTotal"], info["MemAvailable"]
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # no /proc: macOS
+    return total, total
+
+
+def memory_budget(total: int, free: int, sharing: int) -> int:
+    """The bytes a pack may take: the free memory of a device it has alone; its share of the
+    device's total where `sharing` device slots share it. Packs that start at once would each
+    read the same free memory and plan for all of it; a share needs no reading."""
+    return free if sharing <= 1 else total // sharing
+
+
+def check_memory(
+    need: MemoryNeed, members: int, device: torch.device, sharing: int = 1, resident: int = 0
+) -> int:
+    """Refuse, before training, a pack whose peak (`memory_need`) exceeds HEADROOM of its
+    `memory_budget` on the device; `resident` bytes of it are in the device's memory already
+    (on a CPU, the data). Returns the budget."""
+    total, free = device_memory(device)
+    budget = memory_budget(total, free + resident, sharing)
+    peak, allowed = need.peak, HEADROOM * budget
+    gib = 2**30
+    log.info(
+        "pack of %d members: about %.2f GiB on %s, of the %.2f GiB it may take",
+        members,
+        peak / gib,
+        device,
+        allowed / gib,
+    )
+    if peak <= allowed:
+        return budget
+    parts = ", ".join(f"{name} {v / gib:.1f}" for name, v in need.largest(3))
+    if sharing > 1:
+        what = f"1/{sharing} of its {total / gib:.1f} GiB, shared by {sharing} device slots"
+    else:
+        what = f"of the {budget / gib:.1f} GiB free"
+    # All but the data is in proportion to the members.
+    data = need.kept["data"]
+    fits = int((allowed - data) // ((peak - data) / members))
+    lower = [f"hydra.sweeper.max_members to {fits}"] if fits >= 2 else []
+    phase, size = max(need.phases.items(), key=lambda kv: kv[1])
+    if "=" in phase and size >= peak / 10:
+        lower.append(phase.partition("(")[2].partition("=")[0])  # its batch size
+    if sharing > 1:
+        lower.append("launch.jobs_per_gpu")
+    lower = lower or ["model.net.hidden_sizes"]
+    raise UserError(
+        f"a pack of {members} members needs about {peak / gib:.1f} GiB on {device} ({parts} GiB) "
+        f"but may take {allowed / gib:.1f} GiB ({HEADROOM:.0%} {what}): lower "
+        + (f"{', '.join(lower[:-1])} or {lower[-1]}." if len(lower) > 1 else f"{lower[0]}.")
+    )
 
 
 class PackTrainer:
     """Fits the members on one device, writing each member's metrics, checkpoints and record."""
 
-    def __init__(self, members: list[Member], device: torch.device) -> None:
+    def __init__(self, members: list[Member], device: torch.device, sharing: int = 1) -> None:
+        """`sharing`: the device slots that share the device (actlab.launch.Slot.sharing)."""
         self.members, self.device = members, device
         first = members[0].cfg
         self.epochs = int(first.trainer.max_epochs)
@@ -549,6 +678,13 @@ class PackTrainer:
         self.datamodule = instantiate(first.data)
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
+        dm = self.datamodule
+        data = [*dm.train, *dm.val, *dm.test]
+        with torch.device("meta"):  # the shapes, before any member's weights are made
+            shapes = instantiate(first.model, optimizer=None, scheduler=None).net
+        need = memory_need(shapes, [m.cfg for m in members], data, device)
+        on_device = sum(t.nbytes for t in data if t.device.type == device.type)
+        check_memory(need, len(members), device, sharing, resident=on_device)
         nets, acts, generators = [], [], []
         # Each member's solo optimizer and scheduler: the scheduler steps it as in its solo job,
         # and the stacked optimizer takes its numbers from there. The optimizer holds one empty
@@ -576,9 +712,6 @@ class PackTrainer:
             names = [n for n in ("model_checkpoint", "last_checkpoint") if callbacks.get(n)]
             self.checkpointers.append({n: instantiate(callbacks[n]) for n in names})
         self.names = [f"net.{n}" for n, _ in nets[0].named_parameters()]
-        n_params = sum(p.numel() for p in nets[0].parameters())
-        widths = sum(p.shape[0] for p in nets[0].parameters() if p.dim() == 2)
-        check_memory(len(members), n_params, int(first.data.batch_size), widths, device)
         keys = [OmegaConf.to_yaml(m.cfg.model.act) for m in members]
         self.model = StackedMLP(nets, acts, keys).to(device)
         self.model.generators = generators
@@ -1136,7 +1269,7 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
             launch_info = {f"launch.{k}": v for k, v in slot.info().items()}
         device = torch.device(slot.device if slot and not slot.simulated else packing.device(cfg))
         log.info("pack of %d members on %s: %s", len(members), device, _names(members))
-        trainer = PackTrainer(members, device)
+        trainer = PackTrainer(members, device, slot.sharing if slot else 1)
         trainer.heartbeat = heartbeat
         for m in members:
             with hydra_of(m.full):
