@@ -561,13 +561,13 @@ def memory_need(
         kept={
             "data": sum(t.nbytes for t in data),
             "weights": k * params,
-            # Each member's solo module stays, with the solo optimizer its scheduler steps: in
-            # the host's memory, which on a CPU is the device's.
-            "solo modules": k * params if device.type == "cpu" else 0,
             "gradients": k * params,
             "optimizer state": states * k * params,
-            # Each member's best weights, kept for its test.
-            "best states": k * params if callbacks.get("model_checkpoint") else 0,
+            # Each member's best weights, kept for its test in the host's memory (cut from the
+            # epoch's one copy to the host), which on a CPU is the device's.
+            "best states": (
+                k * params if callbacks.get("model_checkpoint") and device.type == "cpu" else 0
+            ),
             "batch orders": k * len(data[0]) * 8,
         },
         phases={
