@@ -67,6 +67,9 @@ def test_every_member_matches_its_solo_job(sweeps: tuple[dict, dict]) -> None:
         # The dead-unit probe's numbers: one definition (diagnostics.unit_metrics) for both.
         for key in ("dead/mean", "dead/layer1", "rare/layer1", "act_mean/layer1"):
             assert p["metrics"][key] == pytest.approx(s["metrics"][key], abs=1e-4), (name, key)
+        # And the last logged gradient norms: one definition (diagnostics.grad_norms) for both.
+        for key in ("grad_norm/layer1", "grad_norm/output"):
+            assert p["metrics"][key] == pytest.approx(s["metrics"][key], rel=1e-3), (name, key)
         ws, wp = _weights(s["best_checkpoint"]), _weights(p["best_checkpoint"])
         assert Path(s["best_checkpoint"]).name == Path(p["best_checkpoint"]).name
         for key in ws:

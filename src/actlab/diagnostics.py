@@ -122,6 +122,18 @@ def unit_metrics(
     return out
 
 
+def grad_norms(layers: list[list[torch.Tensor]], members: int = 0) -> dict[str, torch.Tensor]:
+    """`grad_norm/layerK` for the hidden layers and `grad_norm/output` for the last: the 2-norm of
+    each layer's gradients (weight and bias together), from each layer's gradient tensors. The
+    first `members` dims are kept (1 for a pack's stacked [K, ...] gradients)."""
+    names = [f"layer{k}" for k in range(1, len(layers))] + ["output"][: len(layers)]
+    return {
+        f"grad_norm/{name}": sum(g.pow(2).flatten(members).sum(-1) for g in grads).sqrt()
+        for name, grads in zip(names, layers, strict=True)
+        if grads
+    }
+
+
 class DeadUnitMonitor(L.Callback):
     """Dead and rarely active units per hidden layer, measured during the regular validation pass.
 
@@ -174,13 +186,8 @@ class DeadUnitMonitor(L.Callback):
         # the loss scale times larger).
         if not self.grad_norms or (trainer.global_step + 1) % trainer.log_every_n_steps:
             return
-        linears = weighted_layers(pl_module.net)
-        names = [f"layer{k}" for k in range(1, len(linears))] + ["output"][: len(linears)]
-        norms = {}
-        for name, lin in zip(names, linears, strict=True):
-            grads = [p.grad for p in lin.parameters() if p.grad is not None]
-            if grads:
-                norms[f"grad_norm/{name}"] = torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g) for g in grads])
-                )
-        pl_module.log_dict(norms, on_step=True, on_epoch=False)
+        layers = [
+            [p.grad for p in lin.parameters() if p.grad is not None]
+            for lin in weighted_layers(pl_module.net)
+        ]
+        pl_module.log_dict(grad_norms(layers), on_step=True, on_epoch=False)

@@ -59,7 +59,7 @@ from torchmetrics.functional.regression.r2 import _r2_score_compute
 from actlab import checkpoints, packing
 from actlab import loggers as actlab_loggers
 from actlab.data import batch_order
-from actlab.diagnostics import hidden_activations, unit_metrics
+from actlab.diagnostics import grad_norms, hidden_activations, unit_metrics
 from actlab.errors import Interrupted, UserError, interruption
 from actlab.launch import finished_before, usable_cores
 from actlab.model import TASKS
@@ -660,7 +660,7 @@ class PackTrainer:
         self.metric = TASKS[first.model.get("task", "classification")][1]
         callbacks = first.get("callbacks") or {}
         self.probe_units = bool(callbacks.get("dead_units"))
-        self.grad_norms = self.probe_units and callbacks.dead_units.get("grad_norms", True)
+        self.log_grad_norms = self.probe_units and callbacks.dead_units.get("grad_norms", True)
         self.keep_best = bool(callbacks.get("model_checkpoint"))
         if self.keep_best:
             self.monitor = callbacks.model_checkpoint.get("monitor", "val/acc")
@@ -793,8 +793,9 @@ class PackTrainer:
                 losses.sum().backward()
                 log_now = (self.global_step + 1) % self.log_every == 0
                 step_logs: dict[str, torch.Tensor] = {}
-                if log_now and self.grad_norms:
-                    step_logs.update(self._grad_norms())
+                if log_now and self.log_grad_norms:
+                    layers = zip(self.model.weights, self.model.biases, strict=True)
+                    step_logs.update(grad_norms([[w.grad, b.grad] for w, b in layers], members=1))
                 if self.clip:
                     clip_per_member(self.params, float(self.clip))
                 self.optimizer.step()
@@ -873,14 +874,6 @@ class PackTrainer:
             metrics = {k: v[m.index] for k, v in values.items()}
             m.metrics.update(metrics)
             m.log({**metrics, "epoch": epoch}, step)
-
-    def _grad_norms(self) -> dict[str, torch.Tensor]:
-        names = [f"layer{i}" for i in range(1, len(self.model.weights))] + ["output"]
-        out = {}
-        for name, w, b in zip(names, self.model.weights, self.model.biases, strict=True):
-            sq = w.grad.pow(2).sum((1, 2)) + b.grad.pow(2).sum((1, 2))
-            out[f"grad_norm/{name}"] = sq.sqrt()
-        return out
 
     def _check_divergence(self, loss_sums: torch.Tensor, epoch: int) -> None:
         values = loss_sums.tolist()
