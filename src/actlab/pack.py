@@ -696,7 +696,8 @@ class PackTrainer:
         for m in members:
             L.seed_everything(m.cfg.seed, workers=True, verbose=False)  # as the solo job does
             solo = instantiate(m.cfg.model)
-            check_net(solo.net, m.cfg.data.in_features, m.cfg.data.num_classes)
+            if not nets:  # the members' networks differ only in their weights: one check
+                check_net(solo.net, first.data.in_features, first.data.num_classes)
             # The global generator as the solo job's dropout first draws from it.
             generators.append(torch.Generator().set_state(torch.get_rng_state()))
             nets.append(solo.net)
