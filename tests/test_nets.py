@@ -204,12 +204,13 @@ def test_a_network_without_activation_modules_trains_and_the_probe_says_it_skips
 
 @pytest.mark.slow
 def test_a_kmnist_like_idx_data_set_trains_and_packs(configs: Path, tmp_path: Path) -> None:
-    idx_data(configs, tmp_path / "data", "kmnist", 10)
-    base = ["data=kmnist", f"paths.data_dir={tmp_path / 'data'}", searchpath(configs)]
+    # Not "kmnist": the template's own data=kmnist (torchvision's) would win over a searchpath's.
+    idx_data(configs, tmp_path / "data", "kmnist_like", 10)
+    base = ["data=kmnist_like", f"paths.data_dir={tmp_path / 'data'}", searchpath(configs)]
     run = tmp_path / "run"
     proc = run_train(*base, *PACKABLE, f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert results(run)["status"] == "finished" and results(run)["config"]["data"] == "kmnist"
+    assert results(run)["status"] == "finished" and results(run)["config"]["data"] == "kmnist_like"
     sweep = tmp_path / "sweep"
     proc = run_train(
         "-m",
