@@ -66,20 +66,20 @@ def test_a_pack_keeps_no_solo_network_alive(
 ) -> None:
     """Each member's solo net is built, stacked and freed: its optimizer and scheduler (which
     give the member's learning rate) hold none of its parameters."""
-    params: list[weakref.ref] = []
-    check_net, fit = pack.check_net, pack.PackTrainer.fit
+    params: dict[int, weakref.ref] = {}
+    hidden_activations, fit = pack.hidden_activations, pack.PackTrainer.fit
     alive: list[int] = []
 
-    def watched(net, *args):
-        params.extend(weakref.ref(p) for p in net.parameters())
-        return check_net(net, *args)
+    def watched(net):  # called with each member's solo net as it is built (and stacked)
+        params.update((id(p), weakref.ref(p)) for p in net.parameters())
+        return hidden_activations(net)
 
     def fit_after_gc(self):
         gc.collect()
-        alive.append(sum(r() is not None for r in params))
+        alive.append(sum(r() is not None for r in params.values()))
         return fit(self)
 
-    monkeypatch.setattr(pack, "check_net", watched)
+    monkeypatch.setattr(pack, "hidden_activations", watched)
     monkeypatch.setattr(pack.PackTrainer, "fit", fit_after_gc)
     here("-m", *TINY, "logger=csv", "seed=0,1,2", f"hydra.sweep.dir={tmp_path}")
     assert len(params) == 3 * 4 and alive == [0]
