@@ -17,7 +17,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from actlab import ROOT
 from actlab.data import IDXSource, md5, write_idx
@@ -236,6 +236,15 @@ def run_folder_with_checkpoint(folder: Path, overrides: list[str]) -> Path:
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"")
     return ckpt
+
+
+def recorded_with(folder: Path, **trainer: str) -> None:
+    """Rewrite a run's `.hydra/config.yaml` as a run trained with these `trainer` keys records
+    it (e.g. accelerator="gpu" on a machine without one)."""
+    config = folder / ".hydra" / "config.yaml"
+    trained = OmegaConf.load(config)
+    trained.trainer.update(trainer)
+    OmegaConf.save(trained, config)
 
 
 def compose_train(*overrides: str) -> DictConfig:

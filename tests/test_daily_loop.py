@@ -24,13 +24,13 @@ from conftest import (
     here,
     here_exit,
     metric_rows,
+    recorded_with,
     results,
     run_command,
     run_folder_with_checkpoint,
     script_env,
 )
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
 from actlab import ROOT
 from actlab.eval import main as eval_main
@@ -207,10 +207,7 @@ def test_eval_of_a_gpu_run_on_a_machine_without_one_says_what_to_add(
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the run's accelerator is there")
     folder = shutil.copytree(interrupted["folder"], tmp_path / "gpu_run")
-    config = folder / ".hydra" / "config.yaml"
-    trained = OmegaConf.load(config)
-    trained.trainer.accelerator = "gpu"  # as a run trained with trainer=gpu records it
-    OmegaConf.save(trained, config)
+    recorded_with(folder, accelerator="gpu")
     best = folder / "checkpoints" / Path(resumed["record"]["best_checkpoint"]).name
     status, _, err = here_exit(f"ckpt_path={best}", main=eval_main)
     assert status == 2

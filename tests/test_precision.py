@@ -14,10 +14,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, QUICK, compose_train, here, here_exit, run_command, run_train
+from conftest import (
+    FAST,
+    QUICK,
+    compose_train,
+    here,
+    here_exit,
+    recorded_with,
+    run_command,
+    run_train,
+)
 from hydra.utils import instantiate
 from lightning.pytorch.plugins import MixedPrecision
-from omegaconf import OmegaConf
 
 from actlab import packing
 from actlab.diagnostics import DeadUnitMonitor
@@ -200,10 +208,7 @@ def test_matmul_precision_reaches_torch_during_training(tmp_path: Path) -> None:
 def test_eval_of_a_16_mixed_run_on_a_cpu_says_what_to_add(tmp_path: Path) -> None:
     folder = tmp_path / "run"
     here(*QUICK, "trainer=cpu", "logger=csv", "trainer.max_epochs=1", f"hydra.run.dir={folder}")
-    config = folder / ".hydra" / "config.yaml"
-    trained = OmegaConf.load(config)
-    trained.trainer.precision = "16-mixed"  # as a run trained with it on a GPU records it
-    OmegaConf.save(trained, config)
+    recorded_with(folder, precision="16-mixed")
     best = read_results(folder)["best_checkpoint"]
     status, _, err = here_exit(f"ckpt_path={best}", main=eval_main)
     assert status == 2
