@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import user_nets
 from conftest import CPU, compose_train, here
 from omegaconf import OmegaConf
 
-from actlab import packing
+from actlab import pack, packing
 from actlab.eval import main as eval_main
 from actlab.results import read_results
 
@@ -127,3 +128,26 @@ def test_what_torch_func_cannot_run_as_its_solo_job_runs_solo_with_its_reason(
         assert f") nor packed through torch.func: {why}" in reason and "\n" not in reason, reason
     reason = packing.solo_reason(_cfg(configs, "model.act=rrelu"))
     assert "its module 2 (actlab.activations.RReLU) draws random numbers" in reason, reason
+
+
+def test_the_memory_estimate_of_a_cnn_pack_bounds_its_weights_and_activations() -> None:
+    net = user_nets.SmallCNN(784, 10, torch.nn.ReLU)
+    outputs = []
+    for m in net.modules():
+        if next(m.children(), None) is None:
+            m.register_forward_hook(lambda m, i, out: outputs.append(out.nbytes))
+    net(torch.zeros(64, 784))  # one batch of data.batch_size rows
+    with torch.device("meta"):
+        shapes = user_nets.SmallCNN(784, 10, torch.nn.ReLU)
+    cfg = OmegaConf.create(
+        {
+            "optimizer": {"_target_": "torch.optim.SGD", "momentum": 0.9},
+            "data": {"batch_size": 64, "eval_batch_size": 500, "in_features": 784},
+        }
+    )
+    data = [torch.empty(n, 784) if i % 2 == 0 else torch.empty(n) for i, n in enumerate([640] * 6)]
+    need = pack.memory_need(shapes, [cfg] * 9, data, torch.device("cpu"))
+    weights = 9 * sum(p.nbytes for p in net.parameters())
+    assert need.kept["weights"] == need.kept["optimizer state"] == weights
+    # What autograd keeps of each member's forward (each module's output), and more.
+    assert need.phases["training activations (data.batch_size=64)"] > 9 * sum(outputs)
