@@ -179,7 +179,7 @@ def test_the_sweeper_builds_each_distinct_model_once(monkeypatch: pytest.MonkeyP
     built = []
     decide = packing._decide
     monkeypatch.setattr(packing, "_MODELS", {})
-    monkeypatch.setattr(packing, "_decide", lambda node: built.append(node) or decide(node))
+    monkeypatch.setattr(packing, "_decide", lambda *args: built.append(args) or decide(*args))
     for seed in range(3):
         for lr in (0.01, 0.1):
             cfg = compose_train("model.act=prelu", f"seed={seed}", f"optimizer.lr={lr}")

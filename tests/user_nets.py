@@ -62,3 +62,16 @@ class FunctionalMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(torch.relu(self.hidden(x)))
+
+
+class NoisyMLP(nn.Module):
+    """Gaussian noise on its hidden layer while training (a regulariser): random numbers drawn
+    inside its forward, which a pack's torch.func path cannot draw as each member's solo job."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(in_features, hidden), nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.hidden(x))
+        return self.out(h + 0.1 * torch.randn_like(h) if self.training else h)

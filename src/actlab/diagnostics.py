@@ -79,10 +79,7 @@ class UnitStats:
 
     def _hook(self, i: int, channels: bool):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            pre, post = inputs[0].detach(), output.detach()
-            if channels and pre.dim() > 2:  # [B, C, *positions] -> [B, C]
-                pre, post = pre.flatten(2).amax(-1), post.flatten(2).mean(-1)
-            pre, post = pre.flatten(0, -2), post.flatten(0, -2)
+            pre, post = per_unit(inputs[0].detach(), output.detach(), channels)
             active = (pre > 0).sum(0)
             act_sum = post.sum(0, dtype=torch.float32)
             if self.active[i] is None:
@@ -98,6 +95,16 @@ class UnitStats:
     def tensors(self) -> dict[str, torch.Tensor]:
         """unit_metrics of the samples seen, as 0-d device tensors."""
         return unit_metrics(self.active, self.act_sum, self.n) if self.n else {}
+
+
+def per_unit(
+    pre: torch.Tensor, post: torch.Tensor, channels: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hidden activation's input and output as [samples, units]: a Conv's channel is > 0 on a
+    sample where it is anywhere, its output averaged over the positions."""
+    if channels and pre.dim() > 2:  # [B, C, *positions] -> [B, C]
+        pre, post = pre.flatten(2).amax(-1), post.flatten(2).mean(-1)
+    return pre.flatten(0, -2), post.flatten(0, -2)
 
 
 def unit_metrics(

@@ -6,7 +6,8 @@ early stopping); everything else is shared (actlab.packing decides which jobs ca
 Weights are stacked as `[K, in, out]` and trained with batched matmuls, so one forward, backward
 and optimizer step serves all K, and the per-step overhead of a training framework is paid once.
 An activation's parameters (PReLU's slope, a learnable Swish's beta) are stacked as `[K, ...]`
-and trained alike.
+and trained alike. Any other network that can (actlab.packing.vmap_reason: a CNN, say) trains
+through torch.func instead (actlab.stacked_nets.StackedNets), its parameters `[K, *solo_shape]`.
 
 Each member gets exactly its solo job's start and data: its layers are built by the solo code
 under its seed (`actlab.model.MLPClassifier` after `L.seed_everything(seed)`), its batches of
@@ -74,6 +75,7 @@ from actlab.results import (
     write_json,
 )
 from actlab.runs import drop_rows_after, keep_attempt, resumable, set_aside, trained_epochs
+from actlab.stacked_nets import StackedNets, activation_bytes
 from actlab.validation import check_net
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,8 @@ def runs(keys: list[Any]) -> list[tuple[int, int]]:
 
 def to_solo(stacked: torch.Tensor, k: int, kind: str) -> torch.Tensor:
     """Member k's slice of a stacked tensor as its solo job's tensor; `kind` is "weight"
-    ([K, in, out]), "bias" ([K, 1, out]) or "act" (an activation's parameter, [K, ...])."""
+    ([K, in, out]), "bias" ([K, 1, out]) or "act" ([K, *solo_shape]: an activation's parameter,
+    or any parameter of actlab.stacked_nets.StackedNets)."""
     return stacked[k].T if kind == "weight" else stacked[k, 0] if kind == "bias" else stacked[k]
 
 
@@ -154,6 +157,14 @@ class StackedMLP(nn.Module):
 
     def __len__(self) -> int:
         return self.weights[0].shape[0]
+
+    @property
+    def hidden_layers(self) -> int:
+        return len(self.weights) - 1
+
+    def weighted_params(self) -> list[list[nn.Parameter]]:
+        """Each layer's stacked weight and bias."""
+        return [[w, b] for w, b in zip(self.weights, self.biases, strict=True)]
 
     def train(self, mode: bool = True) -> StackedMLP:
         # The members' activations are not submodules (each run shares one): RReLU's mode too.
@@ -524,12 +535,8 @@ def memory_need(
     (its shapes: a meta-device one will do), `data` the tensors of the train, val and test
     splits (x, y each)."""
     k, first = len(cfgs), cfgs[0]
-    linears = [m for m in net if isinstance(m, nn.Linear)]
-    params = 4 * sum(p.numel() for p in net.parameters())  # one member's, float32
-    largest = 4 * max(p.numel() for p in net.parameters())
-    widths = [lin.out_features for lin in linears[:-1]]
-    inputs, out = linears[0].in_features, linears[-1].out_features
-    widest = max([*widths, out])
+    params = sum(p.numel() * p.element_size() for p in net.parameters())  # one member's
+    largest = max(p.numel() * p.element_size() for p in net.parameters())
     opts = [c.optimizer for c in cfgs]
     if first.optimizer._target_ == "torch.optim.SGD":
         states = int(any(o.get("momentum") for o in opts))
@@ -540,23 +547,22 @@ def memory_need(
     else:  # Adam's two moments (amsgrad's maximum), and its step's denominator in two tensors
         states, temporaries = 2 + any(o.get("amsgrad") for o in opts), 2
     callbacks = first.get("callbacks") or {}
-    # Each hidden layer keeps its pre- and post-activation for the backward pass; with dropout
-    # also its mask and the masked output.
-    per_layer = 4 if any(isinstance(m, nn.Dropout) and m.p for m in net) else 2
     bs, eval_bs = int(first.data.batch_size), int(first.data.eval_batch_size)
     rows = min(bs, len(data[0]))  # a batch is no larger than its split
     val_rows, test_rows = (min(eval_bs, len(x)) for x in data[2::2])
-    # The batch, its labels, the hidden layers, the logits and their log-softmax; the backward
-    # pass adds two gradients of the widest layer at a time.
-    train = k * rows * (4 * (inputs + per_layer * sum(widths) + 2 * out + 2 * widest) + 8)
-    # Without a graph, a layer's pre- and post-activation at a time, and the next layer's
-    # pre-activation (4 bytes a unit each); the dead-unit probe of the validation pass holds a
-    # layer's pre > 0 as bool and as int64 beside its pre- and post-activation (8 + 9).
-    held = 8 if len(widths) == 1 else 12
-    val_unit = 17 if callbacks.get("dead_units") else held
-    evaluation = k * max(
-        val_rows * (val_unit * widest + 12 * out), test_rows * (held * widest + 12 * out)
-    )
+    if packing.network_reason(net) is None:
+        train, evaluation = _mlp_activations(net, k, rows, val_rows, test_rows, callbacks)
+    else:
+        # Through torch.func: a bound (measured for a CNN at K = 9-27: 40-85% of it). Each
+        # module's output is kept for the backward pass, vmap may move the members' dim into a
+        # copy of it (a Conv's input, its output), and the backward pass makes a gradient of
+        # each, and a copy; the batch (float32) and its labels.
+        each, widest = activation_bytes(net, int(first.data.in_features))
+        x = 4 * int(first.data.in_features)
+        train = k * rows * (x + 4 * each + 2 * widest + 8)
+        # Without a graph: an output, its copy and the next one at a time, and the probe's
+        # per-unit tensors (measured: 68-76% of it).
+        evaluation = k * max(val_rows, test_rows) * (x + 4 * widest)
     return MemoryNeed(
         kept={
             "data": sum(t.nbytes for t in data),
@@ -576,6 +582,31 @@ def memory_need(
             f"evaluation activations (data.eval_batch_size={eval_bs})": evaluation,
         },
     )
+
+
+def _mlp_activations(
+    net: nn.Sequential, k: int, rows: int, val_rows: int, test_rows: int, callbacks: Any
+) -> tuple[int, int]:
+    """The bytes of a hand-stacked pack's activations: training, evaluation."""
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    widths = [lin.out_features for lin in linears[:-1]]
+    inputs, out = linears[0].in_features, linears[-1].out_features
+    widest = max([*widths, out])
+    # Each hidden layer keeps its pre- and post-activation for the backward pass; with dropout
+    # also its mask and the masked output.
+    per_layer = 4 if any(isinstance(m, nn.Dropout) and m.p for m in net) else 2
+    # The batch, its labels, the hidden layers, the logits and their log-softmax; the backward
+    # pass adds two gradients of the widest layer at a time.
+    train = k * rows * (4 * (inputs + per_layer * sum(widths) + 2 * out + 2 * widest) + 8)
+    # Without a graph, a layer's pre- and post-activation at a time, and the next layer's
+    # pre-activation (4 bytes a unit each); the dead-unit probe of the validation pass holds a
+    # layer's pre > 0 as bool and as int64 beside its pre- and post-activation (8 + 9).
+    held = 8 if len(widths) == 1 else 12
+    val_unit = 17 if callbacks.get("dead_units") else held
+    evaluation = k * max(
+        val_rows * (val_unit * widest + 12 * out), test_rows * (held * widest + 12 * out)
+    )
+    return train, evaluation
 
 
 def device_memory(device: torch.device) -> tuple[int, int]:
@@ -714,7 +745,10 @@ class PackTrainer:
             self.checkpointers.append({n: instantiate(callbacks[n]) for n in names})
         self.names = [f"net.{n}" for n, _ in nets[0].named_parameters()]
         keys = [OmegaConf.to_yaml(m.cfg.model.act) for m in members]
-        self.model = StackedMLP(nets, acts, keys).to(device)
+        if packing.engine(first) == "torch.func":
+            self.model = StackedNets(nets, runs(keys)).to(device)
+        else:
+            self.model = StackedMLP(nets, acts, keys).to(device)
         self.model.generators = generators
         # The solo order, as in its optimizer state.
         self.params, self.kinds = self.model.solo_order()
@@ -795,8 +829,8 @@ class PackTrainer:
                 log_now = (self.global_step + 1) % self.log_every == 0
                 step_logs: dict[str, torch.Tensor] = {}
                 if log_now and self.log_grad_norms:
-                    layers = zip(self.model.weights, self.model.biases, strict=True)
-                    step_logs.update(grad_norms([[w.grad, b.grad] for w, b in layers], members=1))
+                    layers = self.model.weighted_params()
+                    step_logs.update(grad_norms([[p.grad for p in ps] for ps in layers], members=1))
                 if self.clip:
                     clip_per_member(self.params, float(self.clip))
                 self.optimizer.step()
@@ -896,7 +930,7 @@ class PackTrainer:
         K = len(self.members)
         loss, correct = torch.zeros(K, device=self.device), torch.zeros(K, device=self.device)
         r2 = 0  # torchmetrics' R2Score sums per member: targets, their squares, squared residuals
-        layers = len(self.model.weights) - 1
+        layers = self.model.hidden_layers
         active = [0] * layers
         act_sum = [0] * layers
 
@@ -1262,7 +1296,8 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
                 m.record["launch"] = slot.info()
             launch_info = {f"launch.{k}": v for k, v in slot.info().items()}
         device = torch.device(slot.device if slot and not slot.simulated else packing.device(cfg))
-        log.info("pack of %d members on %s: %s", len(members), device, _names(members))
+        path = " (torch.func)" if packing.engine(members[0].cfg) == "torch.func" else ""
+        log.info("pack of %d members on %s%s: %s", len(members), device, path, _names(members))
         trainer = PackTrainer(members, device, slot.sharing if slot else 1)
         trainer.heartbeat = heartbeat
         for m in members:

@@ -1,23 +1,26 @@
 """The rules the packed sweeper asks: can these jobs share a pack, and if not, the true reason.
 
 They fail closed: a job packs only where the engine (actlab.pack) can tell it trains as its solo
-job would. Its model must be `actlab.model.MLPClassifier`, whose training the pack reproduces,
-with a network of nn.Linear layers and one stackable activation between them; its data the
-template's in-memory `actlab.data.MNISTDataModule`. An activation stacks when it passes `probe`
-(or its config says `stackable: true`); one with parameters stacks with them stacked per member.
-The network is built once per distinct model config, on the meta device: no weights are made.
+job would. Its model must be `actlab.model.MLPClassifier`, whose training the pack reproduces;
+its data the template's in-memory `actlab.data.MNISTDataModule`. A network of nn.Linear layers and
+one stackable activation between them is stacked by hand (actlab.pack.StackedMLP): an activation
+stacks when it passes `probe` (or its config says `stackable: true`); one with parameters stacks
+with them stacked per member. Any other network packs through torch.func
+(actlab.stacked_nets.StackedNets) when it passes `vmap_reason`. The network is built once per
+distinct model config, on the meta device (and, for torch.func, twice on the CPU for its probe).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, stack_module_state, vmap
 
 from actlab.data import MNISTDataModule
 from actlab.model import MLPClassifier
@@ -160,68 +163,94 @@ def _data_reason(cfg: DictConfig) -> str | None:
     return None
 
 
-# model config (resolved, without its optimizer and scheduler) -> (solo reason, parameter shapes)
-_MODELS: dict[str, tuple[str | None, str]] = {}
+# How a pack trains a network: stacked by hand (actlab.pack.StackedMLP) or through torch.func
+# (actlab.stacked_nets.StackedNets).
+Engine = Literal["stacked", "torch.func"]
+# model config (resolved, without its optimizer and scheduler) and the data's width ->
+# (solo reason, parameter shapes, engine)
+_MODELS: dict[str, tuple[str | None, str, Engine | None]] = {}
 
 
-def _model(cfg: DictConfig) -> tuple[str | None, str]:
-    """Why this job's model cannot be stacked (or None), and its activation's parameter shapes
-    ("" for none); decided once per distinct model config."""
+def engine(cfg: DictConfig) -> Engine:
+    """How a pack of jobs of this config trains their networks (for a job that can pack)."""
+    decided = _model(cfg)[2]
+    assert decided is not None, "engine() of a job that cannot pack"
+    return decided
+
+
+def _model(cfg: DictConfig) -> tuple[str | None, str, Engine | None]:
+    """Why this job's model cannot be stacked (or None), the parameter shapes that members of
+    one pack share ("" for none), and the engine that packs it; decided once per distinct model
+    config."""
     target = cfg.model.get("_target_")
     try:
         cls = get_object(target)
     except Exception:  # noqa: BLE001
-        return f"model._target_={target} cannot be imported here", ""
+        return f"model._target_={target} cannot be imported here", "", None
     if cls is not MLPClassifier:
         return (
             f"model {target} is not actlab.model.MLPClassifier, whose training a pack reproduces",
             "",
+            None,
         )
     try:
         node = OmegaConf.to_container(cfg.model, resolve=True)
+        in_features = OmegaConf.select(cfg, "data.in_features")
     except Exception as e:  # noqa: BLE001
-        return f"the model config does not resolve here ({type(e).__name__}: {e})", ""
+        return f"the model config does not resolve here ({type(e).__name__}: {e})", "", None
     node.pop("optimizer", None)  # the optimizer and scheduler build no part of the network
     node.pop("scheduler", None)
-    key = OmegaConf.to_yaml(OmegaConf.create(node), sort_keys=True)
+    key = OmegaConf.to_yaml(OmegaConf.create(node), sort_keys=True) + f"in_features: {in_features}"
     if key not in _MODELS:
-        _MODELS[key] = _decide(OmegaConf.create(node))
+        _MODELS[key] = _decide(OmegaConf.create(node), in_features)
     return _MODELS[key]
 
 
-def _decide(node: DictConfig) -> tuple[str | None, str]:
+def _decide(node: DictConfig, in_features: Any) -> tuple[str | None, str, Engine | None]:
     try:
         with torch.device("meta"):
             net = instantiate(node, optimizer=None, scheduler=None).net
     except Exception as e:  # noqa: BLE001 -- the solo job reports it in its own words
-        return f"the model cannot be built here ({type(e).__name__}: {e})", ""
-    if reason := network_reason(net):
-        return f"model.net {node.net.get('_target_')} cannot be stacked: {reason}", ""
-    widths = [m.out_features for m in list(net)[:-1] if isinstance(m, nn.Linear)]
-    if not widths:
-        return None, ""  # a linear model: nothing to activate
-    act_cfg = node.act
+        return f"the model cannot be built here ({type(e).__name__}: {e})", "", None
+    act_cfg = node.get("act") or {}
     target = act_cfg.get("_target_")
     stackable = act_cfg.get("stackable")
-    if stackable is False:
-        return f"model.act {target} has stackable: false", ""
-    if stackable not in (None, True):
-        return f"model.act.stackable={stackable} is not true or false", ""
+    reason = network_reason(net)
+    widths = [] if reason else [m.out_features for m in list(net)[:-1] if isinstance(m, nn.Linear)]
+    # A linear model has no activation for the key to be about.
+    if (reason or widths) and stackable is False:
+        return f"model.act {target} has stackable: false", "", None
+    if (reason or widths) and stackable not in (None, True):
+        return f"model.act.stackable={stackable} is not true or false", "", None
+    if reason:
+        if why := vmap_reason(node, net, in_features):
+            return (
+                f"model.net {node.net.get('_target_')} cannot be stacked ({reason}) nor packed "
+                f"through torch.func: {why}",
+                "",
+                None,
+            )
+        # Stacked by name: members of one pack have the same parameters.
+        shapes = ",".join(f"{n}{tuple(p.shape)}" for n, p in net.named_parameters())
+        return None, shapes, "torch.func"
+    if not widths:
+        return None, "", "stacked"  # a linear model: nothing to activate
     with torch.random.fork_rng(devices=[]):  # the sweeper's own random state is left alone
         act = without_stackable(instantiate(act_cfg))()
     if any(type(a) is not type(act) for a in _without_dropout(net)[1::2]):
-        return f"the network's activations are not all model.act's {target}", ""
+        return f"the network's activations are not all model.act's {target}", "", None
     shapes = ",".join(f"{n}{tuple(p.shape)}" for n, p in act.named_parameters())
     if stackable or random_activation(act):  # the pack draws its numbers per member
-        return None, shapes
+        return None, shapes, "stacked"
     for width in sorted(set(widths)):
         if why := probe(act, width):
             return (
                 f"model.act {target} cannot be stacked: {why}; if the probe is wrong, set "
                 "model.act.stackable=true",
                 "",
+                None,
             )
-    return None, shapes
+    return None, shapes, "stacked"
 
 
 def random_activation(act: nn.Module | type) -> bool:
@@ -255,6 +284,54 @@ def network_reason(net: nn.Module) -> str | None:
             return f"the network's layer {i} ({_name(type(m))}) is not an activation"
     if len(_without_dropout(net)) % 2 == 0:
         return "the network does not end with an nn.Linear"
+    return None
+
+
+def vmap_reason(node: DictConfig, net: nn.Module, in_features: Any) -> str | None:
+    """Why a pack cannot train this network (`net` built on the meta device from the model config
+    `node`) through torch.func as each member's solo job trains it, or None.
+
+    It stacks the members' parameters (float ones) and nothing else: a buffer (BatchNorm's
+    running statistics) would be state that each member updates in place. A module that draws
+    random numbers (dropout, RReLU) would draw them under vmap apart from the member's solo job.
+    The probe: two networks built from `node` (other weights), in training mode, on a fixed
+    random input each; vmap(functional_call) over their stacked parameters must give each one's
+    own output.
+    """
+    if not isinstance(in_features, int):
+        return f"data.in_features={in_features} is not an integer"
+    if odd := [f"{n} ({p.dtype})" for n, p in net.named_parameters() if not p.is_floating_point()]:
+        return f"its parameter {odd[0]} is not a float tensor"
+    if buffers := [n for n, _ in net.named_buffers()]:
+        return (
+            f"it has buffers ({', '.join(buffers[:3])}{', ...' if len(buffers) > 3 else ''}), "
+            "state a pack does not stack per member (only parameters)"
+        )
+    for name, m in net.named_modules():
+        dropout = isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+        if dropout or isinstance(m, nn.RReLU) or random_activation(m):
+            return (
+                f"its module {name} ({_name(type(m))}) draws random numbers, which vmap cannot "
+                "draw as each member's solo job does"
+            )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, _PROBE_ROWS, in_features, generator=g)
+    try:
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
+            torch.manual_seed(0)
+            nets = [instantiate(node, optimizer=None, scheduler=None).net for _ in range(2)]
+        for n in nets:
+            n.train()
+        params, _ = stack_module_state(nets)
+        base = copy.deepcopy(nets[0]).to("meta")
+        with torch.no_grad():
+            each = torch.stack([n(x[k]) for k, n in enumerate(nets)])
+            together = vmap(lambda p, h: functional_call(base, p, (h,)))(params, x)
+    except Exception as e:  # noqa: BLE001 -- what it raised is the reason
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"torch.func.vmap of its forward raised {type(e).__name__} on the probe ({first})"
+    if not _close(together, each):
+        return "torch.func.vmap of its forward over 2 members does not give each member's output"
     return None
 
 

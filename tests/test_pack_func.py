@@ -1,0 +1,153 @@
+"""Networks the hand-stacked pack cannot take (a CNN) pack through torch.func
+(actlab.stacked_nets.StackedNets): each member is its solo job; what vmap cannot run as its solo
+job runs solo, with its reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import user_nets
+from conftest import CPU, compose_train, here
+from omegaconf import OmegaConf
+
+from actlab import pack, packing
+from actlab.eval import main as eval_main
+from actlab.results import read_results
+
+NETS = {
+    "cnn": {"_target_": "user_nets.SmallCNN", "channels": 4, "act": "${model.act}"},
+    "bn_mlp": {"_target_": "user_nets.BatchNormMLP", "act": "${model.act}"},
+    "noisy": {"_target_": "user_nets.NoisyMLP"},
+}
+SIZES = {"in_features": "${data.in_features}", "num_classes": "${data.num_classes}"}
+BASE = [
+    "data=synthetic",
+    "data.source.n_train=600",
+    "data.source.n_test=100",
+    "data.val_size=100",
+    "callbacks.progress_bar.refresh_rate=0",
+    "logger=csv",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=5",
+    *CPU,
+    "model.net=cnn",
+]
+GRID = ["model.act=relu,leaky", "seed=0,1"]
+# A member's weights and its solo job's after 1 epoch (8 SGD steps): measured equal within
+# 1e-8 (3e-8 after 2 epochs); vmap's grouped convolution adds in another order.
+WEIGHT_ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("configs")
+    (folder / "model.net").mkdir()
+    for name, node in NETS.items():
+        OmegaConf.save(OmegaConf.create({**node, **SIZES}), folder / "model.net" / f"{name}.yaml")
+    return folder
+
+
+def _cfg(configs: Path, *overrides: str):
+    return compose_train(*BASE, f"hydra.searchpath=[file://{configs}]", *overrides)
+
+
+@pytest.fixture(scope="module")
+def sweeps(configs: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    out = {}
+    for sweeper in ("basic", "packed"):
+        folder = tmp_path_factory.mktemp(sweeper)
+        args = [*BASE, *GRID, f"hydra/sweeper={sweeper}", f"hydra.searchpath=[file://{configs}]"]
+        here("-m", *args, f"hydra.sweep.dir={folder}")
+        out[sweeper] = {p.parent.name: p.parent for p in folder.glob("*/.hydra")}
+    return out["basic"], out["packed"]
+
+
+def _weights(ckpt: str) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("net.")}
+
+
+@pytest.mark.slow
+def test_a_cnn_packs_through_torch_func_and_each_member_is_its_solo_job(
+    sweeps: tuple[dict, dict],
+) -> None:
+    solo, packed = sweeps
+    assert sorted(solo) == sorted(packed) and len(packed) == 4
+    for name, folder in packed.items():
+        s, p = read_results(solo[name]), read_results(folder)
+        assert p["status"] == s["status"] == "finished", (name, p.get("error"))
+        assert p["pack"]["size"] == 4 and p["pack"]["id"] == "pack-0"
+        assert "pack of 4 members on cpu (torch.func): " in (folder / "train.log").read_text()
+        assert set(p["metrics"]) == set(s["metrics"])
+        for key in ("val/acc_best", "test/acc"):
+            assert abs(p["metrics"][key] - s["metrics"][key]) <= 0.001, (name, key)
+        # The dead-unit probe's numbers, the conv's channels (layer1) and the hidden Linear's.
+        units = [k for k in s["metrics"] if k.startswith(("dead/", "rare/", "act_mean/"))]
+        assert {"dead/layer1", "dead/layer2", "act_mean/layer1"} <= set(units)
+        for key in units:
+            assert p["metrics"][key] == pytest.approx(s["metrics"][key], abs=1e-4), (name, key)
+        grads = [k for k in s["metrics"] if k.startswith("grad_norm/")]
+        assert {"grad_norm/layer1", "grad_norm/layer2", "grad_norm/output"} <= set(grads)
+        for key in grads:
+            assert p["metrics"][key] == pytest.approx(s["metrics"][key], rel=1e-3), (name, key)
+        ws, wp = _weights(s["best_checkpoint"]), _weights(p["best_checkpoint"])
+        solo_names = [f"net.{i}.{p}" for i in (1, 5, 7) for p in ("weight", "bias")]
+        assert list(wp) == list(ws) == solo_names  # the solo state_dict's names, eval.py's
+        for key in ws:
+            torch.testing.assert_close(wp[key], ws[key], atol=WEIGHT_ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_eval_reads_a_cnn_members_checkpoint(sweeps: tuple[dict, dict]) -> None:
+    folder = next(iter(sweeps[1].values()))
+    record = read_results(folder)
+    here(f"ckpt_path={record['best_checkpoint']}", main=eval_main)
+    (result,) = folder.glob("eval_best-*.json")
+    tested = json.loads(result.read_text())["metrics"]
+    assert tested["test/acc"] == pytest.approx(record["metrics"]["test/acc"], abs=1e-6)
+
+
+def test_what_torch_func_cannot_run_as_its_solo_job_runs_solo_with_its_reason(
+    configs: Path,
+) -> None:
+    assert packing.solo_reason(_cfg(configs)) is None
+    assert packing.engine(_cfg(configs)) == "torch.func"
+    assert packing.engine(compose_train("data=synthetic")) == "stacked"  # the template's MLP
+    cases = {
+        "bn_mlp": "it has buffers (layers.1.running_mean, layers.1.running_var, layers.1."
+        "num_batches_tracked), state a pack does not stack per member (only parameters)",
+        "noisy": "torch.func.vmap of its forward raised RuntimeError on the probe (vmap: called "
+        "random operation while in randomness error mode.",
+    }
+    for net, why in cases.items():
+        reason = packing.solo_reason(_cfg(configs, f"model.net={net}"))
+        assert reason.startswith(f"model.net {NETS[net]['_target_']} cannot be stacked (the "), net
+        assert f") nor packed through torch.func: {why}" in reason and "\n" not in reason, reason
+    reason = packing.solo_reason(_cfg(configs, "model.act=rrelu"))
+    assert "its module 2 (actlab.activations.RReLU) draws random numbers" in reason, reason
+
+
+def test_the_memory_estimate_of_a_cnn_pack_bounds_its_weights_and_activations() -> None:
+    net = user_nets.SmallCNN(784, 10, torch.nn.ReLU)
+    outputs = []
+    for m in net.modules():
+        if next(m.children(), None) is None:
+            m.register_forward_hook(lambda m, i, out: outputs.append(out.nbytes))
+    net(torch.zeros(64, 784))  # one batch of data.batch_size rows
+    with torch.device("meta"):
+        shapes = user_nets.SmallCNN(784, 10, torch.nn.ReLU)
+    cfg = OmegaConf.create(
+        {
+            "optimizer": {"_target_": "torch.optim.SGD", "momentum": 0.9},
+            "data": {"batch_size": 64, "eval_batch_size": 500, "in_features": 784},
+        }
+    )
+    data = [torch.empty(n, 784) if i % 2 == 0 else torch.empty(n) for i, n in enumerate([640] * 6)]
+    need = pack.memory_need(shapes, [cfg] * 9, data, torch.device("cpu"))
+    weights = 9 * sum(p.nbytes for p in net.parameters())
+    assert need.kept["weights"] == need.kept["optimizer state"] == weights
+    # What autograd keeps of each member's forward (each module's output), and more.
+    assert need.phases["training activations (data.batch_size=64)"] > 9 * sum(outputs)
