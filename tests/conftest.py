@@ -31,11 +31,16 @@ CPU = ["trainer=cpu"]
 FAST = ["data=synthetic", "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0", *CPU]
 TESTS = Path(__file__).resolve().parent
 # Small synthetic data, no progress bar: the whole path in seconds, offline. Add a logger.
-QUICK = [
+SMALL_DATA = [
     "data=synthetic",
     "data.source.n_train=600",
     "data.source.n_test=100",
     "data.val_size=100",
+]
+# A packed sweep's quick overrides: a pack honours no `++trainer` key of QUICK's (those go solo).
+PACKABLE = [*SMALL_DATA, "callbacks.progress_bar.refresh_rate=0", "logger=csv", *CPU]
+QUICK = [
+    *SMALL_DATA,
     "callbacks.progress_bar=null",
     "callbacks.model_summary=null",
     "++trainer.enable_progress_bar=false",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import user_nets
-from conftest import CPU, compose_train, here
+from conftest import PACKABLE, compose_train, here
 from omegaconf import OmegaConf
 
 from actlab import pack, packing
@@ -24,15 +24,9 @@ NETS = {
 }
 SIZES = {"in_features": "${data.in_features}", "num_classes": "${data.num_classes}"}
 BASE = [
-    "data=synthetic",
-    "data.source.n_train=600",
-    "data.source.n_test=100",
-    "data.val_size=100",
-    "callbacks.progress_bar.refresh_rate=0",
-    "logger=csv",
+    *PACKABLE,
     "trainer.max_epochs=1",
     "trainer.log_every_n_steps=5",
-    *CPU,
     "model.net=cnn",
 ]
 GRID = ["model.act=relu,leaky", "seed=0,1"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU, compose_train, run_command, run_train
+from conftest import PACKABLE, compose_train, run_command, run_train
 from hydra.utils import instantiate
 from test_pack import WEIGHT_ATOL, _main, _weights
 from torch import nn
@@ -23,13 +23,7 @@ from actlab.validation import validate
 
 # Folder names are the overrides: short ones, or a path grows past the file system's limit.
 BASE = [
-    "data=synthetic",
-    "data.source.n_train=600",
-    "data.source.n_test=100",
-    "data.val_size=100",
-    "callbacks.progress_bar.refresh_rate=0",
-    "logger=csv",
-    *CPU,
+    *PACKABLE,
     "trainer.max_epochs=2",
     "model.net.hidden_sizes=[16,16]",
 ]
