@@ -1,8 +1,10 @@
 """A sweep composes its grid once per choice of config groups (hydra_plugins.actlab_grid.composed):
-each job's config must be exactly the one Hydra's `load_sweep_config` gives, node for node."""
+each job's config must be exactly the one Hydra's `load_sweep_config` gives, node for node. A
+pack's member reads its `${hydra:...}` values from its own config (actlab.pack.member_from)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,11 +12,13 @@ from conftest import QUICK
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra._internal.utils import create_config_search_path
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
-from omegaconf import Container, DictConfig, ListConfig, Node
+from omegaconf import Container, DictConfig, ListConfig, Node, OmegaConf, open_dict
 
+from actlab.pack import member_from
 from actlab.train import CONFIG_DIR
 from hydra_plugins.actlab_grid import composed
 
@@ -31,7 +35,8 @@ def sweep(*overrides: str) -> tuple[CountingLoader, DictConfig, list[list[str]]]
     """What `train.py -m <overrides>` hands its sweeper: the loader, the multirun's config and the
     grid's jobs (hydra.sweeper.params first, as the sweepers read them)."""
     loader = CountingLoader(config_search_path=create_config_search_path(str(CONFIG_DIR)))
-    master = loader.load_configuration("train", list(overrides), run_mode=RunMode.MULTIRUN)
+    multirun = [*overrides, "hydra.mode=MULTIRUN"]  # what `-m` adds
+    master = loader.load_configuration("train", multirun, run_mode=RunMode.MULTIRUN)
     params = [f"{k}={v}" for k, v in (master.hydra.sweeper.params or {}).items()]
     parser = OverridesParser.create(config_loader=loader)
     task = parser.parse_overrides(params + list(master.hydra.overrides.task))
@@ -124,3 +129,29 @@ def test_a_job_alone_in_its_groups_is_composed_once() -> None:
         "none",
     ]
     assert loader.composes == 3
+
+
+def test_members_read_their_own_hydra_values_and_leave_hydras_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loader, master, jobs = sweep("seed=0,1")
+    fulls = list(composed(jobs, loader, master))
+    for i, cfg in enumerate(fulls):  # as the packed sweeper writes members.yaml
+        with open_dict(cfg):
+            cfg.hydra.sweep.dir = str(tmp_path)
+            cfg.hydra.runtime.output_dir = str(tmp_path / f"job{i}")
+    OmegaConf.save(OmegaConf.create(fulls), tmp_path / "members.yaml")
+    # The pack job's own HydraConfig stays, and nothing may set it.
+    pack_job = OmegaConf.create({"hydra": {"runtime": {"output_dir": "pack"}}})
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", pack_job)
+    monkeypatch.setattr(HydraConfig, "__setattr__", lambda *_: pytest.fail("HydraConfig set"))
+    for i, full in enumerate(OmegaConf.load(tmp_path / "members.yaml")):
+        m = member_from(full, i)
+        assert (m.cfg.seed, m.cfg.paths.output_dir, m.out) == (i, str(m.out), tmp_path / f"job{i}")
+        assert m.cfg.launch.lock_dir == f"{tmp_path}/.slots"
+        # Its `.hydra/` is a solo job's: the config as composed, its overrides.
+        task = OmegaConf.to_container(fulls[i])
+        del task["hydra"]
+        assert OmegaConf.to_container(OmegaConf.load(m.out / ".hydra" / "config.yaml")) == task
+        assert OmegaConf.load(m.out / ".hydra" / "overrides.yaml") == [f"seed={i}"]
+    assert HydraConfig.instance().cfg is pack_job
