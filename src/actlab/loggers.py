@@ -48,6 +48,7 @@ def wandb_logger(
     mode: str = "auto",
     init_timeout: float = 30,
     new_run: bool = False,
+    job: Any = None,
     **kwargs,
 ) -> WandbLogger:
     """A WandbLogger that never prompts: online with a key, offline without (mode=auto).
@@ -56,10 +57,11 @@ def wandb_logger(
     so W&B's tables line up with the folders under logs/. The run id is kept in the folder
     (wandb/run_id): a run resumed there continues the same W&B run (online), or syncs into it
     (offline). `init_timeout` bounds the wait for an unreachable server. `new_run` starts the
-    run now, beside any other open in this process (the members of a pack, actlab.pack).
+    run now, beside any other open in this process (the members of a pack, actlab.pack); `job`
+    is the hydra node of the job the run is for (a member's own), by default Hydra's current one.
     """
     mode = wandb_mode(mode)
-    hc = HydraConfig.get()
+    hc = HydraConfig.get() if job is None else job
     multirun = hc.mode == RunMode.MULTIRUN
     act = hc.runtime.choices.get("model.act")
     kwargs.setdefault("group", Path(hc.sweep.dir).name if multirun else None)

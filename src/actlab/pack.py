@@ -36,6 +36,7 @@ import logging
 import math
 import operator
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -47,12 +48,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import _save_config
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf._impl import _resolve_container_value
 from torch import nn
 from torch.func import functional_call, vmap
 from torchmetrics.functional.regression.r2 import _r2_score_compute
@@ -439,34 +440,43 @@ class Member:
             lg.log_metrics(metrics, step)
 
 
-@contextlib.contextmanager
-def hydra_of(full: DictConfig) -> Iterator[None]:
-    """HydraConfig set to a member's own (its folder, overrides, choices) for a moment."""
-    instance = HydraConfig.instance()
-    saved = instance.cfg
-    # set_config() wants Hydra's typed node; a member's comes back from members.yaml untyped.
-    instance.cfg = OmegaConf.masked_copy(full, "hydra")
-    try:
-        yield
-    finally:
-        instance.cfg = saved
+# Hydra's `${hydra:key}` reads the process's HydraConfig; a member's `${oc.select:hydra.key}` reads
+# the hydra node in its own config, so no member sees another's (or the pack job's) values.
+HYDRA_RESOLVER = re.compile(r"\$\{\s*hydra\s*:\s*")
+
+
+def _own_hydra(value: Any) -> Any:
+    if isinstance(value, str):
+        return HYDRA_RESOLVER.sub("${oc.select:hydra.", value)
+    if isinstance(value, dict):
+        return {k: _own_hydra(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_own_hydra(v) for v in value]
+    return value
 
 
 def member_from(full: DictConfig, index: int) -> Member:
-    """A member from the config the sweeper composed for it: writes its `.hydra/` folder."""
+    """A member from the config the sweeper composed for it: writes its `.hydra/` folder as
+    Hydra does for a job (hydra.core.utils._save_config), and resolves its config against its
+    own hydra node, never Hydra's global one."""
     full = OmegaConf.create(OmegaConf.to_container(full))  # its own root, for `${paths...}`
     full.hydra.mode = RunMode[full.hydra.mode]  # an enum again, as HydraConfig.get() gives it
+    keys = [k for k in full if k != "hydra"]
+    own = OmegaConf.create(
+        {k: _own_hydra(v) if k in keys else v for k, v in OmegaConf.to_container(full).items()}
+    )
+    for key in keys:
+        _resolve_container_value(own, key)  # what OmegaConf.resolve does, key by key
+    resolved = OmegaConf.masked_copy(own, keys)
     out = Path(full.hydra.runtime.output_dir)
     task = copy.deepcopy(full)
     with read_write(task), open_dict(task):
         del task["hydra"]
-    with hydra_of(full):
-        hydra_dir = out / str(full.hydra.output_subdir)
-        _save_config(task, "config.yaml", hydra_dir)
-        _save_config(full, "hydra.yaml", hydra_dir)
-        _save_config(full.hydra.overrides.task, "overrides.yaml", hydra_dir)
-        resolved = copy.deepcopy(task)
-        OmegaConf.resolve(resolved)  # `${hydra:...}` must not depend on which member is current
+    hydra_dir = out / str(full.hydra.output_subdir)
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(task, hydra_dir / "config.yaml")
+    OmegaConf.save(full, hydra_dir / "hydra.yaml")
+    OmegaConf.save(full.hydra.overrides.task, hydra_dir / "overrides.yaml")
     choices = OmegaConf.to_container(full.hydra.runtime.choices)
     return Member(resolved, out, choices, index, full)
 
@@ -1301,18 +1311,22 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
         trainer = PackTrainer(members, device, slot.sharing if slot else 1)
         trainer.heartbeat = heartbeat
         for m in members:
-            with hydra_of(m.full):
-                for c in (m.cfg.get("logger") or {}).values():
-                    if not c:
-                        continue
-                    own_run = c.get("_target_") == "actlab.loggers.wandb_logger"
-                    lg = instantiate(c, **({"new_run": True} if own_run else {}))
-                    m.loggers.append(lg)
-                    if m.resumed and isinstance(lg, CSVLogger):  # its later epochs come again
-                        drop_rows_after(Path(lg.log_dir) / "metrics.csv", m.first_epoch - 1)
-                    if own_run:
-                        actlab_loggers.announce(lg)
-                    lg.log_hyperparams({**logged_config(m.cfg, m.choices), **launch_info})
+            for c in (m.cfg.get("logger") or {}).values():
+                if not c:
+                    continue
+                own_run = c.get("_target_") == "actlab.loggers.wandb_logger"
+                # A W&B run of its own, named from the member's hydra node, not the pack job's.
+                lg = (
+                    instantiate(c, _partial_=True)(new_run=True, job=m.full.hydra)
+                    if own_run
+                    else instantiate(c)
+                )
+                m.loggers.append(lg)
+                if m.resumed and isinstance(lg, CSVLogger):  # its later epochs come again
+                    drop_rows_after(Path(lg.log_dir) / "metrics.csv", m.first_epoch - 1)
+                if own_run:
+                    actlab_loggers.announce(lg)
+                lg.log_hyperparams({**logged_config(m.cfg, m.choices), **launch_info})
         trainer.fit()
         fit_seconds = trainer.seconds()
         if cfg.get("test", True):
