@@ -333,7 +333,9 @@ def test_packed_members_match_solo_jobs_on_real_mnist(tmp_path: Path) -> None:
     for name, folder in packed.items():
         s, p = read_results(solo[name]), read_results(folder)
         for key in ("val/acc_best", "test/acc"):
-            assert abs(p["metrics"][key] - s["metrics"][key]) <= 0.001, (name, key)
+            # Within 0.1 point (5 of the 5,000 validation images), as float32 accuracies read
+            # it: 5 images apart measured 0.0010000467.
+            assert abs(p["metrics"][key] - s["metrics"][key]) <= 0.001 + 1e-6, (name, key)
         ws, wp = _weights(s["best_checkpoint"]), _weights(p["best_checkpoint"])
         for key in ws:
             # 860 steps amplify rounding differences where units cross 0 (ReLU, leaky): measured
