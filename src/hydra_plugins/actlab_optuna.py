@@ -91,9 +91,8 @@ class Space:
             self.distributions[key] = d
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
-        return self.fixed + [
-            f"{k}={self.texts[k][v] if k in self.texts else v!r}" for k, v in params.items()
-        ]
+        texts = {k: self.texts[k][v] if k in self.texts else repr(v) for k, v in params.items()}
+        return self.fixed + [f"{k}={text}" for k, text in texts.items()]
 
     def grid(self) -> dict[str, list[Any]]:
         """The grid sampler's search space: every key a choice or a range."""
