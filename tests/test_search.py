@@ -3,12 +3,14 @@ time, trained as packs, their values told back from their results.json; resume; 
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
-from conftest import CPU, here, here_exit, results
+from conftest import CPU, here, here_exit, metric_rows, results
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -202,3 +204,48 @@ def test_trials_that_cannot_pack_run_solo(tmp_path: Path) -> None:
         same = sizes.count(sizes[t.number])
         assert record.get("pack", {}).get("size", 1) == same
         assert ("pack" in record) == (same > 1)
+
+
+def val_best(folder: Path) -> list[float]:
+    """The member's val/acc_best after each epoch, from its metrics.csv."""
+    return [float(r["val/acc_best"]) for r in metric_rows(folder) if r["val/acc_best"]]
+
+
+@pytest.mark.slow
+def test_members_a_median_pruner_stops_are_frozen_recorded_and_told_pruned(
+    tmp_path: Path,
+) -> None:
+    """Round 2's members are pruned after the first epoch at which their best is below the
+    median of round 1's (finished) trials at that epoch, as read from the members' csv files."""
+    sweep = tmp_path / "sweep"
+    here(
+        *SEARCH,
+        "trainer.max_epochs=3",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.members_per_round=3",
+        "hydra.sweeper.pruner=median",
+        "hydra.sweeper.pruner_startup_trials=3",
+        "hydra.sweeper.pruner_warmup_epochs=0",
+        f"hydra.sweep.dir={sweep}",
+    )
+    trials = study(sweep).get_trials()
+    first = [val_best(sweep / str(n)) for n in range(3)]
+    assert [len(v) for v in first] == [3, 3, 3]  # round 1: nothing finished to compare with
+    pruned = []
+    for t in trials[3:]:
+        folder = sweep / str(t.number)
+        values, record = val_best(folder), results(folder)
+        stop = next(
+            (e for e in range(3) if values[e] < statistics.median(v[e] for v in first)), None
+        )
+        if stop is None:
+            assert record["status"] == "finished" and t.state == TrialState.COMPLETE
+            assert len(values) == 3
+            continue
+        pruned.append(t.number)
+        assert record["status"] == "pruned" and t.state == TrialState.PRUNED
+        assert record["pruned"]["epoch"] == record["epochs"] == len(values) == stop + 1
+        assert "test/acc" in record["metrics"]  # tested, as an early-stopped member
+        assert torch.load(folder / "checkpoints" / "last.ckpt")["epoch"] == stop  # frozen
+        assert t.intermediate_values == dict(enumerate(values))
+    assert 0 < len(pruned) < 3, pruned  # the test sees both outcomes

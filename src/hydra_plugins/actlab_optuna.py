@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +34,17 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from actlab.errors import UserError
+from actlab.pack import SEARCH
 from actlab.results import read_results
 from actlab.runs import set_aside
 from hydra_plugins.actlab_grid import distinct_jobs
-from hydra_plugins.actlab_packed import _default_members, jobs_at_once, members_limit, plan
+from hydra_plugins.actlab_packed import PACKS, _default_members, jobs_at_once, members_limit, plan
 
 log = logging.getLogger(__name__)
 STUDY = "study.db"
 BEST = "optimization_results.yaml"
 INSTALL = "pip install -e '.[search]'"
+PRUNERS = ("none", "median", "halving", "hyperband")
 
 
 def _optuna() -> Any:
@@ -127,7 +130,12 @@ class PackedOptunaSweeper(Sweeper):
         members_per_round: int = 8,
         max_members: int | None = None,
         params: dict[str, str] | None = None,
+        pruner: str = "none",
+        pruner_startup_trials: int = 4,
+        pruner_warmup_epochs: int = 1,
     ) -> None:
+        if pruner not in PRUNERS:
+            raise UserError(f"hydra.sweeper.pruner={pruner}: choose {', '.join(PRUNERS)}.")
         if sampler not in ("tpe", "random", "grid"):
             raise UserError(f"hydra.sweeper.sampler={sampler}: choose tpe, random or grid.")
         if direction not in ("maximize", "minimize"):
@@ -141,6 +149,11 @@ class PackedOptunaSweeper(Sweeper):
         self.members_per_round = members_per_round
         self.max_members = members_limit(max_members)
         self.params = params or {}
+        self.pruning = {
+            "name": pruner,
+            "startup_trials": pruner_startup_trials,
+            "warmup_epochs": pruner_warmup_epochs,
+        }
         self.config: DictConfig | None = None
         self.launcher: Any = None
         self.hydra_context: Any = None
@@ -191,7 +204,7 @@ class PackedOptunaSweeper(Sweeper):
         else:
             sampler = samplers.GridSampler(space.grid(), seed=self.seed)
         study = optuna.create_study(
-            storage=f"sqlite:///{(sweep_dir / STUDY).resolve()}",
+            storage=_storage(sweep_dir),
             study_name=self.study_name,
             sampler=sampler,
             direction=self.direction,
@@ -254,6 +267,15 @@ class PackedOptunaSweeper(Sweeper):
         first = trials[0].number
         batch, solo, sizes = plan(jobs, sweep_dir, self.launcher, self.max_members, first)
         solo_jobs = [[*job, f"hydra.sweep.subdir={num}"] for num, job, _ in solo]
+        if self.pruning["name"] != "none":  # each pack's members report each epoch, and stop
+            search = {
+                "storage": _storage(sweep_dir),
+                "study": self.study_name,
+                "pruner": self.pruning,
+                "trials": {str(t.number): t.user_attrs.get("metric") for t in trials},
+            }
+            for index in range(first, first + len(batch)):  # plan's pack folders
+                OmegaConf.save(search, sweep_dir / PACKS / f"pack-{index}" / SEARCH)
         log.info(
             "search: trials %d-%d as %d pack(s) and %d solo job(s) (members per pack: %s; "
             "%d job(s) at once)",
@@ -282,7 +304,10 @@ def _tell(study: Any, trial: Any, folder: Path, metric: str) -> None:
     status = record.get("status", "no record")
     value = (record.get("metrics") or {}).get(metric)
     trial.set_user_attr("status", status)
-    if status == "finished" and isinstance(value, int | float) and math.isfinite(value):
+    if status == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+        log.info("trial %d: pruned after %s epoch(s) (%s)", trial.number, record["epochs"], folder)
+    elif status == "finished" and isinstance(value, int | float) and math.isfinite(value):
         study.tell(trial, value)
         log.info("trial %d: %s=%.4f (%s)", trial.number, metric, value, folder)
     else:
@@ -316,3 +341,34 @@ def _write_best(study: Any, sweep_dir: Path) -> None:
         ),
         sweep_dir / BEST,
     )
+
+
+def _storage(sweep_dir: Path) -> str:
+    return f"sqlite:///{(sweep_dir / STUDY).resolve()}"
+
+
+def pruner(search: Path) -> Callable[[str, int, dict[str, float]], bool]:
+    """For a pack job (actlab.pack): each member reports its metric to its trial after each
+    epoch, and stops where the study's pruner says so."""
+    optuna = _optuna()
+    spec = OmegaConf.to_container(OmegaConf.load(search))
+    p = spec["pruner"]
+    pruners = optuna.pruners
+    if p["name"] == "median":
+        chosen = pruners.MedianPruner(p["startup_trials"], n_warmup_steps=p["warmup_epochs"])
+    elif p["name"] == "halving":
+        chosen = pruners.SuccessiveHalvingPruner(min_resource=max(1, p["warmup_epochs"]))
+    else:
+        chosen = pruners.HyperbandPruner(min_resource=max(1, p["warmup_epochs"]))
+    study = optuna.load_study(study_name=spec["study"], storage=spec["storage"], pruner=chosen)
+    ids = {t.number: t._trial_id for t in study.get_trials(deepcopy=False)}
+    trials = {name: optuna.trial.Trial(study, ids[int(name)]) for name in spec["trials"]}
+
+    def prune(name: str, epoch: int, metrics: dict[str, float]) -> bool:
+        metric = spec["trials"].get(name)
+        if name not in trials or metrics.get(metric) is None:
+            return False
+        trials[name].report(metrics[metric], epoch)
+        return trials[name].should_prune()
+
+    return prune
