@@ -249,3 +249,16 @@ def test_members_a_median_pruner_stops_are_frozen_recorded_and_told_pruned(
         assert torch.load(folder / "checkpoints" / "last.ckpt")["epoch"] == stop  # frozen
         assert t.intermediate_values == dict(enumerate(values))
     assert 0 < len(pruned) < 3, pruned  # the test sees both outcomes
+
+
+def test_a_grid_of_intervals_is_refused_and_a_timeout_starts_no_round(tmp_path: Path) -> None:
+    status, _, err = here_exit(*SEARCH, "hydra.sweeper.sampler=grid", f"hydra.sweep.dir={tmp_path}")
+    assert status == 2
+    assert err.strip().splitlines()[-1] == (
+        "error: hydra.sweeper.sampler=grid needs every key a choice or a range, but "
+        "model.act.negative_slope is an interval: write choice(...) or range(...), or use "
+        "sampler=tpe."
+    )
+    here(*SEARCH, "hydra.sweeper.timeout=0", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert study(tmp_path / "sweep").trials == []
+    assert not [p for p in (tmp_path / "sweep").iterdir() if p.is_dir()]

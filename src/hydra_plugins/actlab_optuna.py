@@ -191,8 +191,9 @@ class PackedOptunaSweeper(Sweeper):
             trials = [study.ask(space.distributions) for _ in range(min(per_round, left))]
             rounds.append(self._round(study, trials, space, sweep_dir))
             _write_best(study, sweep_dir)
-        done = _counted(study)
-        log.info("search: %d trial(s) of %d in %s", done, n_trials, sweep_dir / STUDY)
+        log.info("search: %d trial(s) of %d in %s", _counted(study), n_trials, sweep_dir / STUDY)
+        if not (sweep_dir / BEST).exists():
+            log.warning("search: no trial finished (see their results.json), so no %s", BEST)
         return rounds
 
     def _study(self, optuna: Any, sweep_dir: Path, space: Space) -> Any:
