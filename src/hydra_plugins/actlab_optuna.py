@@ -8,9 +8,11 @@ grid: `interval(a, b)`, `tag(log, interval(a, b))`, `tag(int, interval(a, b))`, 
 in one launch, packed as the packed sweeper packs a grid (actlab_packed.plan): trials that differ
 only in member keys share a pack, the others run solo. Trial n is the job folder `<sweep>/n`; its
 `results.json` gives the value told to Optuna (`optimized_metric`), and a trial that did not
-finish (failed, diverged) is told failed. The study is `<sweep>/study.db` (Optuna's RDB storage
-on sqlite): `+resume=true` continues it, with the trials a killed search left running told
-failed (their folders set aside) unless their job had finished.
+finish (failed, diverged) is told failed. With `pruner` set, each pack's members report to their
+trials after each epoch (actlab.pack calls `pruner`) and a pruned member is frozen and told
+pruned. The study is `<sweep>/study.db` (Optuna's RDB storage on sqlite): `+resume=true`
+continues it, with the trials a killed search left running told failed (their folders set
+aside) unless their job had ended.
 """
 
 from __future__ import annotations
@@ -228,7 +230,7 @@ class PackedOptunaSweeper(Sweeper):
             trial = optuna.trial.Trial(study, frozen._trial_id)
             folder = sweep_dir / str(frozen.number)
             record = read_results(folder) or {}
-            if record.get("status") == "finished":
+            if record.get("status") in ("finished", "pruned"):  # ended before the search did
                 _tell(study, trial, folder, frozen.user_attrs.get("metric", "val/acc_best"))
                 continue
             kept = set_aside(folder)
@@ -259,7 +261,7 @@ class PackedOptunaSweeper(Sweeper):
                 trial.set_user_attr("same_as", twin.number)
                 continue
             cfg = kept.get(tuple(job))
-            if cfg is None:  # another trial's config, written otherwise
+            if cfg is None:  # another trial's config, written otherwise: told failed
                 continue
             with open_dict(cfg):
                 cfg.hydra.sweep.subdir = str(trial.number)
