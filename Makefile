@@ -28,10 +28,10 @@ $(STAMP): pyproject.toml $(TORCH_USED)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 ifneq ($(findstring torchvision,$(TORCH)),)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,search]'
 else
 	$(PY) -m pip uninstall -qq -y torchvision
-	$(PY) scripts/requirements.py --extra dev --without torchvision > .venv/requirements.txt
+	$(PY) scripts/requirements.py --extra dev --extra search --without torchvision > .venv/requirements.txt
 	$(PY) -m pip install -q -r .venv/requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	@echo 'torchvision left out (TORCH names none): data=mnist, fashion_mnist, synthetic and regression work, the torchvision data sets (kmnist, emnist, qmnist, cifar10, cifar100, svhn, fakedata) end with an error; for them: make install TORCH="$(DEFAULT_TORCH)"'

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import sys
@@ -376,17 +375,22 @@ def test_unknown_option_lists_the_choices_in_one_line(
     assert "\n" not in message
 
 
-def test_search_without_the_optuna_sweeper_says_what_to_install(
+def test_search_without_optuna_says_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
-        pytest.skip("the Optuna sweeper is installed")
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` fails: a base install
     message = exit_message(
         monkeypatch, "-m", "hparams_search=slope_optuna", f"paths.log_dir={tmp_path}"
     )
     assert message == (
-        "error: Could not find 'hydra/sweeper/optuna': the Optuna sweeper is not installed: "
+        "error: hydra/sweeper=packed_optuna (hparams_search) needs Optuna, not installed: "
         "pip install -e '.[search]'"
+    )
+    # The sweeper that the project left (hydra-optuna-sweeper's) is named, with its successor.
+    message = exit_message(monkeypatch, "-m", "hydra/sweeper=optuna", f"paths.log_dir={tmp_path}")
+    assert message == (
+        "error: Could not find 'hydra/sweeper/optuna': the search sweeper is "
+        "hydra/sweeper=packed_optuna (README, Search)"
     )
 
 

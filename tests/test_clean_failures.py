@@ -138,7 +138,7 @@ def _make_install(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProce
 def test_make_install_reinstalls_when_torch_changes(tmp_path: Path) -> None:
     default = _make_install(tmp_path)[1]
     assert "-m pip install -q torch==2.14.1 torchvision==0.29.1" in default
-    assert "-m pip install -q -e .[dev]" in default
+    assert "-m pip install -q -e .[dev,search]" in default  # the search's tests run too
     other = "TORCH=torch==2.6.0 torchvision==0.21.0"
     assert "-m pip install -q torch==2.6.0 torchvision==0.21.0" in _make_install(tmp_path, other)[1]
     assert _make_install(tmp_path, other)[1] == []  # installed already
@@ -156,7 +156,7 @@ def test_make_install_without_torchvision_installs_none(tmp_path: Path) -> None:
         "-m pip install -q --upgrade pip",
         "-m pip install -q torch==2.13.0",
         "-m pip uninstall -qq -y torchvision",
-        "scripts/requirements.py --extra dev --without torchvision",
+        "scripts/requirements.py --extra dev --extra search --without torchvision",
         "-m pip install -q -r .venv/requirements.txt",
         # last: pip checks no requirements of a --no-deps install (and so names no torchvision)
         "-m pip install -q --no-deps -e .",
@@ -165,10 +165,10 @@ def test_make_install_without_torchvision_installs_none(tmp_path: Path) -> None:
     assert "cifar10" in proc.stdout and "data=mnist" in proc.stdout
     assert _make_install(tmp_path)[1] == []  # no TORCH: the venv keeps the one chosen
 
-    found = requirements(ROOT / "pyproject.toml", ["dev"], ["torchvision"])
+    found = requirements(ROOT / "pyproject.toml", ["dev", "search"], ["torchvision"])
     assert "torchvision" in requirements(ROOT / "pyproject.toml", ["dev"], [])
     assert not [r for r in found if "vision" in r]
-    assert "lightning" in {name(r) for r in found} and "pytest" in {name(r) for r in found}
+    assert {"lightning", "pytest", "optuna"} <= {name(r) for r in found}
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ GROUPS = sorted(
 
 
 # Groups whose options need an optional extra's Hydra plugin.
-NEEDS = {"hparams_search": ("hydra_plugins.hydra_optuna_sweeper", "pip install -e '.[search]'")}
+NEEDS = {"hparams_search": ("optuna", "pip install -e '.[search]'")}
 
 
 def options(group: str) -> list[str]:

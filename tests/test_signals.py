@@ -6,7 +6,6 @@ however fast the machine, nor be stopped before its first epoch's checkpoint exi
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 from pathlib import Path
 
@@ -145,7 +144,7 @@ def test_a_refused_config_exits_2_and_a_command_line_mistake_as_hydra_does(
     assert err.strip().splitlines()[-1].startswith("error: Could not find 'model.act/swish'")
 
 
-OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+OPTUNA = "hydra_plugins.actlab_optuna.PackedOptunaSweeper"
 
 
 @pytest.mark.parametrize(
@@ -175,10 +174,6 @@ def test_a_search_that_ran_to_its_end_exits_0_however_many_trials_failed(
         assert status is None
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
-    reason="needs the [search] extra: pip install -e '.[search]'",
-)
 @pytest.mark.slow
 def test_an_optuna_search_with_a_failed_trial_exits_0(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
@@ -192,7 +187,6 @@ def test_an_optuna_search_with_a_failed_trial_exits_0(tmp_path: Path) -> None:
         "trainer.max_epochs=1",
         "hydra.sweeper.n_trials=2",
         f"hydra.sweep.dir={sweep}",
-        "hydra.sweep.subdir=${hydra.job.num}",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

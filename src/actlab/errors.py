@@ -137,8 +137,8 @@ def _hydra_message(e: ConfigCompositionException | OverrideParseException) -> st
         what = lines[0].split(": ", 1)[-1]
         end = next((i for i, line in enumerate(lines) if line.startswith("Config search")), None)
         options = ", ".join(lines[2:end])
-        if "hydra/sweeper/optuna" in what:
-            return f"{what}: the Optuna sweeper is not installed: pip install -e '.[search]'"
+        if "hydra/sweeper/optuna" in what:  # hydra-optuna-sweeper's, which the project left
+            return f"{what}: the search sweeper is hydra/sweeper=packed_optuna (README, Search)"
         return f"{what}: choose one of {options} (python train.py --help lists the groups)"
     if "not in struct" in str(e.__cause__):
         key = lines[0].removeprefix("Could not override ").rstrip(".")

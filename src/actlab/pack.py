@@ -82,6 +82,7 @@ from actlab.validation import check_net
 log = logging.getLogger(__name__)
 
 MANIFEST = "members.yaml"
+SEARCH = "trials.yaml"  # beside it in a search's pack: the members' Optuna trials, the pruner
 # The numbers of a param group that a member's update depends on.
 SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay")
@@ -711,6 +712,9 @@ class PackTrainer:
         self.keep_last = bool(callbacks.get("last_checkpoint"))
         self.global_step = 0
         self.heartbeat: Heartbeat | None = None
+        # A search's pruner (hydra_plugins.actlab_optuna): does this member, by its folder's
+        # name, stop after this epoch with these metrics? It then ends `pruned`, frozen.
+        self.prune: Callable[[str, int, dict[str, float]], bool] | None = None
         self._loop_template: dict[str, Any] | None = None
         # Seconds of the epochs outside their training steps (batch orders, evaluation, logging,
         # checkpoints) and the epochs they cover: what a pack pays per epoch besides its steps.
@@ -1011,6 +1015,12 @@ class PackTrainer:
                 log.error("%s: job failed: %s", m.out.name, error)
                 m.end("failed", error, seconds=self.seconds())
                 continue
+            if not stop and self.prune is not None and self.prune(m.out.name, epoch, m.metrics):
+                log.info(
+                    "%s: pruned after %d epoch(s) (val/%s=%.4f)", m.out.name, epoch + 1, name, value
+                )
+                m.record["pruned"] = {"epoch": epoch + 1, f"val/{name}": value}
+                stop = True
             if stop:
                 self.optimizer.freeze(k)
                 m.stopped = (epoch + 1, self.global_step)
@@ -1310,6 +1320,11 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
         log.info("pack of %d members on %s%s: %s", len(members), device, path, _names(members))
         trainer = PackTrainer(members, device, slot.sharing if slot else 1)
         trainer.heartbeat = heartbeat
+        trials = Path(HydraConfig.get().runtime.output_dir) / SEARCH
+        if trials.exists():
+            from hydra_plugins.actlab_optuna import pruner
+
+            trainer.prune = pruner(trials)
         for m in members:
             for c in (m.cfg.get("logger") or {}).values():
                 if not c:
@@ -1352,7 +1367,7 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
                 m.out,
             )
             m.end(
-                "finished",
+                "pruned" if "pruned" in m.record else "finished",
                 epochs=epochs[m.index],
                 seconds=trainer.seconds(),
                 seconds_per_epoch=round(pack_epoch / len(members), 3),

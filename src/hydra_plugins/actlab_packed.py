@@ -29,6 +29,7 @@ from hydra_plugins.actlab_grid import distinct_jobs
 log = logging.getLogger(__name__)
 PACKS = ".packs"
 T = TypeVar("T")
+Job = tuple[int, list[str], DictConfig]  # its number in the sweep, its overrides, its config
 
 
 def members_limit(max_members: Any) -> int | None:
@@ -64,29 +65,8 @@ class PackedSweeper(BasicSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
-        groups: dict[str, list[tuple[int, list[str], DictConfig]]] = {}
-        solo: list[tuple[int, list[str]]] = []
-        for num, (job, cfg) in enumerate(jobs):
-            reason = solo_reason(cfg)
-            if reason:
-                log.info("%s runs as a solo job: %s", cfg.hydra.job.override_dirname, reason)
-                solo.append((num, job))
-            else:
-                groups.setdefault(pack_key(cfg), []).append((num, job, cfg))
-        batch: list[list[str]] = []
-        sizes: list[int] = []
-        at_once = jobs_at_once(self.launcher)
-        packable = sum(len(members) for members in groups.values())
-        for members in groups.values():
-            limit = self.max_members or _default_members(members[0][2])
-            # This group's share of the packs the launcher runs at once.
-            share = max(1, round(at_once * len(members) / packable))
-            for chunk in balanced(members, share, limit):
-                if len(chunk) == 1:
-                    solo.append(chunk[0][:2])
-                    continue
-                batch.append(self._pack(len(batch), chunk, sweep_dir))
-                sizes.append(len(chunk))
+        numbered = [(num, job, cfg) for num, (job, cfg) in enumerate(jobs)]
+        batch, solo, sizes = plan(numbered, sweep_dir, self.launcher, self.max_members)
         log.info(
             "packed sweep: %d jobs as %d pack(s) and %d solo job(s) (members per pack: %s; "
             "%d job(s) at once)",
@@ -94,38 +74,72 @@ class PackedSweeper(BasicSweeper):
             len(batch),
             len(solo),
             ",".join(map(str, sizes)) or "-",
-            at_once,
+            jobs_at_once(self.launcher),
         )
         # Packs' members carry the sweep's job numbers; solo jobs are numbered after them, or,
         # where no job packs, as the grid numbers them.
-        solo_jobs = [job for _, job in sorted(solo)]
+        solo_jobs = [job for _, job, _ in sorted(solo, key=lambda j: j[0])]
         first = len(jobs) if batch else 0
         results = self.launcher.launch(batch + solo_jobs, initial_job_idx=first)
         for r in results:
             _ = r.return_value
         return [results]
 
-    def _pack(
-        self, index: int, members: list[tuple[int, list[str], DictConfig]], sweep_dir: Path
-    ) -> list[str]:
-        """Write the members' configs for pack `index`; returns the pack job's overrides."""
-        folder = sweep_dir / PACKS / f"pack-{index}"
-        folder.mkdir(parents=True, exist_ok=True)
-        fulls = []
-        for num, _, cfg in members:
-            with open_dict(cfg):
-                cfg.hydra.job.num = num
-                cfg.hydra.job.id = str(num)
-                cfg.hydra.sweep.dir = str(sweep_dir)
-                cfg.hydra.runtime.output_dir = str(sweep_dir / str(cfg.hydra.sweep.subdir))
-            fulls.append(cfg)
-        OmegaConf.save(OmegaConf.create(fulls), folder / MANIFEST)
-        return [
-            *members[0][1],
-            f"+pack={index}",
-            f"hydra.sweep.subdir={PACKS}/pack-{index}",
-            "hydra.output_subdir=null",
-        ]
+
+def plan(
+    jobs: list[Job],
+    sweep_dir: Path,
+    launcher: Any,
+    max_members: int | None,
+    first_pack: int = 0,
+) -> tuple[list[list[str]], list[Job], list[int]]:
+    """The composed jobs as packs and solo jobs: writes each pack's members.yaml (pack-<first_pack
+    + i>), returns the packs' job overrides, the solo jobs and the packs' sizes."""
+    groups: dict[str, list[Job]] = {}
+    solo: list[Job] = []
+    for num, job, cfg in jobs:
+        reason = solo_reason(cfg)
+        if reason:
+            log.info("%s runs as a solo job: %s", cfg.hydra.job.override_dirname, reason)
+            solo.append((num, job, cfg))
+        else:
+            groups.setdefault(pack_key(cfg), []).append((num, job, cfg))
+    batch: list[list[str]] = []
+    sizes: list[int] = []
+    at_once = jobs_at_once(launcher)
+    packable = sum(len(members) for members in groups.values())
+    for members in groups.values():
+        limit = max_members or _default_members(members[0][2])
+        # This group's share of the packs the launcher runs at once.
+        share = max(1, round(at_once * len(members) / packable))
+        for chunk in balanced(members, share, limit):
+            if len(chunk) == 1:
+                solo.append(chunk[0])
+                continue
+            batch.append(write_pack(first_pack + len(batch), chunk, sweep_dir))
+            sizes.append(len(chunk))
+    return batch, solo, sizes
+
+
+def write_pack(index: int, members: list[Job], sweep_dir: Path) -> list[str]:
+    """Write the members' configs for pack `index`; returns the pack job's overrides."""
+    folder = sweep_dir / PACKS / f"pack-{index}"
+    folder.mkdir(parents=True, exist_ok=True)
+    fulls = []
+    for num, _, cfg in members:
+        with open_dict(cfg):
+            cfg.hydra.job.num = num
+            cfg.hydra.job.id = str(num)
+            cfg.hydra.sweep.dir = str(sweep_dir)
+            cfg.hydra.runtime.output_dir = str(sweep_dir / str(cfg.hydra.sweep.subdir))
+        fulls.append(cfg)
+    OmegaConf.save(OmegaConf.create(fulls), folder / MANIFEST)
+    return [
+        *members[0][1],
+        f"+pack={index}",
+        f"hydra.sweep.subdir={PACKS}/pack-{index}",
+        "hydra.output_subdir=null",
+    ]
 
 
 def jobs_at_once(launcher: Any) -> int:

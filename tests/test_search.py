@@ -1,0 +1,264 @@
+"""hydra/sweeper=packed_optuna (hparams_search=slope_optuna): Optuna's trials asked a round at a
+time, trained as packs, their values told back from their results.json; resume; solo trials."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from conftest import CPU, here, here_exit, metric_rows, results
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from actlab.errors import UserError
+from actlab.results import write_json
+from hydra_plugins.actlab_optuna import Space
+
+# Packable (no progress-bar flag of the trainer's), small, one epoch, offline.
+SEARCH = [
+    "hparams_search=slope_optuna",
+    "data=synthetic",
+    "data.source.n_train=300",
+    "data.source.n_test=100",
+    "data.val_size=100",
+    "callbacks.progress_bar.refresh_rate=0",
+    *CPU,
+    "logger=csv",
+    "trainer.max_epochs=1",
+]
+SPACE = {
+    "model.act.negative_slope": FloatDistribution(0.0, 0.5),
+    "optimizer.lr": FloatDistribution(0.001, 0.3, log=True),
+}
+
+
+def study(sweep: Path) -> optuna.Study:
+    return optuna.load_study(study_name="slope_optuna", storage=f"sqlite:///{sweep}/study.db")
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """7 trials, 4 a round (TPE after 3), trial 0 failing mid-training."""
+    sweep = tmp_path_factory.mktemp("search") / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "checkpoints").write_text("in the way")  # trial 0 cannot save a checkpoint
+    here(
+        *SEARCH,
+        "hydra.sweeper.n_trials=7",
+        "hydra.sweeper.members_per_round=4",
+        "hydra.sweeper.n_startup_trials=3",
+        f"hydra.sweep.dir={sweep}",
+    )
+    return sweep
+
+
+def test_space_parses_as_a_grid_is_written() -> None:
+    lines = [
+        "a=interval(0.0, 0.5)",
+        "b=tag(log, interval(0.001, 0.3))",
+        "c=choice([8],[16,16])",
+        "d=range(1,5)",
+        "e=choice(relu,leaky)",
+        "f=tag(int, interval(1, 4))",
+        "seed=3",
+    ]
+    space = Space(OverridesParser.create().parse_overrides(lines))
+    assert space.distributions == {
+        "a": FloatDistribution(0.0, 0.5),
+        "b": FloatDistribution(0.001, 0.3, log=True),
+        "c": CategoricalDistribution(["[8]", "[16,16]"]),
+        "d": IntDistribution(1, 4),
+        "e": CategoricalDistribution(["relu", "leaky"]),
+        "f": IntDistribution(1, 4),
+    }
+    params = {"a": 0.25, "b": 0.01, "c": "[16,16]", "d": 2, "e": "leaky", "f": 3}
+    assert space.overrides(params) == [
+        "seed=3",
+        "a=0.25",
+        "b=0.01",
+        "c=[16,16]",
+        "d=2",
+        "e=leaky",
+        "f=3",
+    ]
+    with pytest.raises(UserError, match="but a is an interval: write choice"):
+        space.grid()
+    grid = Space(OverridesParser.create().parse_overrides(lines[2:5])).grid()
+    assert grid == {"c": ["[8]", "[16,16]"], "d": [1, 2, 3, 4], "e": ["relu", "leaky"]}
+
+
+@pytest.mark.slow
+def test_rounds_train_as_one_pack_each_and_tell_each_members_value(searched: Path) -> None:
+    trials = study(searched).get_trials()
+    assert [t.number for t in trials] == list(range(7))
+    for t in trials:
+        record = results(searched / str(t.number))
+        assert t.params == {
+            "model.act.negative_slope": record["config"]["negative_slope"],
+            "optimizer.lr": record["config"]["lr"],
+        }
+        assert t.user_attrs["status"] == record["status"]
+        if t.number == 0:  # failed: told so, and the other 6 trials trained on
+            assert record["status"] == "failed" and t.state == TrialState.FAIL
+        else:
+            assert record["status"] == "finished" and t.state == TrialState.COMPLETE
+            assert t.value == record["metrics"]["val/acc_best"]
+        # Rounds of 4 and 3 trials, each one pack (named by its first trial).
+        pack = "pack-0" if t.number < 4 else "pack-4"
+        assert record["pack"]["id"] == pack
+        assert record["pack"]["size"] == (4 if t.number < 4 else 3)
+    members = {
+        p.parent.name: len(yaml.safe_load(p.read_text()))
+        for p in searched.glob(".packs/*/members.yaml")
+    }
+    assert members == {"pack-0": 4, "pack-4": 3}
+    best = yaml.safe_load((searched / "optimization_results.yaml").read_text())
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    top = max(done, key=lambda t: t.value)
+    assert best["best_trial"] == top.number and best["best_value"] == top.value
+    assert best["best_params"] == top.params and best["best_job"] == str(searched / str(top.number))
+
+
+@pytest.mark.slow
+def test_the_study_is_the_one_optuna_makes_with_the_same_seed_and_values(searched: Path) -> None:
+    ours = study(searched).get_trials()
+    direct = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=3)
+    )
+    for start, stop in ((0, 4), (4, 7)):  # asked a round at a time, told after it
+        asked = [direct.ask(SPACE) for _ in range(start, stop)]
+        assert [t.params for t in asked] == [t.params for t in ours[start:stop]]
+        for trial, told in zip(asked, ours[start:stop], strict=True):
+            direct.tell(trial, told.value, state=told.state)
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_its_study(tmp_path: Path) -> None:
+    """A search killed in its second round: trial 1's job had finished, trial 2's was running."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    made = optuna.create_study(
+        study_name="slope_optuna", storage=f"sqlite:///{sweep}/study.db", direction="maximize"
+    )
+    for n in range(3):
+        trial = made.ask(SPACE)
+        trial.set_user_attr("job", str(sweep / str(n)))
+        trial.set_user_attr("metric", "val/acc_best")
+        if n == 0:
+            trial.set_user_attr("status", "finished")
+            made.tell(trial, 0.4)
+    write_json(
+        sweep / "1" / "results.json", {"status": "finished", "metrics": {"val/acc_best": 0.5}}
+    )
+    write_json(sweep / "2" / "results.json", {"status": "running", "metrics": {}})
+    (sweep / "2" / "checkpoints").mkdir()
+
+    status, _, err = here_exit(*SEARCH, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}")
+    assert status == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: {sweep} holds the study slope_optuna (3 trials): add +resume=true to continue "
+        "it, or choose another hydra.sweep.dir."
+    )
+    assert len(study(sweep).trials) == 3  # untouched
+
+    here(*SEARCH, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}", "+resume=true")
+    trials = study(sweep).get_trials()
+    assert [(t.number, t.state) for t in trials] == [
+        (0, TrialState.COMPLETE),
+        (1, TrialState.COMPLETE),  # its job had finished: its value told now
+        (2, TrialState.FAIL),  # stopped by the kill: failed, not counted
+        (3, TrialState.COMPLETE),  # n_trials=3 across attempts: one more trial
+    ]
+    assert trials[1].value == 0.5 and trials[2].user_attrs["stopped"] == "running"
+    assert "status" not in trials[2].user_attrs
+    assert not (sweep / "2" / "results.json").exists()  # its attempt set aside
+    (kept,) = (sweep / "2" / "attempts").iterdir()
+    assert results(kept)["status"] == "running" and (kept / "checkpoints").is_dir()
+    assert trials[3].value == results(sweep / "3")["metrics"]["val/acc_best"]
+
+
+@pytest.mark.slow
+def test_trials_that_cannot_pack_run_solo(tmp_path: Path) -> None:
+    """The network's sizes in the space (a list-valued choice): trials pack with those of their
+    round that have the same network, one alone runs as a solo job."""
+    sweep = tmp_path / "sweep"
+    here(
+        *SEARCH,
+        "model.net.hidden_sizes=choice([8],[16,16])",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.members_per_round=3",
+        f"hydra.sweep.dir={sweep}",
+    )
+    trials = study(sweep).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    sizes = [t.params["model.net.hidden_sizes"] for t in trials]
+    assert len(set(sizes)) == 2  # with this seed: one network twice, the other once
+    for t in trials:
+        record = results(sweep / str(t.number))
+        assert str(record["config"]["hidden_sizes"]).replace(" ", "") == sizes[t.number]
+        same = sizes.count(sizes[t.number])
+        assert record.get("pack", {}).get("size", 1) == same
+        assert ("pack" in record) == (same > 1)
+
+
+def val_best(folder: Path) -> list[float]:
+    """The member's val/acc_best after each epoch, from its metrics.csv."""
+    return [float(r["val/acc_best"]) for r in metric_rows(folder) if r["val/acc_best"]]
+
+
+@pytest.mark.slow
+def test_members_a_median_pruner_stops_are_frozen_recorded_and_told_pruned(
+    tmp_path: Path,
+) -> None:
+    """Round 2's members are pruned after the first epoch at which their best is below the
+    median of round 1's (finished) trials at that epoch, as read from the members' csv files."""
+    sweep = tmp_path / "sweep"
+    here(
+        *SEARCH,
+        "trainer.max_epochs=3",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.members_per_round=3",
+        "hydra.sweeper.pruner=median",
+        "hydra.sweeper.pruner_startup_trials=3",
+        "hydra.sweeper.pruner_warmup_epochs=0",
+        f"hydra.sweep.dir={sweep}",
+    )
+    trials = study(sweep).get_trials()
+    first = [val_best(sweep / str(n)) for n in range(3)]
+    assert [len(v) for v in first] == [3, 3, 3]  # round 1: nothing finished to compare with
+    pruned = []
+    for t in trials[3:]:
+        folder = sweep / str(t.number)
+        values, record = val_best(folder), results(folder)
+        stop = next(
+            (e for e in range(3) if values[e] < statistics.median(v[e] for v in first)), None
+        )
+        if stop is None:
+            assert record["status"] == "finished" and t.state == TrialState.COMPLETE
+            assert len(values) == 3
+            continue
+        pruned.append(t.number)
+        assert record["status"] == "pruned" and t.state == TrialState.PRUNED
+        assert record["pruned"]["epoch"] == record["epochs"] == len(values) == stop + 1
+        assert "test/acc" in record["metrics"]  # tested, as an early-stopped member
+        assert torch.load(folder / "checkpoints" / "last.ckpt")["epoch"] == stop  # frozen
+        assert t.intermediate_values == dict(enumerate(values))
+    assert 0 < len(pruned) < 3, pruned  # the test sees both outcomes
+
+
+def test_a_grid_of_intervals_is_refused_and_a_timeout_starts_no_round(tmp_path: Path) -> None:
+    status, _, err = here_exit(*SEARCH, "hydra.sweeper.sampler=grid", f"hydra.sweep.dir={tmp_path}")
+    assert status == 2
+    assert err.strip().splitlines()[-1] == (
+        "error: hydra.sweeper.sampler=grid needs every key a choice or a range, but "
+        "model.act.negative_slope is an interval: write choice(...) or range(...), or use "
+        "sampler=tpe."
+    )
+    here(*SEARCH, "hydra.sweeper.timeout=0", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert study(tmp_path / "sweep").trials == []
+    assert not [p for p in (tmp_path / "sweep").iterdir() if p.is_dir()]
