@@ -220,7 +220,7 @@ def test_eval_of_a_16_mixed_run_on_a_cpu_says_what_to_add(tmp_path: Path) -> Non
     assert (folder / f"eval_{Path(best).stem}.json").is_file()
 
 
-# --- the figure: real MNIST, 2 epochs -------------------------------------------------
+# --- the figure: real MNIST, 1 epoch --------------------------------------------------
 
 
 @pytest.mark.mnist
@@ -228,7 +228,7 @@ def test_eval_of_a_16_mixed_run_on_a_cpu_says_what_to_add(tmp_path: Path) -> Non
 def test_bf16_mixed_is_within_half_a_point_of_fp32_on_mnist(tmp_path: Path) -> None:
     assert run_command([sys.executable, "-m", "actlab.data"]).returncode == 0
     args = [
-        "trainer.max_epochs=2",
+        "trainer.max_epochs=1",
         "trainer=cpu",
         "logger=csv",
         "callbacks.progress_bar=null",
