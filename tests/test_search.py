@@ -218,7 +218,7 @@ def test_members_a_median_pruner_stops_are_frozen_recorded_and_told_pruned(
     """Round 2's members are pruned after the first epoch at which their best is below the
     median of round 1's (finished) trials at that epoch, as read from the members' csv files."""
     sweep = tmp_path / "sweep"
-    here(
+    out = here(
         *SEARCH,
         "trainer.max_epochs=3",
         "hydra.sweeper.n_trials=6",
@@ -249,6 +249,9 @@ def test_members_a_median_pruner_stops_are_frozen_recorded_and_told_pruned(
         assert torch.load(folder / "checkpoints" / "last.ckpt")["epoch"] == stop  # frozen
         assert t.intermediate_values == dict(enumerate(values))
     assert 0 < len(pruned) < 3, pruned  # the test sees both outcomes
+    # The sweep's table says which were pruned, and not that they did not finish.
+    assert f"{len(pruned)} trial(s) pruned by the search: {', '.join(map(str, pruned))}" in out
+    assert "did not finish" not in out
 
 
 def test_a_grid_of_intervals_is_refused_and_a_timeout_starts_no_round(tmp_path: Path) -> None:

@@ -93,7 +93,11 @@ class SweepSummary(Callback):
         rows = collect(sweep_dir)
         print(f"\nSweep {sweep_dir} ({len(rows)} jobs, each job's {RESULTS}):")
         print(format_table(rows))
-        failed = [r["job"] for r in rows if r["status"] != "finished"]
+        # A trial a search's pruner stopped ended as the search meant it to.
+        pruned = [r["job"] for r in rows if r["status"] == "pruned"]
+        failed = [r["job"] for r in rows if r["status"] not in ("finished", "pruned")]
+        if pruned:
+            print(f"\n{len(pruned)} trial(s) pruned by the search: {', '.join(pruned)}")
         if failed:
             print(f"\n{len(failed)} job(s) did not finish: {', '.join(failed)}")
 
