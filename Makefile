@@ -58,8 +58,11 @@ report: $(STAMP) ## tables and plots of the newest sweep (SWEEP=logs/multiruns/.
 bench: $(STAMP) ## time an epoch vs plain PyTorch, start-up, memory (ARGS="--rounds 5"...)
 	$(PY) -m benchmarks.bench $(ARGS)
 
-test: $(STAMP) ## run the test suite
-	$(PY) -m pytest $(ARGS)
+# Test files spread over this many pytest workers (pytest-xdist); TEST_WORKERS=0 runs them in
+# this process, one after another.
+TEST_WORKERS ?= 3
+test: $(STAMP) ## run the test suite (TEST_WORKERS=0: in one process; ARGS="-k ..." picks tests)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 lint: $(STAMP) ## ruff check and format check
 	$(PY) -m ruff check .

@@ -12,6 +12,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+# make test's workers share the cores: an OpenMP thread that spins while it waits takes a core
+# from another worker's job (measured here, 600 steps of a small MLP on 2 threads: 1.5 s alone and
+# 6.6 s beside one busy process by default; 2.1 s and 2.3 s with PASSIVE). Set before torch loads
+# OpenMP; the commands the tests run inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 import torch
@@ -66,6 +72,18 @@ def registry_unreachable() -> str | None:
     return None if proc.returncode == 0 else (errors or ["pip index failed"])[-1]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `make test`'s workers (pytest-xdist, `--dist loadgroup`) a file's tests run in one
+    worker, so its module fixtures are built once; the slurm tests share one worker, as they
+    share the one local cluster (its fixture stops the cluster it started). A test's own
+    `xdist_group` mark moves it out of its file's worker."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            group = "slurm" if item.get_closest_marker("slurm") else item.path.name
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Tests that need the registry skip, with pip's reason, on a machine that cannot reach it;
     `gpu` tests skip where torch sees no GPU."""
@@ -96,6 +114,16 @@ def script_env(home: Path | None = None, **extra: str) -> dict[str, str]:
     if home is not None:
         env["HOME"] = str(home)
     return {**env, **extra}
+
+
+# What make hands down to its recipes' commands (`make test ARGS=...` puts ARGS there too): a
+# test that runs make itself gives it none of them.
+MAKE_VARIABLES = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARGS", "PACK", "TORCH", "TEST_WORKERS")
+
+
+def make_env() -> dict[str, str]:
+    """script_env() without what an enclosing `make test` passed down."""
+    return {k: v for k, v in script_env().items() if k not in MAKE_VARIABLES}
 
 
 def _text(out: str | bytes | None) -> str:

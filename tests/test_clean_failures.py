@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, run_command, run_train
+from conftest import FAST, make_env, run_command, run_train
 
 import actlab.data as data
 from actlab import ROOT, results
@@ -130,7 +130,7 @@ def _make_install(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProce
         fake.chmod(0o755)
     calls = tmp_path / "calls"
     calls.unlink(missing_ok=True)
-    proc = run_command(["make", "-C", tmp_path, "install", *args])
+    proc = run_command(["make", "-C", tmp_path, "install", *args], env=make_env())
     assert proc.returncode == 0, proc.stderr
     return proc, calls.read_text().splitlines() if calls.exists() else []
 

@@ -3,14 +3,13 @@ runs one job per configuration, packs fill the launcher's slots, old sweeps resu
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FAST, compose_train, results, run_train, script_env
+from conftest import FAST, compose_train, make_env, results, run_train, script_env
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
@@ -108,14 +107,12 @@ def _make_sweep(tmp_path: Path, *variables: str) -> list[str]:
     none (no venv built, nothing installed), from a copy of the Makefile in an empty folder."""
     shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
     (tmp_path / "pyproject.toml").touch()
-    # Not as a sub-make of `make test`: it would print "make[1]: Entering directory" lines.
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     proc = subprocess.run(
         ["make", "--no-print-directory", "-n", "sweep", *variables],
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        env=env,
+        env=make_env(),
     )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile", "pyproject.toml"]

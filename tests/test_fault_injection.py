@@ -241,6 +241,8 @@ def packed(tmp_path_factory: pytest.TempPathFactory, env: dict) -> dict:
     )
 
 
+# The two kill fixtures are the suite's longest: under `make test`'s workers they build apart.
+@pytest.mark.xdist_group("fault_injection_packs")
 def test_resume_continues_each_member_of_a_killed_pack_to_its_uninterrupted_numbers(
     packed: dict,
 ) -> None:

@@ -4,7 +4,6 @@ cannot be fetched or torchvision cannot be imported; MNIST read by torchvision =
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CPU, compose_train, here, here_exit, run_train
+from conftest import CPU, compose_train, here, here_exit, make_env, run_train
 from hydra.utils import instantiate
 
 from actlab import ROOT
@@ -151,13 +150,12 @@ def test_make_data_passes_its_args(tmp_path: Path) -> None:
     """`make -n` prints the command and runs none, from the Makefile copied to an empty folder."""
     shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
     (tmp_path / "pyproject.toml").touch()
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     proc = subprocess.run(
         ["make", "--no-print-directory", "-n", "data", "ARGS=data=cifar10 paths.data_dir=/d"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        env=env,
+        env=make_env(),
     )
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
