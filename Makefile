@@ -62,7 +62,7 @@ bench: $(STAMP) ## time an epoch vs plain PyTorch, start-up, memory (ARGS="--rou
 # this process, one after another.
 TEST_WORKERS ?= 3
 test: $(STAMP) ## run the test suite (TEST_WORKERS=0: in one process; ARGS="-k ..." picks tests)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(ARGS)
 
 lint: $(STAMP) ## ruff check and format check
 	$(PY) -m ruff check .

@@ -72,16 +72,35 @@ def registry_unreachable() -> str | None:
     return None if proc.returncode == 0 else (errors or ["pip index failed"])[-1]
 
 
+# The groups that take longest (make test ARGS=--durations=0 on 2 cores: 2-5 min each), started
+# first: a long group started last would run on alone while the other workers idle.
+LONGEST_FIRST = (
+    "slurm",
+    "test_fault_injection.py",
+    "test_pack.py",
+    "fault_injection_packs",
+    "test_precision.py",
+    "test_packing_contract.py",
+    "test_default_packing.py",
+)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under `make test`'s workers (pytest-xdist, `--dist loadgroup`) a file's tests run in one
     worker, so its module fixtures are built once; the slurm tests share one worker, as they
     share the one local cluster (its fixture stops the cluster it started). A test's own
     `xdist_group` mark moves it out of its file's worker."""
+    groups = {}
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            group = "slurm" if item.get_closest_marker("slurm") else item.path.name
-            item.add_marker(pytest.mark.xdist_group(group))
+        if (mark := item.get_closest_marker("xdist_group")) is None:
+            mark = pytest.mark.xdist_group(
+                "slurm" if item.get_closest_marker("slurm") else item.path.name
+            )
+            item.add_marker(mark)
+        groups[item] = mark.args[0] if mark.args else mark.kwargs["name"]
+    rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item], len(rank)))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
