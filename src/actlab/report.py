@@ -639,7 +639,7 @@ def _save_optuna_plot(draw: Callable[[], Any], path: Path) -> Path:
 
     # Optuna's plots set a style of their own (ggplot): kept to them, not to the report's plots.
     with matplotlib.rc_context(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)  # all its matplotlib plots are
+        warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna marks each one so
         axes = np.ravel(draw())
         fig = axes[0].figure
         side = math.isqrt(axes.size)  # a contour of n > 2 parameters is an n x n grid
