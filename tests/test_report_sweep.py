@@ -55,6 +55,8 @@ def make_job(sweep: Path, slope: float, seed: int, status: str = "finished") -> 
             )  # noqa: E501
         (job / "csv").mkdir()
         pd.DataFrame(rows).to_csv(job / "csv" / "metrics.csv", index=False)
+    elif status == "pruned":  # a search's pruner stopped it after its first epoch
+        record.update(epochs=1, pruned={"epoch": 1, "val/acc": 0.9})
     else:
         record["error"] = "RuntimeError: loss is NaN"
     (job / "results.json").write_text(json.dumps(record))
@@ -93,6 +95,25 @@ def test_table_has_mean_and_std_over_seeds_and_lists_the_failed_job(
     failed = by_slope[0.3]
     assert failed["seeds"] == 0 and failed["not finished"] == 1
     assert "model.act.negative_slope=0.3,seed=0`: failed (RuntimeError: loss is NaN)" in md
+
+
+def test_pruned_trials_are_listed_apart_from_the_jobs_that_did_not_finish(sweep: Path) -> None:
+    make_job(sweep, 0.5, 0, status="pruned")
+    report.main([str(sweep)])
+    md = (sweep / "report.md").read_text()
+
+    pruned = md.index("## Trials pruned by the search (1)\n")
+    unfinished = md.index("## Jobs that did not finish (1)\n")
+    assert (
+        "- `model.act.negative_slope=0.5,seed=0`: pruned after 1 epoch(s)\n"
+        in md[pruned:unfinished]
+    )
+    assert md[unfinished:].count("\n- `") == 1  # the failed job only
+    assert "`model.act.negative_slope=0.3,seed=0`: failed" in md[unfinished:]
+    by_slope = {r["slope"]: r for r in report.summarize(report.group(report.load_jobs(sweep)))}
+    assert (by_slope[0.5]["pruned"], by_slope[0.5]["not finished"]) == (1, 0)
+    assert (by_slope[0.3]["pruned"], by_slope[0.3]["not finished"]) == (0, 1)
+    assert "| pruned |" in md
 
 
 def test_plots_are_written(sweep: Path) -> None:

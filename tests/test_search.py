@@ -3,6 +3,7 @@ time, trained as packs, their values told back from their results.json; resume; 
 
 from __future__ import annotations
 
+import csv
 import statistics
 from pathlib import Path
 
@@ -10,11 +11,13 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import CPU, here, here_exit, metric_rows, results
+from conftest import CPU, here, here_exit, metric_rows, results, wandb_inspect
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
+from test_wandb_summary import logged_table, offline_run
 
+from actlab import report
 from actlab.errors import UserError
 from actlab.results import write_json
 from hydra_plugins.actlab_optuna import Space
@@ -206,6 +209,98 @@ def test_trials_that_cannot_pack_run_solo(tmp_path: Path) -> None:
         assert ("pack" in record) == (same > 1)
 
 
+PNG = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("best_so_far", "param_importances", "contour")
+
+
+def trials_csv(sweep: Path) -> dict[int, dict[str, str]]:
+    with open(sweep / "search" / "trials.csv", newline="") as f:
+        return {int(r["trial"]): r for r in csv.DictReader(f)}
+
+
+def same_trials(rows: dict[int, dict], trials: list[optuna.trial.FrozenTrial]) -> None:
+    """The trials table (csv text or W&B values) has each trial's params, value, state, folder."""
+    assert sorted(rows) == [t.number for t in trials]
+    for t in trials:
+        row = rows[t.number]
+        assert row["state"] == t.state.name.lower()
+        assert str(row["folder"]) == Path(t.user_attrs["job"]).name
+        assert (float(row["value"]) if row["value"] not in ("", None) else None) == t.value
+        for key, value in t.params.items():
+            assert float(row[key]) == value
+
+
+@pytest.mark.slow
+def test_a_search_ends_with_its_summary_in_the_sweep_report_and_w_and_b(searched: Path) -> None:
+    trials = study(searched).get_trials()
+    folder = searched / "search"
+    for name in PLOTS:
+        assert (folder / f"{name}.png").read_bytes()[:8] == PNG
+        assert f"]({name}.png)" in (folder / "summary.md").read_text()
+    same_trials(trials_csv(searched), trials)
+    assert trials_csv(searched)[0]["state"] == "fail"  # trial 0 could not save a checkpoint
+
+    report.main([str(searched)])  # make report: report.md, and the W&B summary run (offline)
+    md = (searched / "report.md").read_text()
+    search = md[md.index("## Search\n") :]
+    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert f"7 trials: 6 complete, 1 fail. Best: trial {best.number}, val/acc_best =" in search
+    assert sum(line.startswith("|") for line in search.splitlines()) == 2 + 7  # a row a trial
+    for name in PLOTS:
+        assert f"](search/{name}.png)" in search
+    run = offline_run(searched)
+    same_trials({r["trial"]: r for r in logged_table(run, "search/trials")}, trials)
+    summary = wandb_inspect(run)["summary"]
+    assert (summary["search/best_trial"], summary["search/best_value"]) == (best.number, best.value)
+    for name in PLOTS:
+        image = summary[f"search/{name}"]
+        assert (run / "files" / image["path"]).read_bytes()[:8] == PNG
+
+
+def made_study(sweep: Path, space: dict, outcomes: list[str]) -> optuna.Study:
+    """A study in <sweep>/study.db, made by Optuna directly: a trial per outcome, as the sweeper
+    records them (its folder, and a pruned one's epochs reported)."""
+    made = optuna.create_study(study_name="made", storage=f"sqlite:///{sweep}/study.db")
+    for n, outcome in enumerate(outcomes):
+        trial = made.ask(space)
+        trial.set_user_attr("job", str(sweep / str(n)))
+        trial.set_user_attr("metric", "val/acc_best")
+        if outcome == "complete":
+            made.tell(trial, 0.5 + n / 100)
+        elif outcome == "pruned":
+            trial.report(0.1, 0)
+            trial.report(0.2, 1)
+            made.tell(trial, state=TrialState.PRUNED)
+        else:
+            made.tell(trial, state=TrialState.FAIL)
+    return made
+
+
+def test_what_optuna_cannot_plot_is_one_line_of_the_summary(tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    one.mkdir()
+    made_study(one, {"x": FloatDistribution(0.0, 1.0)}, ["complete"] * 3)
+    report.write_search(one)
+    summary = (one / "search" / "summary.md").read_text()
+    assert "\nNo contour plot: the search has 1 parameter(s), a contour plots two.\n" in summary
+    assert not (one / "search" / "contour.png").exists()
+    for name in PLOTS[:2]:
+        assert (one / "search" / f"{name}.png").read_bytes()[:8] == PNG
+
+    few = tmp_path / "few"
+    few.mkdir()
+    made_study(few, SPACE, ["fail", "complete", "pruned"])
+    search = report.write_search(few)
+    assert search.notes == [
+        "No parameter importances: 1 trial(s) finished, it takes 2.",
+        "No contour plot: 1 trial(s) finished, it takes 2.",
+    ]
+    assert [p.name for p in (few / "search").glob("*.png")] == ["best_so_far.png"]
+    rows = trials_csv(few)
+    assert [rows[n]["state"] for n in range(3)] == ["fail", "complete", "pruned"]
+    assert [rows[n]["pruned at epoch"] for n in range(3)] == ["", "", "2"]  # reported 0 and 1
+
+
 def val_best(folder: Path) -> list[float]:
     """The member's val/acc_best after each epoch, from its metrics.csv."""
     return [float(r["val/acc_best"]) for r in metric_rows(folder) if r["val/acc_best"]]
@@ -249,6 +344,13 @@ def test_members_a_median_pruner_stops_are_frozen_recorded_and_told_pruned(
         assert torch.load(folder / "checkpoints" / "last.ckpt")["epoch"] == stop  # frozen
         assert t.intermediate_values == dict(enumerate(values))
     assert 0 < len(pruned) < 3, pruned  # the test sees both outcomes
+    # The search's trials table marks them, with the epoch they stopped after.
+    rows = trials_csv(sweep)
+    for t in trials:
+        record = results(sweep / str(t.number))
+        assert rows[t.number]["state"] == t.state.name.lower()
+        stopped = rows[t.number]["pruned at epoch"]
+        assert stopped == (str(record["pruned"]["epoch"]) if t.number in pruned else "")
     # The sweep's table says which were pruned, and not that they did not finish.
     assert f"{len(pruned)} trial(s) pruned by the search: {', '.join(map(str, pruned))}" in out
     assert "did not finish" not in out

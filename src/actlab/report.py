@@ -2,17 +2,23 @@
 
 The same figures make the sweep's summary run in W&B, written when a multirun ends (the Hydra
 callback SweepSummaryRun, in configs/hydra/default.yaml) and by `make report` for a sweep that
-has none.
+has none. A search's sweep (hydra/sweeper=packed_optuna) also gets its study's summary, the
+trials table and Optuna's plots, in <sweep>/search/, report.md and the summary run.
 """
 
 from __future__ import annotations
 
+import collections
+import csv
+import dataclasses
 import logging
 import math
+import os
 import statistics
 import sys
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +26,7 @@ from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from actlab import ROOT
 from actlab.errors import UserError
@@ -85,6 +91,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pruned_and_unfinished(statuses: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Of {job: status}: the trials a search's pruner stopped, which ended as the search meant
+    them to, and the jobs that did not finish (failed, diverged, interrupted, lost)."""
+    pruned = [job for job, status in statuses.items() if status == "pruned"]
+    unfinished = [job for job, status in statuses.items() if status not in ("finished", "pruned")]
+    return pruned, unfinished
+
+
 class SweepSummary(Callback):
     """Prints the sweep's table when a multirun ends; says which jobs did not finish."""
 
@@ -93,9 +107,7 @@ class SweepSummary(Callback):
         rows = collect(sweep_dir)
         print(f"\nSweep {sweep_dir} ({len(rows)} jobs, each job's {RESULTS}):")
         print(format_table(rows))
-        # A trial a search's pruner stopped ended as the search meant it to.
-        pruned = [r["job"] for r in rows if r["status"] == "pruned"]
-        failed = [r["job"] for r in rows if r["status"] not in ("finished", "pruned")]
+        pruned, failed = pruned_and_unfinished({r["job"]: r["status"] for r in rows})
         if pruned:
             print(f"\n{len(pruned)} trial(s) pruned by the search: {', '.join(pruned)}")
         if failed:
@@ -255,6 +267,7 @@ def summarize(configs: list[Configuration], metric: str = "acc") -> list[dict[st
         "dead fraction": lambda j: j.metrics.get("dead/mean"),
         "s/epoch": lambda j: j.seconds_per_epoch,
     }
+    searched = any(j.status == "pruned" for c in configs for j in c.jobs)
     rows = []
     for c in configs:
         done = [j for j in c.jobs if j.finished]
@@ -262,7 +275,10 @@ def summarize(configs: list[Configuration], metric: str = "acc") -> list[dict[st
         for name, get in columns.items():
             row[name] = mean_std([get(j) for j in done])
         row["seeds"] = len(done)
-        row["not finished"] = len(c.jobs) - len(done)
+        pruned, unfinished = pruned_and_unfinished({str(j.folder): j.status for j in c.jobs})
+        row["not finished"] = len(unfinished)
+        if searched:  # a column of a search's sweep only
+            row["pruned"] = len(pruned)
         rows.append(row)
     return rows
 
@@ -489,16 +505,184 @@ def write_report(sweep_dir: Path) -> str:
         "every validation sample, at the last epoch, averaged over layers.",
         "",
     ]
-    unfinished = [j for j in jobs if not j.finished]
+    named = {j.folder.relative_to(sweep_dir).as_posix(): j for j in jobs}
+    pruned, unfinished = pruned_and_unfinished({name: j.status for name, j in named.items()})
+    if pruned:
+        table += f"\n\n## Trials pruned by the search ({len(pruned)})\n\n" + "\n".join(
+            f"- `{name}`: pruned after {named[name].epochs} epoch(s)" for name in pruned
+        )
     if unfinished:
         table += f"\n\n## Jobs that did not finish ({len(unfinished)})\n\n" + "\n".join(
-            f"- `{j.folder.relative_to(sweep_dir).as_posix()}`: {j.status}"
-            + (f" ({j.error})" if j.error else "")
-            for j in unfinished
+            f"- `{name}`: {named[name].status}"
+            + (f" ({named[name].error})" if named[name].error else "")
+            for name in unfinished
         )
     lines += [table, ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    if (search := write_search(sweep_dir)) is not None:
+        lines += ["", "## Search", "", *search_markdown(search, f"{SEARCH_DIR}/")]
     (sweep_dir / "report.md").write_text("\n".join(lines) + "\n")
     return table
+
+
+# ---------------------------------------------------------------------------------------------
+# A search's summary (hydra/sweeper=packed_optuna): its study's trials and Optuna's plots of them,
+# from <sweep>/study.db through Optuna's own storage. Optuna's matplotlib plots, as plotly's image
+# export needs a browser.
+
+STUDY = "study.db"
+SEARCH_DIR = "search"  # <sweep>/search/: summary.md, trials.csv and the plots
+SEARCH_STATES = ("complete", "pruned", "fail", "running", "waiting")  # Optuna's, in this order
+
+
+def study_storage(sweep_dir: Path) -> str:
+    return f"sqlite:///{(Path(sweep_dir) / STUDY).resolve()}"
+
+
+@dataclass
+class Search:
+    headline: str  # the study, its trials by state and its best trial
+    rows: list[dict[str, Any]]  # the trials table: one row per trial
+    plots: list[Path]
+    notes: list[str]  # one line for each plot that could not be drawn, saying why
+    best: dict[str, Any]  # the best trial's number and value ({} if none finished)
+
+
+def search_summary(sweep_dir: Path, out: Path) -> Search | None:
+    """The trials table of the search in `sweep_dir` (it holds study.db) and its plots as PNG
+    files in `out`; None while the study has no trial."""
+    try:
+        import optuna
+    except ImportError:
+        note = "No search summary: Optuna is not installed (`pip install -e '.[search]'`)."
+        return Search(note, [], [], [], {})
+    saved = Path(sweep_dir) / "multirun.yaml"
+    name = (
+        OmegaConf.select(OmegaConf.load(saved), "hydra.sweeper.study_name")
+        if saved.is_file()
+        else None
+    )
+    study = optuna.load_study(study_name=name, storage=study_storage(sweep_dir))
+    trials = study.get_trials(deepcopy=False)
+    if not trials:
+        return None
+    state = optuna.trial.TrialState
+    params = list(dict.fromkeys(k for t in trials for k in t.params))
+    rows = [
+        {
+            "trial": t.number,
+            **{k: t.params.get(k) for k in params},
+            "value": t.value,
+            "state": t.state.name.lower(),
+            # A pack member reports to its trial after each epoch, the first as step 0.
+            "pruned at epoch": (
+                t.last_step + 1 if t.state == state.PRUNED and t.last_step is not None else None
+            ),
+            "folder": Path(t.user_attrs["job"]).name if "job" in t.user_attrs else None,
+        }
+        for t in trials
+    ]
+    done = len(study.get_trials(deepcopy=False, states=(state.COMPLETE,)))
+    metric = next((t.user_attrs["metric"] for t in trials if "metric" in t.user_attrs), "value")
+    counts = collections.Counter(r["state"] for r in rows)
+    headline = (
+        f"Study `{study.study_name}` ({study.direction.name.lower()} `{metric}`), "
+        f"{len(rows)} trials: "
+        + ", ".join(f"{counts[s]} {s}" for s in SEARCH_STATES if counts[s])
+        + "."
+    )
+    best = {}
+    if done:
+        best = {"trial": study.best_trial.number, "value": study.best_value}
+        headline += f" Best: trial {best['trial']}, {metric} = {best['value']:.4f}."
+    few = f"{done} trial(s) finished, it takes 2"
+    vis = optuna.visualization.matplotlib
+    # PED-ANOVA (Optuna 5's default) needs no scikit-learn, unlike Optuna 4's fANOVA.
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator
+    drawings = [
+        (
+            "best_so_far",
+            "best-so-far curve",
+            None if done else "no trial finished",
+            lambda: vis.plot_optimization_history(study, target_name=metric),
+        ),
+        (
+            "param_importances",
+            "parameter importances",
+            None if done >= 2 else few,
+            lambda: vis.plot_param_importances(study, evaluator=evaluator(), target_name=metric),
+        ),
+        (
+            "contour",
+            "contour plot",
+            f"the search has {len(params)} parameter(s), a contour plots two"
+            if len(params) < 2
+            else (None if done >= 2 else few),
+            lambda: vis.plot_contour(study, target_name=metric),
+        ),
+    ]
+    plots, notes = [], []
+    for name, what, why_not, draw in drawings:
+        if why_not is None:
+            plots.append(_save_optuna_plot(draw, out / f"{name}.png"))
+        else:
+            notes.append(f"No {what}: {why_not}.")
+    return Search(headline, rows, plots, notes, best)
+
+
+def _save_optuna_plot(draw: Callable[[], Any], path: Path) -> Path:
+    import matplotlib
+    import numpy as np
+    from optuna.exceptions import ExperimentalWarning
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Optuna's plots set a style of their own (ggplot): kept to them, not to the report's plots.
+    with matplotlib.rc_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna marks each one so
+        axes = np.ravel(draw())
+        fig = axes[0].figure
+        side = math.isqrt(axes.size)  # a contour of n > 2 parameters is an n x n grid
+        if side > 1:
+            fig.set_size_inches(3.2 * side + 1, 3.2 * side)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return path
+
+
+def search_markdown(search: Search, prefix: str = "") -> list[str]:
+    """The search's summary under a heading of report.md or search/summary.md (its plots under
+    `prefix`)."""
+    lines = [search.headline, ""]
+    if search.rows:
+        lines += [markdown_table(search.rows), ""]
+    lines += [f"![{p.stem}]({prefix}{p.name})" for p in search.plots]
+    return lines + [line for note in search.notes for line in ("", note)]
+
+
+def write_search(sweep_dir: Path) -> Search | None:
+    """The search's summary into <sweep>/search/ (summary.md, trials.csv, the plots), each file
+    written beside the folder first and renamed into it: a reader never sees half a file. None
+    for a sweep that is not a search, or a search with no trial yet."""
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / STUDY).is_file():
+        return None
+    out = sweep_dir / SEARCH_DIR
+    with tempfile.TemporaryDirectory(dir=sweep_dir, prefix=".search-") as tmp:
+        search = search_summary(sweep_dir, Path(tmp))
+        if search is None:
+            return None
+        md = [f"# Search {sweep_dir.name}", "", *search_markdown(search)]
+        (Path(tmp) / "summary.md").write_text("\n".join(md) + "\n")
+        if search.rows:
+            with open(Path(tmp) / "trials.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(search.rows[0]))
+                writer.writeheader()
+                writer.writerows(search.rows)
+        out.mkdir(exist_ok=True)
+        for made in Path(tmp).iterdir():
+            os.replace(made, out / made.name)
+    return dataclasses.replace(search, plots=[out / p.name for p in search.plots])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,6 +757,7 @@ def _log_summary(sweep_dir: Path, settings: dict[str, Any], mode: str) -> str:
         else run.url
     )
     with run, tempfile.TemporaryDirectory() as tmp:
+        search = search_summary(sweep_dir, Path(tmp)) if (sweep_dir / STUDY).is_file() else None
         run.log(
             {
                 "sweep/jobs": _table(wandb, _job_rows(sweep_dir, configs)),
@@ -582,12 +767,23 @@ def _log_summary(sweep_dir: Path, settings: dict[str, Any], mode: str) -> str:
                     f"sweep/{png.stem}": wandb.Image(str(png))
                     for png in plot_all(configs, rows, metric, Path(tmp))
                 },
+                **_search_log(wandb, search),
             }
         )
         run.summary.update(_best(configs, rows, metric))
+        if search is not None and search.best:
+            run.summary.update({f"search/best_{k}": v for k, v in search.best.items()})
     id_file.parent.mkdir(exist_ok=True)
     id_file.write_text(run_id + "\n")
     return where
+
+
+def _search_log(wandb: Any, search: Search | None) -> dict[str, Any]:
+    """The search's trials table and plots (search_summary), under search/."""
+    if search is None or not search.rows:
+        return {}
+    images = {f"search/{png.stem}": wandb.Image(str(png)) for png in search.plots}
+    return {"search/trials": _table(wandb, search.rows), **images}
 
 
 def _value(override: str) -> Any:

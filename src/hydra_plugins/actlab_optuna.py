@@ -12,7 +12,8 @@ finish (failed, diverged) is told failed. With `pruner` set, each pack's members
 trials after each epoch (actlab.pack calls `pruner`) and a pruned member is frozen and told
 pruned. The study is `<sweep>/study.db` (Optuna's RDB storage on sqlite): `+resume=true`
 continues it, with the trials a killed search left running told failed (their folders set
-aside) unless their job had ended.
+aside) unless their job had ended. A search that ends writes its summary, the trials table and
+Optuna's plots, into `<sweep>/search/` (actlab.report.write_search).
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from actlab.errors import UserError
 from actlab.pack import SEARCH
+from actlab.report import SEARCH_DIR, STUDY, study_storage, write_search
 from actlab.results import read_results
 from actlab.runs import set_aside
 from hydra_plugins.actlab_grid import distinct_jobs
 from hydra_plugins.actlab_packed import PACKS, _default_members, jobs_at_once, members_limit, plan
 
 log = logging.getLogger(__name__)
-STUDY = "study.db"
 BEST = "optimization_results.yaml"
 INSTALL = "pip install -e '.[search]'"
 PRUNERS = ("none", "median", "halving", "hyperband")
@@ -196,6 +197,8 @@ class PackedOptunaSweeper(Sweeper):
         log.info("search: %d trial(s) of %d in %s", _counted(study), n_trials, sweep_dir / STUDY)
         if not (sweep_dir / BEST).exists():
             log.warning("search: no trial finished (see their results.json), so no %s", BEST)
+        if (search := write_search(sweep_dir)) is not None:
+            log.info("search: %s %s", search.headline, sweep_dir / SEARCH_DIR / "summary.md")
         return rounds
 
     def _study(self, optuna: Any, sweep_dir: Path, space: Space) -> Any:
@@ -207,7 +210,7 @@ class PackedOptunaSweeper(Sweeper):
         else:
             sampler = samplers.GridSampler(space.grid(), seed=self.seed)
         study = optuna.create_study(
-            storage=_storage(sweep_dir),
+            storage=study_storage(sweep_dir),
             study_name=self.study_name,
             sampler=sampler,
             direction=self.direction,
@@ -272,7 +275,7 @@ class PackedOptunaSweeper(Sweeper):
         solo_jobs = [[*job, f"hydra.sweep.subdir={num}"] for num, job, _ in solo]
         if self.pruning["name"] != "none":  # each pack's members report each epoch, and stop
             search = {
-                "storage": _storage(sweep_dir),
+                "storage": study_storage(sweep_dir),
                 "study": self.study_name,
                 "pruner": self.pruning,
                 "trials": {str(t.number): t.user_attrs.get("metric") for t in trials},
@@ -344,10 +347,6 @@ def _write_best(study: Any, sweep_dir: Path) -> None:
         ),
         sweep_dir / BEST,
     )
-
-
-def _storage(sweep_dir: Path) -> str:
-    return f"sqlite:///{(sweep_dir / STUDY).resolve()}"
 
 
 def pruner(search: Path) -> Callable[[str, int, dict[str, float]], bool]:
