@@ -17,7 +17,7 @@ from conftest import COMMAND_TIMEOUT, QUICK, run_train, script_env
 
 from actlab import ROOT, sweep_lock
 from actlab.errors import UserError
-from actlab.results import process_start, read_results
+from actlab.results import HEARTBEAT, process_start, read_results
 from actlab.sweep_lock import LOCK, STALE_AFTER_S, SweepLock
 
 SETTINGS = [*QUICK, "logger=csv", "trainer.max_epochs=2"]
@@ -34,9 +34,10 @@ SWEEP = [
 
 
 def _files(folder: Path) -> dict[str, str | bool]:
-    """Every path under the folder with its content's hash (folders: False), the lock aside (its
-    heartbeat is rewritten while the sweep runs)."""
-    paths = [p for p in sorted(folder.rglob("*")) if p.name != LOCK]
+    """Every path under the folder with its content's hash (folders: False), the lock and the
+    jobs' heartbeat.json aside: the running sweep rewrites those itself (every HEARTBEAT_SECONDS),
+    however long the second sweep takes to be refused."""
+    paths = [p for p in sorted(folder.rglob("*")) if p.name not in (LOCK, HEARTBEAT)]
     return {
         str(p.relative_to(folder)): p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest()
         for p in paths
