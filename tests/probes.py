@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -178,6 +179,12 @@ def hold_packs(epoch: int, hold: str) -> None:
                 time.sleep(0.05)
 
     pack.PackTrainer._end_epoch = held
+
+
+def prune_after(epoch: int, match: str) -> Callable[[str, int, dict[str, float]], bool]:
+    """A pack's pruner, as a search's trials.yaml names one by `_target_` (actlab.pack.SEARCH):
+    after epoch `epoch` it prunes each member whose folder's name contains `match`."""
+    return lambda name, done, metrics: done == epoch and match in name
 
 
 class MatmulPrecisionSeen(L.Callback):

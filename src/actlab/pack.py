@@ -16,11 +16,12 @@ solo job's dropout draws from. Its update is the one `torch.optim.SGD` / `Adam` 
 (re-implemented on stacked tensors with per-member hyperparameters), with the learning rate its
 own scheduler (a real one, on its solo optimizer) gives at each epoch, so a member's results
 equal its solo job's up to floating-point rounding. Lightning's EarlyStopping, one per member,
-freezes a member whose monitored metric stopped improving; it ends as its solo job would (its
+stops a member whose monitored metric stopped improving; it ends as its solo job would (its
 epochs, tested on its best checkpoint) while the others train on. A member whose loss turns
 NaN/inf is recorded `diverged` and frozen; the others never see its numbers (each slice of a
 batched matmul is computed on its own, and the summed loss passes a gradient of 1 to every
-member).
+member). A member that stopped (early-stopped, pruned by a search, diverged, failed) leaves the
+stack at the end of that epoch (PackTrainer._drop): the later steps compute the others only.
 
 What a member writes (its `.hydra/`, results.json, csv, W&B run, checkpoints) goes through the
 functions a solo job uses, into its own folder: to a user it is a solo job.
@@ -76,13 +77,15 @@ from actlab.results import (
     write_json,
 )
 from actlab.runs import drop_rows_after, keep_attempt, resumable, set_aside, trained_epochs
-from actlab.stacked_nets import StackedNets, activation_bytes
+from actlab.stacked_nets import StackedNets, activation_bytes, keep_rows
 from actlab.validation import check_net
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "members.yaml"
-SEARCH = "trials.yaml"  # beside it in a search's pack: the members' Optuna trials, the pruner
+# Beside it in a search's pack: its pruner, a factory by `_target_` with its arguments, which
+# gives `prune(member folder name, epoch, metrics) -> bool` (hydra_plugins.actlab_optuna).
+SEARCH = "trials.yaml"
 # The numbers of a param group that a member's update depends on.
 SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay")
@@ -150,12 +153,24 @@ class StackedMLP(nn.Module):
             for n in self.act_names
         )
         self.acts = acts
-        self.runs = runs(keys or [repr(a) for a in acts])
+        self._set_runs(runs(keys or [repr(a) for a in acts]))
+
+    def _set_runs(self, spans: list[tuple[int, int]]) -> None:
+        self.runs = spans
         if self.act_names:
             self.applied = [
-                vmap(lambda p, h, module=acts[start]: functional_call(module, p, (h,)))
+                vmap(lambda p, h, module=self.acts[start]: functional_call(module, p, (h,)))
                 for start, _ in self.runs
             ]
+
+    def keep(self, members: list[int], spans: list[tuple[int, int]]) -> None:
+        """Only these members (positions in the stack, in order) stay, in `spans`: the runs of
+        their activations' keys."""
+        for params in (self.weights, self.biases, self.act_params):
+            keep_rows(params, members)
+        self.acts = [self.acts[k] for k in members]
+        self.generators = [self.generators[k] for k in members]
+        self._set_runs(spans)
 
     def __len__(self) -> int:
         return self.weights[0].shape[0]
@@ -261,7 +276,8 @@ class StackedOptimizer:
     Consecutive members with the same numbers are updated together, on their slice, by the
     operations of torch's single-tensor SGD and Adam with those numbers as scalars: elementwise,
     each member's update is the one its solo optimizer computes, bit for bit. A frozen member
-    (diverged, early-stopped) is left out of every later update.
+    (diverged) is left out of every later update; `keep` takes the members that stopped out of
+    the stack's state.
     """
 
     def __init__(self, params: list[nn.Parameter], target: str, members: list[Any]) -> None:
@@ -289,6 +305,16 @@ class StackedOptimizer:
 
     def freeze(self, k: int) -> None:
         self.active[k] = False
+        self._runs()
+
+    def keep(self, members: list[int], params: list[nn.Parameter]) -> None:
+        """Only these members (positions in the stack, in order) stay, their stacked parameters
+        now `params`: their numbers and state (momentum, Adam's moments) as they were."""
+        self.params = params
+        for state in self.state:
+            state.update({key: t[members] for key, t in state.items()})
+        self.numbers = [self.numbers[k] for k in members]
+        self.active = [self.active[k] for k in members]
         self._runs()
 
     @torch.no_grad()
@@ -418,7 +444,7 @@ class Member:
     resumed: Path | None = None  # the last.ckpt it continues from (`+resume=true`)
     first_epoch: int = 0
     early_stopping: EarlyStopping | None = None
-    stopped: tuple[int, int] | None = None  # (epochs, global step) when early stopping froze it
+    stopped: tuple[int, int] | None = None  # (epochs, global step) when it stopped early
 
     def write(self) -> None:
         with contextlib.suppress(UserError):  # a full disk must not hide the original error
@@ -684,11 +710,20 @@ def check_memory(
 
 
 class PackTrainer:
-    """Fits the members on one device, writing each member's metrics, checkpoints and record."""
+    """Fits the members on one device, writing each member's metrics, checkpoints and record.
 
-    def __init__(self, members: list[Member], device: torch.device, sharing: int = 1) -> None:
-        """`sharing`: the device slots that share the device (actlab.launch.Slot.sharing)."""
-        self.members, self.device = members, device
+    `stack` holds the members still in the stacked model, a member's `index` its position there;
+    everything kept per member (its optimizer, scheduler, checkpoint callbacks, seed) is a list
+    in that order, cut with the stack when members leave it (`_drop`).
+    """
+
+    def __init__(
+        self, members: list[Member], device: torch.device, sharing: int = 1, test: bool = True
+    ) -> None:
+        """`sharing`: the device slots that share the device (actlab.launch.Slot.sharing);
+        `test`: whether each member is tested (`test()` and when it leaves the stack)."""
+        self.members, self.device, self.tests = members, device, test
+        self.stack = list(members)
         first = members[0].cfg
         self.epochs = int(first.trainer.max_epochs)
         self.log_every = int(first.trainer.get("log_every_n_steps", 50))
@@ -713,7 +748,7 @@ class PackTrainer:
         self.global_step = 0
         self.heartbeat: Heartbeat | None = None
         # A search's pruner (hydra_plugins.actlab_optuna): does this member, by its folder's
-        # name, stop after this epoch with these metrics? It then ends `pruned`, frozen.
+        # name, stop after this epoch with these metrics? It then leaves the stack, `pruned`.
         self.prune: Callable[[str, int, dict[str, float]], bool] | None = None
         self._loop_template: dict[str, Any] | None = None
         # Seconds of the epochs outside their training steps (batch orders, evaluation, logging,
@@ -763,7 +798,7 @@ class PackTrainer:
             self.model = StackedNets(nets, runs(keys)).to(device)
         else:
             self.model = StackedMLP(nets, acts, keys).to(device)
-        self.model.generators = generators
+            self.model.generators = generators
         # The solo order, as in its optimizer state.
         self.params, self.kinds = self.model.solo_order()
         # A solo optimizer's param group numbers its parameters in this order.
@@ -822,8 +857,8 @@ class PackTrainer:
         self.val = self._tensors(self.datamodule.val)  # on the device for every evaluation
         n, bs = len(x), int(self.members[0].cfg.data.batch_size)
         steps = -(-n // bs)
-        K = len(self.members)
         for epoch in range(self.first_epoch, self.epochs):
+            K = len(self.stack)
             self.model.train()  # evaluate() left it in eval mode: no dropout there
             start = time.perf_counter()
             orders = self._orders(epoch, n)
@@ -872,9 +907,10 @@ class PackTrainer:
                 torch.cuda.synchronize(self.device)  # the steps' time is the steps'
             start = time.perf_counter()
             self._end_epoch(epoch, sums)
+            self._drop()
             self.outside_steps += time.perf_counter() - start
             self.epochs_run += 1
-            if not self.training:  # each stopped early
+            if not self.stack:  # each stopped early
                 return
 
     def autocast(self) -> torch.autocast:
@@ -910,12 +946,37 @@ class PackTrainer:
 
     @property
     def running(self) -> list[Member]:
-        """The members not ended yet (early-stopped ones are still to be tested)."""
+        """The members not ended yet (early-stopped and pruned ones end with the pack)."""
         return [m for m in self.members if m.status == "running"]
 
     @property
     def training(self) -> list[Member]:
-        return [m for m in self.running if m.stopped is None]
+        return [m for m in self.stack if m.status == "running" and m.stopped is None]
+
+    def _drop(self) -> None:
+        """The members that stopped in this epoch (early-stopped, pruned, diverged, failed) leave
+        the stack: its weights, optimizer state and numbers, and every list kept per member, cut
+        to the others, renumbered. One stopped early is tested first, on the stack it trained in
+        (its weights leave with it); its record ends with the pack's, as the others' do."""
+        keep = [m.index for m in self.training]
+        gone = [m for m in self.stack if m.index not in keep]
+        if not gone:
+            return
+        if self.tests:
+            self._test([m for m in gone if m.status == "running"])
+        self.stack = [self.stack[k] for k in keep]
+        if not keep:  # the pack has ended
+            return
+        for i, m in enumerate(self.stack):
+            m.index = i
+        self.opts = [self.opts[k] for k in keep]
+        self.schedulers = [self.schedulers[k] for k in keep]
+        self.checkpointers = [self.checkpointers[k] for k in keep]
+        self.seeds = [self.seeds[k] for k in keep]
+        self.model.keep(keep, runs([OmegaConf.to_yaml(m.cfg.model.act) for m in self.stack]))
+        self.params = self.model.solo_order()[0]
+        self.optimizer.keep(keep, self.params)
+        log.info("pack: %d member(s) left the stack, %d train on", len(gone), len(keep))
 
     def _log_each(self, logs: dict[str, torch.Tensor], step: int, epoch: int) -> None:
         values = {k: v.tolist() for k, v in logs.items()}
@@ -941,7 +1002,7 @@ class PackTrainer:
         """Each member's loss and metric on `split`, tensors on the device."""
         self.model.eval()
         x, y = split
-        K = len(self.members)
+        K = len(self.stack)
         loss, correct = torch.zeros(K, device=self.device), torch.zeros(K, device=self.device)
         r2 = 0  # torchmetrics' R2Score sums per member: targets, their squares, squared residuals
         layers = self.model.hidden_layers
@@ -1010,7 +1071,6 @@ class PackTrainer:
             try:
                 self._checkpoint(m, host, loops, epoch)
             except Exception as e:  # its folder's fault, as for its solo job: the others go on
-                self.optimizer.freeze(k)
                 error = f"{type(e).__name__}: {e}"
                 log.error("%s: job failed: %s", m.out.name, error)
                 m.end("failed", error, seconds=self.seconds())
@@ -1022,7 +1082,6 @@ class PackTrainer:
                 m.record["pruned"] = {"epoch": epoch + 1, f"val/{name}": value}
                 stop = True
             if stop:
-                self.optimizer.freeze(k)
                 m.stopped = (epoch + 1, self.global_step)
         if self.heartbeat:
             self.heartbeat.beat(epoch + 1)
@@ -1168,16 +1227,23 @@ class PackTrainer:
         return loops
 
     def test(self) -> None:
-        """Each running member's best-by-val weights (its last without a best) on the test set."""
+        """The members that end in the stack, each tested as `_test` tests it."""
+        self._test([m for m in self.stack if m.status == "running"])
+
+    def _test(self, members: list[Member]) -> None:
+        """These members' best-by-val weights (their last without a best) on the test set, each
+        put in its place in the stack (which the test leaves changed)."""
+        if not members:
+            return
         with torch.no_grad():
-            for m in self.running:
+            for m in members:
                 if m.best_state is None or not self.keep_best:
                     continue
                 for name, t, kind in zip(self.names, self.params, self.kinds, strict=True):
                     _put(t, m.index, m.best_state[name], kind)
         tested = self.evaluate(self._tensors(self.datamodule.test), False)
         name = self.metric
-        for m in self.running:
+        for m in members:
             metrics = {"test/loss": tested["loss"][m.index], f"test/{name}": tested[name][m.index]}
             m.metrics.update(metrics)
             epochs, step = m.stopped or (self.epochs, self.global_step)
@@ -1318,13 +1384,12 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
         device = torch.device(slot.device if slot and not slot.simulated else packing.device(cfg))
         path = " (torch.func)" if packing.engine(members[0].cfg) == "torch.func" else ""
         log.info("pack of %d members on %s%s: %s", len(members), device, path, _names(members))
-        trainer = PackTrainer(members, device, slot.sharing if slot else 1)
+        tests = bool(cfg.get("test", True))
+        trainer = PackTrainer(members, device, slot.sharing if slot else 1, tests)
         trainer.heartbeat = heartbeat
-        trials = Path(HydraConfig.get().runtime.output_dir) / SEARCH
-        if trials.exists():
-            from hydra_plugins.actlab_optuna import pruner
-
-            trainer.prune = pruner(trials)
+        search = Path(HydraConfig.get().runtime.output_dir) / SEARCH
+        if search.exists():
+            trainer.prune = instantiate(OmegaConf.load(search), _convert_="all")
         for m in members:
             for c in (m.cfg.get("logger") or {}).values():
                 if not c:
@@ -1344,10 +1409,10 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
                 lg.log_hyperparams({**logged_config(m.cfg, m.choices), **launch_info})
         trainer.fit()
         fit_seconds = trainer.seconds()
-        if cfg.get("test", True):
+        if tests:
             trainer.test()
         # An early-stopped member trained its own epochs; the pack, as many as its longest.
-        epochs = {m.index: m.stopped[0] if m.stopped else trainer.epochs for m in trainer.running}
+        epochs = {m.out: m.stopped[0] if m.stopped else trainer.epochs for m in trainer.running}
         trained = max(epochs.values(), default=trainer.epochs)
         pack_epoch = fit_seconds / max(trained - trainer.first_epoch, 1)
         for m in trainer.running:
@@ -1363,12 +1428,12 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
                 m.out.name,
                 m.metrics.get("test/acc", float("nan")),
                 m.best,
-                epochs[m.index],
+                epochs[m.out],
                 m.out,
             )
             m.end(
                 "pruned" if "pruned" in m.record else "finished",
-                epochs=epochs[m.index],
+                epochs=epochs[m.out],
                 seconds=trainer.seconds(),
                 seconds_per_epoch=round(pack_epoch / len(members), 3),
                 best_checkpoint=str(m.best_path) if m.best_path else None,

@@ -59,6 +59,14 @@ class StackedNets(nn.Module):
     def __len__(self) -> int:
         return self.stacked[0].shape[0]
 
+    def keep(self, members: list[int], runs: list[tuple[int, int]]) -> None:
+        """Only these members (positions in the stack, in order) stay, in `runs` of equal
+        networks; each run's weightless network is one its members had (with its probe hooks)."""
+        base = [b for (a, z), b in zip(self.runs, self.bases, strict=True) for _ in range(a, z)]
+        self.bases = [base[members[a]] for a, _ in runs]
+        self.runs = runs
+        keep_rows(self.stacked, members)
+
     def train(self, mode: bool = True) -> StackedNets:
         for base in self.bases:
             base.train(mode)
@@ -119,6 +127,13 @@ class StackedNets(nn.Module):
         copy of solo_order's parameters, by default those)."""
         tensors = stacked or list(self.stacked)
         return {n: t[k].detach().clone() for n, t in zip(names, tensors, strict=True)}
+
+
+def keep_rows(params: nn.ParameterList, members: list[int]) -> None:
+    """Each stacked parameter ([K, ...]) replaced by a new one of these members' rows (not cut in
+    place: autograd's record of a parameter, which the last step's graph keeps, holds its shape)."""
+    for i, p in enumerate(params):
+        params[i] = nn.Parameter(p.detach()[members])
 
 
 def activation_bytes(net: nn.Module, in_features: int) -> tuple[int, int]:

@@ -9,11 +9,12 @@ in one launch, packed as the packed sweeper packs a grid (actlab_packed.plan): t
 only in member keys share a pack, the others run solo. Trial n is the job folder `<sweep>/n`; its
 `results.json` gives the value told to Optuna (`optimized_metric`), and a trial that did not
 finish (failed, diverged) is told failed. With `pruner` set, each pack's members report to their
-trials after each epoch (actlab.pack calls `pruner`) and a pruned member is frozen and told
-pruned. The study is `<sweep>/study.db` (Optuna's RDB storage on sqlite): `+resume=true`
-continues it, with the trials a killed search left running told failed (their folders set
-aside) unless their job had ended. A search that ends writes its summary, the trials table and
-Optuna's plots, into `<sweep>/search/` (actlab.report.write_search).
+trials after each epoch (the pack's trials.yaml names `pack_pruner` by `_target_`, and the pack
+calls what it returns) and a pruned member leaves the pack's stack and is told pruned. The study
+is `<sweep>/study.db` (Optuna's RDB storage on sqlite): `+resume=true` continues it, with the
+trials a killed search left running told failed (their folders set aside) unless their job had
+ended. A search that ends writes its summary, the trials table and Optuna's plots, into
+`<sweep>/search/` (actlab.report.write_search).
 """
 
 from __future__ import annotations
@@ -275,9 +276,10 @@ class PackedOptunaSweeper(Sweeper):
         solo_jobs = [[*job, f"hydra.sweep.subdir={num}"] for num, job, _ in solo]
         if self.pruning["name"] != "none":  # each pack's members report each epoch, and stop
             search = {
+                "_target_": f"{__name__}.pack_pruner",  # the pack instantiates it
                 "storage": study_storage(sweep_dir),
                 "study": self.study_name,
-                "pruner": self.pruning,
+                "rule": self.pruning,
                 "trials": {str(t.number): t.user_attrs.get("metric") for t in trials},
             }
             for index in range(first, first + len(batch)):  # plan's pack folders
@@ -349,28 +351,29 @@ def _write_best(study: Any, sweep_dir: Path) -> None:
     )
 
 
-def pruner(search: Path) -> Callable[[str, int, dict[str, float]], bool]:
-    """For a pack job (actlab.pack): each member reports its metric to its trial after each
-    epoch, and stops where the study's pruner says so."""
+def pack_pruner(
+    storage: str, study: str, rule: dict[str, Any], trials: dict[str, str | None]
+) -> Callable[[str, int, dict[str, float]], bool]:
+    """For a pack job (actlab.pack, from its trials.yaml): each member, by its folder's name (its
+    trial's number), reports its metric (`trials`) to its trial after each epoch, and stops where
+    the study's pruner (`rule`: the sweeper's pruner settings) says so."""
     optuna = _optuna()
-    spec = OmegaConf.to_container(OmegaConf.load(search))
-    p = spec["pruner"]
     pruners = optuna.pruners
-    if p["name"] == "median":
-        chosen = pruners.MedianPruner(p["startup_trials"], n_warmup_steps=p["warmup_epochs"])
-    elif p["name"] == "halving":
-        chosen = pruners.SuccessiveHalvingPruner(min_resource=max(1, p["warmup_epochs"]))
+    if rule["name"] == "median":
+        chosen = pruners.MedianPruner(rule["startup_trials"], n_warmup_steps=rule["warmup_epochs"])
+    elif rule["name"] == "halving":
+        chosen = pruners.SuccessiveHalvingPruner(min_resource=max(1, rule["warmup_epochs"]))
     else:
-        chosen = pruners.HyperbandPruner(min_resource=max(1, p["warmup_epochs"]))
-    study = optuna.load_study(study_name=spec["study"], storage=spec["storage"], pruner=chosen)
-    ids = {t.number: t._trial_id for t in study.get_trials(deepcopy=False)}
-    trials = {name: optuna.trial.Trial(study, ids[int(name)]) for name in spec["trials"]}
+        chosen = pruners.HyperbandPruner(min_resource=max(1, rule["warmup_epochs"]))
+    loaded = optuna.load_study(study_name=study, storage=storage, pruner=chosen)
+    ids = {t.number: t._trial_id for t in loaded.get_trials(deepcopy=False)}
+    members = {name: optuna.trial.Trial(loaded, ids[int(name)]) for name in trials}
 
     def prune(name: str, epoch: int, metrics: dict[str, float]) -> bool:
-        metric = spec["trials"].get(name)
-        if name not in trials or metrics.get(metric) is None:
+        metric = trials.get(name)
+        if name not in members or metrics.get(metric) is None:
             return False
-        trials[name].report(metrics[metric], epoch)
-        return trials[name].should_prune()
+        members[name].report(metrics[metric], epoch)
+        return members[name].should_prune()
 
     return prune
