@@ -85,22 +85,21 @@ LONGEST_FIRST = (
 )
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_itemcollected(item: pytest.Item) -> None:
     """Under `make test`'s workers (pytest-xdist, `--dist loadgroup`) a file's tests run in one
     worker, so its module fixtures are built once; the slurm tests share one worker, as they
     share the one local cluster (its fixture stops the cluster it started). A test's own
-    `xdist_group` mark moves it out of its file's worker."""
-    groups = {}
-    for item in items:
-        if (mark := item.get_closest_marker("xdist_group")) is None:
-            mark = pytest.mark.xdist_group(
-                "slurm" if item.get_closest_marker("slurm") else item.path.name
-            )
-            item.add_marker(mark)
-        groups[item] = mark.args[0] if mark.args else mark.kwargs["name"]
+    `xdist_group` mark moves it out of its file's worker. (Marked as each test is collected:
+    xdist reads the marks in its own pytest_collection_modifyitems.)"""
+    if item.get_closest_marker("xdist_group") is None:
+        group = "slurm" if item.get_closest_marker("slurm") else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {group: i for i, group in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(groups[item], len(rank)))
+    items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(rank)))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
