@@ -369,7 +369,8 @@ def test_optuna_searches_slope_and_lr(tmp_path: Path) -> None:
     )
     best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     assert "model.act.negative_slope" in best and "optimizer.lr" in best
-    jobs = [results(p) for p in (tmp_path / "sweep").iterdir() if p.is_dir()]
+    jobs = [results(p.parent) for p in (tmp_path / "sweep").glob("*/results.json")]
     assert len(jobs) == 2
+    assert (tmp_path / "sweep" / "search" / "summary.md").is_file()  # beside the trials
     assert {j["config"]["act"] for j in jobs} == {"leaky"}
     assert len({j["config"]["negative_slope"] for j in jobs}) == 2
