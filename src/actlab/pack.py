@@ -101,6 +101,12 @@ def runs(keys: list[Any]) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
+def act_keys(members: list[Member]) -> list[str]:
+    """Each member's activation config: consecutive members with the same one are one run of
+    the stacked model (one vmapped call)."""
+    return [OmegaConf.to_yaml(m.cfg.model.act) for m in members]
+
+
 def to_solo(stacked: torch.Tensor, k: int, kind: str) -> torch.Tensor:
     """Member k's slice of a stacked tensor as its solo job's tensor; `kind` is "weight"
     ([K, in, out]), "bias" ([K, 1, out]) or "act" ([K, *solo_shape]: an activation's parameter,
@@ -793,7 +799,7 @@ class PackTrainer:
             names = [n for n in ("model_checkpoint", "last_checkpoint") if callbacks.get(n)]
             self.checkpointers.append({n: instantiate(callbacks[n]) for n in names})
         self.names = [f"net.{n}" for n, _ in nets[0].named_parameters()]
-        keys = [OmegaConf.to_yaml(m.cfg.model.act) for m in members]
+        keys = act_keys(members)
         if packing.engine(first) == "torch.func":
             self.model = StackedNets(nets, runs(keys)).to(device)
         else:
@@ -973,7 +979,7 @@ class PackTrainer:
         self.schedulers = [self.schedulers[k] for k in keep]
         self.checkpointers = [self.checkpointers[k] for k in keep]
         self.seeds = [self.seeds[k] for k in keep]
-        self.model.keep(keep, runs([OmegaConf.to_yaml(m.cfg.model.act) for m in self.stack]))
+        self.model.keep(keep, runs(act_keys(self.stack)))
         self.params = self.model.solo_order()[0]
         self.optimizer.keep(keep, self.params)
         log.info("pack: %d member(s) left the stack, %d train on", len(gone), len(keep))
