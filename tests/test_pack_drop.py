@@ -62,6 +62,14 @@ def _keys(overrides: list[str]) -> list[str]:
     return [o.partition("=")[0] for o in overrides]
 
 
+def _pruned(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch, prune: str
+) -> tuple[list[tuple[int, int]], dict[int, Path]]:
+    """The 3-epoch MLP pack with `prune`'s pruner (_sweep): its stack's sizes (_sizes) and jobs."""
+    sizes = _sizes(monkeypatch)
+    return sizes, _by_seed(_sweep(tmp, *MLP, "trainer.max_epochs=3", prune=prune))
+
+
 def _by_seed(jobs: dict[str, Path]) -> dict[int, Path]:
     return {OmegaConf.load(f / ".hydra" / "config.yaml").seed: f for f in jobs.values()}
 
@@ -147,8 +155,7 @@ def test_a_pruned_member_leaves_the_stack_and_the_others_train_on_as_before(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unpruned: tuple[dict, dict]
 ) -> None:
     whole, one = unpruned
-    sizes = _sizes(monkeypatch)
-    jobs = _by_seed(_sweep(tmp_path, *MLP, "trainer.max_epochs=3", prune="seed=1"))
+    sizes, jobs = _pruned(tmp_path, monkeypatch, "seed=1")
     # The middle member of three (the stack is kept in order) left after the first epoch.
     assert sizes == [(3, 3)] * STEPS + [(2, 2)] * 2 * STEPS
     record = read_results(jobs[1])
@@ -171,8 +178,7 @@ def test_a_pack_whose_members_all_stop_ends_there(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unpruned: tuple[dict, dict]
 ) -> None:
     _, one = unpruned
-    sizes = _sizes(monkeypatch)
-    jobs = _by_seed(_sweep(tmp_path, *MLP, "trainer.max_epochs=3", prune="seed="))
+    sizes, jobs = _pruned(tmp_path, monkeypatch, "seed=")
     assert sizes == [(3, 3)] * STEPS  # no step after the first epoch
     for seed, folder in jobs.items():
         record = read_results(folder)
