@@ -33,13 +33,19 @@ install_packages() {
   fi
 }
 
-alive() { [[ -s "$DIR/$1.pid" ]] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }
+# A pid file left by daemons that died with the machine (a reboot, a restored snapshot) may name a
+# pid reused by another process: only a live (not zombie) process running that daemon counts.
+alive() {
+  local pid
+  pid=$(cat "$DIR/$1.pid" 2>/dev/null) || return 1
+  [[ $(ps -o stat=,comm= -p "$pid" 2>/dev/null) =~ ^[^Z][^\ ]*\ +$1$ ]]
+}
 
 wait_for() { # seconds, description, command...
   local n=$(($1 * 10)) what=$2
   shift 2
   until "$@" >/dev/null 2>&1; do
-    ((n-- > 0)) || { say "timed out waiting for $what (logs in $DIR)"; exit 1; }
+    ((n-- > 0)) || { say "timed out waiting for $what (logs in $DIR)"; return 1; }
     sleep 0.1
   done
 }
@@ -79,6 +85,9 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/none
 MinJobAge=30
+# A node set DOWN before a restart (say, "unexpectedly rebooted" after the machine's reboot) is
+# usable again as soon as its slurmd registers.
+ReturnToService=2
 $node
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -142,9 +151,23 @@ start() {
   sacctmgr -i add cluster actlab >/dev/null 2>&1 || true # exists already after a restart
   slurmctld
   slurmd -N localhost
-  wait_for 30 "the node to be idle" bash -c 'sinfo -h -o %T | grep -qx idle'
+  wait_for 60 "the controller" squeue -h
+  cancel_leftovers
+  wait_for 60 "the node to be idle" bash -c 'sinfo -h -o %T | grep -qx idle' ||
+    { say "node localhost is $(sinfo -h -N -o '%T (reason: %E)')"; exit 1; }
   wait_for 30 "the cluster to be registered" bash -c 'sacctmgr -n -P list cluster format=cluster | grep -qx actlab'
   say "up: partition debug, node localhost ($(sinfo -h -o '%c CPUs, %m MB')); state in $DIR"
+}
+
+# Jobs the controller recovered from its saved state belong to daemons that are gone: slurmctld
+# would requeue them and run them again, unasked, and they would keep the node from being idle.
+cancel_leftovers() {
+  local jobs
+  jobs=$(squeue -h -o %A | paste -sd ' ')
+  [[ -z $jobs ]] && return 0
+  # shellcheck disable=SC2086
+  scancel $jobs
+  say "cancelled the jobs left from before the daemons stopped: $jobs"
 }
 
 stop() {
