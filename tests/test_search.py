@@ -307,42 +307,52 @@ def val_best(folder: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_members_a_median_pruner_stops_are_frozen_recorded_and_told_pruned(
-    tmp_path: Path,
+@pytest.mark.parametrize("per_round", [3, 1], ids=["packed", "solo"])
+def test_a_median_pruner_stops_trials_records_them_and_tells_them_pruned(
+    tmp_path: Path, per_round: int
 ) -> None:
-    """Round 2's members are pruned after the first epoch at which their best is below the
-    median of round 1's (finished) trials at that epoch, as read from the members' csv files."""
+    """A trial is pruned after the first epoch at which its best is below the median, at that
+    epoch, of the trials finished before its round (once 3 have), as read from their csv files:
+    a pack's members (3 a round) and solo trials (1 a round) alike."""
     sweep = tmp_path / "sweep"
     out = here(
         *SEARCH,
         "trainer.max_epochs=3",
         "hydra.sweeper.n_trials=6",
-        "hydra.sweeper.members_per_round=3",
+        f"hydra.sweeper.members_per_round={per_round}",
         "hydra.sweeper.pruner=median",
         "hydra.sweeper.pruner_startup_trials=3",
         "hydra.sweeper.pruner_warmup_epochs=0",
         f"hydra.sweep.dir={sweep}",
     )
     trials = study(sweep).get_trials()
-    first = [val_best(sweep / str(n)) for n in range(3)]
-    assert [len(v) for v in first] == [3, 3, 3]  # round 1: nothing finished to compare with
+    assert (sweep / ".packs").is_dir() == (per_round > 1)  # 1 a round: solo jobs
+    finished: list[list[float]] = []  # the val_best curves of the trials finished so far
     pruned = []
-    for t in trials[3:]:
-        folder = sweep / str(t.number)
-        values, record = val_best(folder), results(folder)
-        stop = next(
-            (e for e in range(3) if values[e] < statistics.median(v[e] for v in first)), None
-        )
-        if stop is None:
-            assert record["status"] == "finished" and t.state == TrialState.COMPLETE
-            assert len(values) == 3
-            continue
-        pruned.append(t.number)
-        assert record["status"] == "pruned" and t.state == TrialState.PRUNED
-        assert record["pruned"]["epoch"] == record["epochs"] == len(values) == stop + 1
-        assert "test/acc" in record["metrics"]  # tested, as an early-stopped member
-        assert torch.load(folder / "checkpoints" / "last.ckpt")["epoch"] == stop  # frozen
-        assert t.intermediate_values == dict(enumerate(values))
+    for first in range(0, 6, per_round):
+        before = list(finished)
+        for t in trials[first : first + per_round]:
+            folder = sweep / str(t.number)
+            values, record = val_best(folder), results(folder)
+            stop = next(
+                (
+                    e
+                    for e in range(3)
+                    if len(before) >= 3 and values[e] < statistics.median(v[e] for v in before)
+                ),
+                None,
+            )
+            if stop is None:
+                assert record["status"] == "finished" and t.state == TrialState.COMPLETE
+                assert len(values) == 3
+                finished.append(values)
+                continue
+            pruned.append(t.number)
+            assert record["status"] == "pruned" and t.state == TrialState.PRUNED
+            assert record["pruned"]["epoch"] == record["epochs"] == len(values) == stop + 1
+            assert "test/acc" in record["metrics"]  # tested, as an early-stopped run
+            assert torch.load(folder / "checkpoints" / "last.ckpt")["epoch"] == stop
+            assert t.intermediate_values == dict(enumerate(values))
     assert 0 < len(pruned) < 3, pruned  # the test sees both outcomes
     # The search's trials table marks them, with the epoch they stopped after.
     rows = trials_csv(sweep)

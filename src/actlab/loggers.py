@@ -117,10 +117,11 @@ def announce(logger: WandbLogger) -> None:
 
 def finish_wandb(status: str, run: Any = None) -> None:
     """End a W&B run (the job's, by default) with its `status` in the summary and, unless it
-    finished, a non-zero exit code: W&B otherwise marks a diverged or failed run `finished`."""
+    finished (or a search pruned it), a non-zero exit code: W&B otherwise marks a diverged or
+    failed run `finished`."""
     import wandb
 
     run = run if run is not None else wandb.run
     if run is not None:
         run.summary["status"] = status
-        run.finish(exit_code=0 if status == "finished" else 1)
+        run.finish(exit_code=0 if status in ("finished", "pruned") else 1)

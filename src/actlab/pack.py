@@ -69,6 +69,7 @@ from actlab.model import TASKS
 from actlab.packing import OPTIMIZERS, random_activation
 from actlab.results import (
     RESULTS,
+    SEARCH,
     Heartbeat,
     logged_config,
     provenance,
@@ -83,9 +84,6 @@ from actlab.validation import check_net
 log = logging.getLogger(__name__)
 
 MANIFEST = "members.yaml"
-# Beside it in a search's pack: its pruner, a factory by `_target_` with its arguments, which
-# gives `prune(member folder name, epoch, metrics) -> bool` (hydra_plugins.actlab_optuna).
-SEARCH = "trials.yaml"
 # The numbers of a param group that a member's update depends on.
 SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
 ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay")

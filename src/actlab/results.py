@@ -29,6 +29,10 @@ from actlab.errors import UserError
 
 RESULTS = "results.json"
 HEARTBEAT = "heartbeat.json"
+# In a search's job folder (a pack's or a solo trial's): its pruner, a factory by `_target_`
+# with its arguments, which gives `prune(member folder name, epoch, metrics) -> bool`
+# (hydra_plugins.actlab_optuna).
+SEARCH = "trials.yaml"
 HEARTBEAT_SECONDS = 60.0
 # A running record of another host reads `lost` once its heartbeat is older than this: three
 # beats missed, and a minute for clocks that disagree and shared file systems that show a file late.

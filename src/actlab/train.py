@@ -35,6 +35,7 @@ from actlab.errors import (
 from actlab.launch import ShareIdleCores, Slot, finished_before, usable_cores
 from actlab.results import (
     RESULTS,
+    SEARCH,
     Heartbeat,
     logged_config,
     provenance,
@@ -133,6 +134,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, model, trainer = build(cfg, slot)
         trainer.callbacks.append(_EpochBeat(heartbeat))
+        pruner = _Pruner(out) if (out / SEARCH).exists() else None  # a search's trial
+        if pruner:
+            trainer.callbacks.append(pruner)
         if weights_only:
             load_weights(model, ckpt)
         loggers = trainer.loggers
@@ -153,8 +157,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("test", True):
             tested = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
             metrics.update(tested[0])
+        if pruner and pruner.pruned:
+            record["pruned"] = pruner.pruned
         record.update(
-            status="finished",
+            status="pruned" if pruner and pruner.pruned else "finished",
             metrics=metrics,
             epochs=trainer.current_epoch,
             seconds=round(time.perf_counter() - start, 2),
@@ -270,6 +276,30 @@ class _EpochBeat(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.heartbeat.beat(trainer.current_epoch + 1)
+
+
+class _Pruner(L.Callback):
+    """A search's trial run solo: after each validation it reports to its trial, by the pruner
+    in its folder's trials.yaml (hydra_plugins.actlab_optuna.pack_pruner, as a pack member
+    does), and stops after the epoch the pruner prunes it at."""
+
+    def __init__(self, out: Path) -> None:
+        self.name = out.name
+        self.prune = instantiate(OmegaConf.load(out / SEARCH), _convert_="all")
+        self.pruned: dict[str, Any] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.pruned:
+            return
+        epoch = trainer.current_epoch
+        metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if self.prune(self.name, epoch, metrics):
+            name = f"val/{pl_module.metric}"  # as a pruned pack member's record has it
+            log.info(
+                "%s: pruned after %d epoch(s) (%s=%.4f)", self.name, epoch + 1, name, metrics[name]
+            )
+            self.pruned = {"epoch": epoch + 1, name: metrics[name]}
+            trainer.should_stop = True
 
 
 def _last_checkpoint(trainer: L.Trainer | None) -> str | None:

@@ -8,9 +8,10 @@ grid: `interval(a, b)`, `tag(log, interval(a, b))`, `tag(int, interval(a, b))`, 
 in one launch, packed as the packed sweeper packs a grid (actlab_packed.plan): trials that differ
 only in member keys share a pack, the others run solo. Trial n is the job folder `<sweep>/n`; its
 `results.json` gives the value told to Optuna (`optimized_metric`), and a trial that did not
-finish (failed, diverged) is told failed. With `pruner` set, each pack's members report to their
-trials after each epoch (the pack's trials.yaml names `pack_pruner` by `_target_`, and the pack
-calls what it returns) and a pruned member leaves the pack's stack and is told pruned. The study
+finish (failed, diverged) is told failed. With `pruner` set, each pack's members and each solo
+trial report to their trials after each epoch (the job folder's trials.yaml names `pack_pruner`
+by `_target_`, and the job calls what it returns); a pruned member leaves the pack's stack, a
+pruned solo trial stops after that epoch, and both are recorded `pruned` and told so. The study
 is `<sweep>/study.db` (Optuna's RDB storage on sqlite): `+resume=true` continues it, with the
 trials a killed search left running told failed (their folders set aside) unless their job had
 ended. A search that ends writes its summary, the trials table and Optuna's plots, into
@@ -38,9 +39,8 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from actlab.errors import UserError
-from actlab.pack import SEARCH
 from actlab.report import SEARCH_DIR, STUDY, study_storage, write_search
-from actlab.results import read_results
+from actlab.results import SEARCH, read_results
 from actlab.runs import set_aside
 from hydra_plugins.actlab_grid import distinct_jobs
 from hydra_plugins.actlab_packed import PACKS, _default_members, jobs_at_once, members_limit, plan
@@ -282,8 +282,10 @@ class PackedOptunaSweeper(Sweeper):
                 "rule": self.pruning,
                 "trials": {str(t.number): t.user_attrs.get("metric") for t in trials},
             }
-            for index in range(first, first + len(batch)):  # plan's pack folders
-                OmegaConf.save(search, sweep_dir / PACKS / f"pack-{index}" / SEARCH)
+            folders = [sweep_dir / PACKS / f"pack-{i}" for i in range(first, first + len(batch))]
+            for folder in [*folders, *(sweep_dir / str(num) for num, _, _ in solo)]:
+                folder.mkdir(parents=True, exist_ok=True)  # plan's packs have theirs already
+                OmegaConf.save(search, folder / SEARCH)
         log.info(
             "search: trials %d-%d as %d pack(s) and %d solo job(s) (members per pack: %s; "
             "%d job(s) at once)",
