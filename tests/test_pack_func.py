@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import user_nets
 from conftest import PACKABLE, compose_train, here
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from actlab import pack, packing
@@ -124,22 +124,23 @@ def test_what_torch_func_cannot_run_as_its_solo_job_runs_solo_with_its_reason(
     assert "its module 2 (actlab.activations.RReLU) draws random numbers" in reason, reason
 
 
-def test_the_memory_estimate_of_a_cnn_pack_bounds_its_weights_and_activations() -> None:
-    net = user_nets.SmallCNN(784, 10, torch.nn.ReLU)
+def test_the_memory_estimate_of_a_cnn_pack_bounds_its_weights_and_activations(
+    configs: Path,
+) -> None:
+    cfg = _cfg(configs, "optimizer.momentum=0.9", "data.batch_size=64", "data.eval_batch_size=500")
+    assert packing.engine(cfg) == "torch.func"  # the estimate is that engine's
+    net = instantiate(cfg.model, optimizer=None, scheduler=None).net
     outputs = []
     for m in net.modules():
         if next(m.children(), None) is None:
             m.register_forward_hook(lambda m, i, out: outputs.append(out.nbytes))
-    net(torch.zeros(64, 784))  # one batch of data.batch_size rows
+    width = cfg.data.in_features
+    net(torch.zeros(64, width))  # one batch of data.batch_size rows
     with torch.device("meta"):
-        shapes = user_nets.SmallCNN(784, 10, torch.nn.ReLU)
-    cfg = OmegaConf.create(
-        {
-            "optimizer": {"_target_": "torch.optim.SGD", "momentum": 0.9},
-            "data": {"batch_size": 64, "eval_batch_size": 500, "in_features": 784},
-        }
-    )
-    data = [torch.empty(n, 784) if i % 2 == 0 else torch.empty(n) for i, n in enumerate([640] * 6)]
+        shapes = instantiate(cfg.model, optimizer=None, scheduler=None).net
+    data = [
+        torch.empty(n, width) if i % 2 == 0 else torch.empty(n) for i, n in enumerate([640] * 6)
+    ]
     need = pack.memory_need(shapes, [cfg] * 9, data, torch.device("cpu"))
     weights = 9 * sum(p.nbytes for p in net.parameters())
     assert need.kept["weights"] == need.kept["optimizer state"] == weights

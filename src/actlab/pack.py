@@ -53,7 +53,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 from omegaconf._impl import _resolve_container_value
 from torch import nn
 from torch.func import functional_call, vmap
@@ -490,19 +490,16 @@ def member_from(full: DictConfig, index: int) -> Member:
     """A member from the config the sweeper composed for it: writes its `.hydra/` folder as
     Hydra does for a job (hydra.core.utils._save_config), and resolves its config against its
     own hydra node, never Hydra's global one."""
-    full = OmegaConf.create(OmegaConf.to_container(full))  # its own root, for `${paths...}`
-    full.hydra.mode = RunMode[full.hydra.mode]  # an enum again, as HydraConfig.get() gives it
-    keys = [k for k in full if k != "hydra"]
-    own = OmegaConf.create(
-        {k: _own_hydra(v) if k in keys else v for k, v in OmegaConf.to_container(full).items()}
-    )
+    data = OmegaConf.to_container(full)
+    data["hydra"]["mode"] = RunMode[data["hydra"]["mode"]]  # as HydraConfig.get() gives it
+    full = OmegaConf.create(data)  # its own root, for `${paths...}`
+    keys = [k for k in data if k != "hydra"]
+    own = OmegaConf.create({k: v if k == "hydra" else _own_hydra(v) for k, v in data.items()})
     for key in keys:
         _resolve_container_value(own, key)  # what OmegaConf.resolve does, key by key
     resolved = OmegaConf.masked_copy(own, keys)
     out = Path(full.hydra.runtime.output_dir)
-    task = copy.deepcopy(full)
-    with read_write(task), open_dict(task):
-        del task["hydra"]
+    task = OmegaConf.masked_copy(full, keys)
     hydra_dir = out / str(full.hydra.output_subdir)
     hydra_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(task, hydra_dir / "config.yaml")
@@ -591,7 +588,7 @@ def memory_need(
     bs, eval_bs = int(first.data.batch_size), int(first.data.eval_batch_size)
     rows = min(bs, len(data[0]))  # a batch is no larger than its split
     val_rows, test_rows = (min(eval_bs, len(x)) for x in data[2::2])
-    if packing.network_reason(net) is None:
+    if packing.engine(first) == "stacked":  # the engine PackTrainer trains them with
         train, evaluation = _mlp_activations(net, k, rows, val_rows, test_rows, callbacks)
     else:
         # Through torch.func: a bound (measured for a CNN at K = 9-27: 40-85% of it). Each
