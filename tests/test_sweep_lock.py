@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import COMMAND_TIMEOUT, QUICK, run_train, script_env
+from conftest import COMMAND_TIMEOUT, QUICK, here, here_exit, run_train, script_env
 
 from actlab import ROOT, sweep_lock
 from actlab.errors import UserError
@@ -67,24 +67,22 @@ def _held_sweep(tmp: Path, sweep: Path) -> subprocess.Popen:
     return proc
 
 
-def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if "error:" in line]
-
-
 @pytest.mark.slow
 def test_a_second_sweep_into_a_held_folder_is_refused_and_the_first_goes_on(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sweep = tmp_path / "sweep"
     first = _held_sweep(tmp_path, sweep)
+    monkeypatch.chdir(tmp_path)
     try:
         before = _files(sweep)
         assert "multirun.yaml" in before and any(k.endswith("results.json") for k in before)
         for extra in ([], ["+resume=true"], ["hydra/sweeper=basic"], ["hydra/launcher=parallel"]):
-            second = run_train("-m", *SWEEP, *extra, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-            out = second.stdout + second.stderr
-            assert second.returncode != 0, out
-            (line,) = _error_lines(second)
+            # In this process: the lock is the other process's all the same.
+            status, stdout, stderr = here_exit("-m", *SWEEP, *extra, f"hydra.sweep.dir={sweep}")
+            out = stdout + stderr
+            assert status == 2, out
+            (line,) = [line for line in out.splitlines() if "error:" in line]
             assert line.startswith("error: ") and "Traceback" not in out, out
             assert f"pid {first.pid} on {socket.gethostname()}" in line, line
             assert "choose another hydra.sweep.dir" in line, line
@@ -102,16 +100,17 @@ def test_a_second_sweep_into_a_held_folder_is_refused_and_the_first_goes_on(
 
 
 @pytest.mark.slow
-def test_the_lock_of_a_killed_sweep_is_taken_over(tmp_path: Path) -> None:
+def test_the_lock_of_a_killed_sweep_is_taken_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sweep = tmp_path / "sweep"
     first = _held_sweep(tmp_path, sweep)
     first.kill()  # SIGKILL: no handler runs, the lock stays behind
     first.communicate(timeout=COMMAND_TIMEOUT)
     assert json.loads((sweep / LOCK).read_text())["pid"] == first.pid
     (tmp_path / "hold").unlink()
-    resumed = run_train("-m", *SWEEP, "+resume=true", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    out = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, out
+    monkeypatch.chdir(tmp_path)
+    out = here("-m", *SWEEP, "+resume=true", f"hydra.sweep.dir={sweep}")
     (line,) = [line for line in out.splitlines() if "taking over" in line]
     assert f"pid {first.pid} on {socket.gethostname()}) is gone" in line, line
     jobs = [p.parent for p in sweep.glob("*/results.json")]
@@ -175,7 +174,8 @@ def test_a_refused_sweep_leaves_no_folder_of_its_own(tmp_path: Path) -> None:
         "-m", *SWEEP, "hydra/sweeper=packed", "hydra.sweeper.max_members=0",
         f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
-    assert proc.returncode != 0 and len(_error_lines(proc)) == 1, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and len([x for x in out.splitlines() if "error:" in x]) == 1, out
     assert not sweep.exists()
 
 
