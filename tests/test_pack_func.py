@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PACKABLE, compose_train, here
+from conftest import PACKABLE, compose_train, here, here_exit
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -102,6 +102,44 @@ def test_eval_reads_a_cnn_members_checkpoint(sweeps: tuple[dict, dict]) -> None:
     (result,) = folder.glob("eval_best-*.json")
     tested = json.loads(result.read_text())["metrics"]
     assert tested["test/acc"] == pytest.approx(record["metrics"]["test/acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_cnn_pack_interrupted_and_resumed_ends_as_if_never_stopped(
+    configs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after epoch 0, then `+resume=true`: each member continues from its last.ckpt
+    through torch.func to the numbers and weights of the pack run straight through."""
+    args = [
+        "-m", *BASE, "trainer.max_epochs=2", "hydra/sweeper=packed", "model.act=relu,leaky",
+        f"hydra.searchpath=[file://{configs}]",
+    ]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    here(*args, f"hydra.sweep.dir={straight}")
+    end_epoch = pack.PackTrainer._end_epoch
+
+    def interrupt_after_epoch_0(self: pack.PackTrainer, epoch: int, sums: torch.Tensor) -> None:
+        end_epoch(self, epoch, sums)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(pack.PackTrainer, "_end_epoch", interrupt_after_epoch_0)
+        status, _, err = here_exit(*args, f"hydra.sweep.dir={resumed}")
+    assert status == 130, err  # 128 + SIGINT, as after Ctrl-C
+    here(*args, f"hydra.sweep.dir={resumed}", "+resume=true")
+    names = sorted(p.parent.name for p in straight.glob("*/.hydra"))
+    assert len(names) == 2 and names == sorted(p.parent.name for p in resumed.glob("*/.hydra"))
+    for name in names:
+        s, r = read_results(straight / name), read_results(resumed / name)
+        assert r["status"] == "finished" and r["epochs"] == s["epochs"] == 2, r.get("error")
+        assert r["resumed_from"].endswith("last.ckpt")
+        for key in ("val/acc_best", "test/acc", "train/loss_epoch"):
+            assert r["metrics"][key] == pytest.approx(s["metrics"][key], abs=1e-6), (name, key)
+        ws = _weights(straight / name / "checkpoints" / "last.ckpt")
+        wr = _weights(resumed / name / "checkpoints" / "last.ckpt")
+        for key in ws:
+            torch.testing.assert_close(wr[key], ws[key], atol=1e-6, rtol=0)
 
 
 def test_what_torch_func_cannot_run_as_its_solo_job_runs_solo_with_its_reason(
