@@ -105,6 +105,34 @@ def test_eval_reads_a_cnn_members_checkpoint(sweeps: tuple[dict, dict]) -> None:
 
 
 @pytest.mark.slow
+def test_a_cnn_pack_in_bf16_trains_as_its_solo_jobs(
+    configs: Path, sweeps: tuple[dict, dict], tmp_path: Path
+) -> None:
+    float32 = sweeps[1]  # the same pack in float32
+    runs = {}
+    for sweeper in ("basic", "packed"):
+        here(
+            "-m", *BASE, *GRID, "trainer.precision=bf16-mixed", f"hydra/sweeper={sweeper}",
+            f"hydra.searchpath=[file://{configs}]", f"hydra.sweep.dir={tmp_path / sweeper}",
+        )  # fmt: skip
+        runs[sweeper] = {p.parent.name: p.parent for p in (tmp_path / sweeper).glob("*/.hydra")}
+    solo, packed = runs["basic"], runs["packed"]
+    assert sorted(solo) == sorted(packed) and len(packed) == 4
+    for name, folder in packed.items():
+        s, p = read_results(solo[name]), read_results(folder)
+        assert p["status"] == s["status"] == "finished", (name, p.get("error"))
+        assert p["precision"] == s["precision"] == "bf16-mixed" and p["pack"]["size"] == 4
+        assert "pack of 4 members on cpu (torch.func): " in (folder / "train.log").read_text()
+        # As the stacked MLP's (test_precision): bfloat16's rounding, its matmuls batched.
+        for key in ("val/acc_best", "test/acc"):
+            assert abs(p["metrics"][key] - s["metrics"][key]) <= 0.03, (name, key)
+        assert p["metrics"]["val/loss"] == pytest.approx(s["metrics"]["val/loss"], rel=0.02)
+        # ... and in bfloat16: its loss is not the float32 member's to float32 rounding.
+        p32 = read_results(float32[name.replace(",trainer.precision=bf16-mixed", "")])
+        assert p["metrics"]["val/loss"] != pytest.approx(p32["metrics"]["val/loss"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_a_cnn_pack_interrupted_and_resumed_ends_as_if_never_stopped(
     configs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
