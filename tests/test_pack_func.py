@@ -170,6 +170,34 @@ def test_a_cnn_pack_interrupted_and_resumed_ends_as_if_never_stopped(
             torch.testing.assert_close(wr[key], ws[key], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
+def test_ckpt_path_continues_a_cnn_member_as_its_solo_job_would(
+    configs: Path, tmp_path: Path
+) -> None:
+    """A torch.func member's last.ckpt, given to a single `python train.py ckpt_path=...` run,
+    continues under Lightning's Trainer to the solo job's numbers."""
+    sweep = tmp_path / "sweep"
+    here(
+        "-m", *BASE, "hydra/sweeper=packed", "model.act=relu,leaky",
+        f"hydra.searchpath=[file://{configs}]", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    member = next(p.parent for p in sweep.glob("*/.hydra"))
+    assert read_results(member)["pack"]["size"] == 2
+    overrides = [str(o) for o in OmegaConf.load(member / ".hydra" / "overrides.yaml")]
+    path = f"hydra.searchpath=[file://{configs}]"  # a Hydra override: not in overrides.yaml
+    here(f"ckpt_path='{member}/checkpoints/last.ckpt'", "trainer.max_epochs=2", path)
+    solo = tmp_path / "solo"
+    here(*overrides, "trainer.max_epochs=2", path, f"hydra.run.dir={solo}")
+    continued, fresh = read_results(member), read_results(solo)
+    assert continued["status"] == fresh["status"] == "finished"
+    assert continued["epochs"] == fresh["epochs"] == 2 and "pack" not in continued
+    assert continued["metrics"]["test/acc"] == pytest.approx(fresh["metrics"]["test/acc"], abs=1e-3)
+    ws = _weights(solo / "checkpoints" / "last.ckpt")
+    wc = _weights(member / "checkpoints" / "last.ckpt")
+    for key in ws:
+        torch.testing.assert_close(wc[key], ws[key], atol=WEIGHT_ATOL, rtol=0)
+
+
 def test_what_torch_func_cannot_run_as_its_solo_job_runs_solo_with_its_reason(
     configs: Path,
 ) -> None:
