@@ -96,7 +96,7 @@ SOLO_KILLS = [
     ),
 ]
 PACK_KILLS = [
-    Kill("epoch 1, step 4", "actlab.pack.StackedOptimizer.step", 12),
+    Kill("epoch 1, step 4", "actlab.stacked_nets.StackedOptimizer.step", 12),
     Kill("epoch 1: one member's last.ckpt saved, the other's not", SAVE, 4, match="last.ckpt"),
     Kill("epoch 2: a best before its rename", "os.replace", 1, match="best-epoch002"),
     Kill("before the test", "actlab.pack.PackTrainer.test", 1),

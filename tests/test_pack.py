@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from actlab import ROOT, pack, packing
-from actlab.pack import StackedMLP, StackedOptimizer
 from actlab.results import read_results
+from actlab.stacked_nets import StackedMLP, StackedOptimizer
 
 GRID = ["model.act=relu,leaky,none", "seed=0,1", "optimizer.lr=0.01,0.03"]
 SWEEP = [*FAST, "trainer.max_epochs=2", "logger=csv"]

@@ -13,9 +13,8 @@ from conftest import PACKABLE, here, here_exit, metric_rows
 from omegaconf import OmegaConf
 from torch import nn
 
-from actlab import pack
-from actlab.pack import SEARCH, StackedMLP, StackedOptimizer
-from actlab.results import read_results
+from actlab.results import SEARCH, read_results
+from actlab.stacked_nets import StackedMLP, StackedOptimizer
 from hydra_plugins.actlab_packed import PACKS
 
 # Hand-stacked (PReLU: a stacked slope per member), SGD with momentum, the dead-unit probe on.
@@ -33,13 +32,13 @@ def _sizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """At each training step: the first stacked parameter's members, and its gradient's (what
     the forward and backward passes computed)."""
     seen = []
-    step = pack.StackedOptimizer.step
+    step = StackedOptimizer.step
 
-    def observed(self: pack.StackedOptimizer) -> None:
+    def observed(self: StackedOptimizer) -> None:
         seen.append((len(self.params[0]), len(self.params[0].grad)))
         step(self)
 
-    monkeypatch.setattr(pack.StackedOptimizer, "step", observed)
+    monkeypatch.setattr(StackedOptimizer, "step", observed)
     return seen
 
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from actlab import pack
 from actlab.model import MLPClassifier
-from actlab.pack import StackedMLP, StackedOptimizer
 from actlab.results import read_results
+from actlab.stacked_nets import StackedMLP, StackedOptimizer
 
 SWEEP = ["data=synthetic", "data.source.n_train=1000", "logger=csv"]
 SWEEP += ["callbacks.progress_bar.refresh_rate=0", "callbacks.model_summary=null", *CPU]

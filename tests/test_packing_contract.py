@@ -15,7 +15,7 @@ from test_pack import WEIGHT_ATOL, _main, _weights
 from torch import nn
 from user_modules import LearnableSwish, Softmax, Swish
 
-from actlab import ROOT, pack, packing
+from actlab import ROOT, pack, packing, stacked_nets
 from actlab.activations import RReLU
 from actlab.errors import UserError
 from actlab.results import read_results
@@ -306,7 +306,7 @@ def test_gradient_clipping_is_per_member_with_an_activations_parameters() -> Non
     for p in stacked:
         p.grad = 10 * torch.randn_like(p)
     solo = [[p.grad[k].clone() for p in stacked] for k in range(3)]
-    pack.clip_per_member(stacked, 1.0)
+    stacked_nets.clip_per_member(stacked, 1.0)
     for k, grads in enumerate(solo):
         params = [nn.Parameter(g.clone()) for g in grads]
         for p, g in zip(params, grads, strict=True):
@@ -328,7 +328,7 @@ def test_stacked_learnable_activations_give_each_member_its_own_output_and_gradi
         for init in inits
     ]
     acts = [net[1] for net in nets]
-    model = pack.StackedMLP(nets, acts, [str(i) for i in inits])
+    model = stacked_nets.StackedMLP(nets, acts, [str(i) for i in inits])
     x = torch.randn(5, 6)
     out = model(x)
     out.square().sum().backward()
@@ -341,7 +341,7 @@ def test_stacked_learnable_activations_give_each_member_its_own_output_and_gradi
         state = model.member_state(k, names)
         for (name, p), stacked, kind in zip(net.named_parameters(), params, kinds, strict=True):
             torch.testing.assert_close(state[name], p.detach())
-            torch.testing.assert_close(pack.to_solo(stacked.grad, k, kind), p.grad)
+            torch.testing.assert_close(stacked_nets.to_solo(stacked.grad, k, kind), p.grad)
 
 
 def test_on_a_gpu_an_activation_that_does_not_import_is_a_reason_not_a_crash() -> None:

@@ -3,9 +3,9 @@
 They fail closed: a job packs only where the engine (actlab.pack) can tell it trains as its solo
 job would. Its model must be `actlab.model.MLPClassifier`, whose training the pack reproduces;
 its data the template's in-memory `actlab.data.MNISTDataModule`. A network of nn.Linear layers and
-one stackable activation between them is stacked by hand (actlab.pack.StackedMLP): an activation
-stacks when it passes `probe` (or its config says `stackable: true`); one with parameters stacks
-with them stacked per member. Any other network packs through torch.func
+one stackable activation between them is stacked by hand (actlab.stacked_nets.StackedMLP): an
+activation stacks when it passes `probe` (or its config says `stackable: true`); one with
+parameters stacks with them stacked per member. Any other network packs through torch.func
 (actlab.stacked_nets.StackedNets) when it passes `vmap_reason`. The network is built once per
 distinct model config, on the meta device (and, for torch.func, twice on the CPU for its probe).
 """
@@ -42,7 +42,8 @@ MEMBER_KEYS = (
     "scheduler",
     "callbacks.early_stopping",
 )
-# The optimizers whose update the pack re-implements per member (actlab.pack.StackedOptimizer).
+# The optimizers whose update the pack re-implements per member
+# (actlab.stacked_nets.StackedOptimizer).
 OPTIMIZERS = {
     "torch.optim.SGD": torch.optim.SGD,
     "torch.optim.Adam": torch.optim.Adam,
@@ -163,8 +164,8 @@ def _data_reason(cfg: DictConfig) -> str | None:
     return None
 
 
-# How a pack trains a network: stacked by hand (actlab.pack.StackedMLP) or through torch.func
-# (actlab.stacked_nets.StackedNets).
+# How a pack trains a network: stacked by hand (actlab.stacked_nets.StackedMLP) or through
+# torch.func (actlab.stacked_nets.StackedNets).
 Engine = Literal["stacked", "torch.func"]
 # model config (resolved, without its optimizer and scheduler) and the data's width ->
 # (solo reason, parameter shapes, engine)

@@ -1,9 +1,14 @@
-"""A pack's stacked model for a network that is not hand-stacked (actlab.pack.StackedMLP takes
-Linear layers and activations only): a CNN, a plain nn.Module of the user's own.
+"""A pack's K members' networks and optimizer, stacked: the math of actlab.pack's training loop.
 
-The members' own networks (each built by its solo job's code under its seed) give their
-parameters, stacked by `torch.func.stack_module_state` as [K, *solo_shape]: `stacked[k]` is
-member k's solo tensor (the "act" kind of actlab.pack.to_solo), so the pack's optimizer,
+StackedMLP stacks Linear layers and activations by hand: weights [K, in, out], batched matmuls.
+StackedNets takes any other network that can (a CNN, a plain nn.Module of the user's own).
+StackedOptimizer is SGD / Adam / AdamW on the stacked tensors with each member's numbers.
+`to_solo` and `put_solo` read and set member k's slice as its solo job's tensor (checkpoints,
+restore, best states).
+
+For StackedNets, the members' own networks (each built by its solo job's code under its seed)
+give their parameters, stacked by `torch.func.stack_module_state` as [K, *solo_shape]:
+`stacked[k]` is member k's solo tensor (the "act" kind of to_solo), so the pack's optimizer,
 clipping, checkpoints and restore take them as they are. The forward is
 `vmap(functional_call(net, params, x))` over the members, on a copy of a member's network that
 holds no weights (the meta device). Members whose networks differ (another activation) get one
@@ -18,20 +23,351 @@ torch steps.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from actlab.diagnostics import hidden_activations, per_unit, weighted_layers
+from actlab.packing import OPTIMIZERS, random_activation
+
+# The numbers of a param group that a member's update depends on.
+SGD_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_decay")
+
+
+def runs(keys: list[Any]) -> list[tuple[int, int]]:
+    """[start, stop) of each run of equal consecutive keys."""
+    bounds = [0] + [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]] + [len(keys)]
+    return list(itertools.pairwise(bounds))
+
+
+def to_solo(stacked: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+    """Member k's slice of a stacked tensor as its solo job's tensor; `kind` is "weight"
+    ([K, in, out]), "bias" ([K, 1, out]) or "act" ([K, *solo_shape]: an activation's parameter,
+    or any parameter of actlab.stacked_nets.StackedNets)."""
+    return stacked[k].T if kind == "weight" else stacked[k, 0] if kind == "bias" else stacked[k]
+
+
+def put_solo(stacked: torch.Tensor, k: int, solo: torch.Tensor, kind: str) -> None:
+    """Member k's slice of a stacked tensor set from its solo job's tensor (the inverse of
+    to_solo)."""
+    (stacked[k, 0] if kind == "bias" else stacked[k]).copy_(solo.T if kind == "weight" else solo)
+
+
+class StackedMLP(nn.Module):
+    """K MLPs with the same layer sizes: weights [K, in, out], biases [K, 1, out], and each
+    hidden layer's activation parameters (PReLU's slope, ...) [K, ...], taken from `nets`.
+
+    `acts` is one activation module per member (the solo job's own); `keys` are equal where two
+    members' activations compute the same function (default: their repr). Consecutive members
+    with the same key get one call on their slice of the stack (a contiguous view): the solo
+    kernel, at its speed, where a broadcast `where` over per-member slopes costs 20x a ReLU. An
+    activation with parameters is applied to its slice by torch.func.vmap over the members'
+    parameters of that layer (actlab.packing.probe checks it gives each member's output).
+
+    Dropout (the nets' `nn.Dropout`, in training mode) and RReLU draw each member's masks and
+    slopes from its own generator in `generators`, as they draw them on a CPU from the global
+    generator of the member's solo job: a generator in that state gives that job's numbers.
+    """
+
+    def __init__(
+        self, nets: list[nn.Sequential], acts: list[nn.Module], keys: list[str] | None = None
+    ) -> None:
+        super().__init__()
+        self.p = next((m.p for m in nets[0] if isinstance(m, nn.Dropout)), 0.0)
+        self.generators: list[torch.Generator] = []
+        linears = [[m for m in net if isinstance(m, nn.Linear)] for net in nets]
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.stack([ls[i].weight.detach().T for ls in linears]).contiguous())
+            for i in range(len(linears[0]))
+        )
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.stack([ls[i].bias.detach()[None] for ls in linears]))
+            for i in range(len(linears[0]))
+        )
+        hidden = [[act for act, _ in hidden_activations(net)] for net in nets]
+        self.act_names = [n for n, _ in hidden[0][0].named_parameters()] if hidden[0] else []
+        self.act_params = nn.ParameterList(
+            nn.Parameter(torch.stack([dict(h[i].named_parameters())[n].detach() for h in hidden]))
+            for i in range(len(hidden[0]))
+            for n in self.act_names
+        )
+        self.acts = acts
+        self._set_runs(runs(keys or [repr(a) for a in acts]))
+
+    def _set_runs(self, spans: list[tuple[int, int]]) -> None:
+        self.runs = spans
+        if self.act_names:
+            self.applied = [
+                vmap(lambda p, h, module=self.acts[start]: functional_call(module, p, (h,)))
+                for start, _ in self.runs
+            ]
+
+    def keep(self, members: list[int], spans: list[tuple[int, int]]) -> None:
+        """Only these members (positions in the stack, in order) stay, in `spans`: the runs of
+        their activations' keys."""
+        for params in (self.weights, self.biases, self.act_params):
+            keep_rows(params, members)
+        self.acts = [self.acts[k] for k in members]
+        self.generators = [self.generators[k] for k in members]
+        self._set_runs(spans)
+
+    def __len__(self) -> int:
+        return self.weights[0].shape[0]
+
+    @property
+    def hidden_layers(self) -> int:
+        return len(self.weights) - 1
+
+    def weighted_params(self) -> list[list[nn.Parameter]]:
+        """Each layer's stacked weight and bias."""
+        return [[w, b] for w, b in zip(self.weights, self.biases, strict=True)]
+
+    def train(self, mode: bool = True) -> StackedMLP:
+        # The members' activations are not submodules (each run shares one): RReLU's mode too.
+        for act in self.acts:
+            act.train(mode)
+        return super().train(mode)
+
+    def layer_act_params(self, layer: int) -> dict[str, nn.Parameter]:
+        """Hidden layer `layer`'s activation parameters, stacked, by their solo names."""
+        n = len(self.act_names)
+        return dict(zip(self.act_names, self.act_params[layer * n : (layer + 1) * n], strict=True))
+
+    def act(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        if self.act_names:
+            params = self.layer_act_params(layer)
+            outs = [
+                apply({name: p[a:b] for name, p in params.items()}, h[a:b])
+                for apply, (a, b) in zip(self.applied, self.runs, strict=True)
+            ]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+        if len(self.runs) == 1:
+            return self._run(h, 0, len(self))
+        return torch.cat([self._run(h[a:b], a, b) for a, b in self.runs])
+
+    def _run(self, h: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Members a..b-1's activation of their slice `h`. One that draws random numbers from a
+        `generator` argument (actlab.activations.RReLU) draws each member's from its own, as its
+        solo job draws them from the global one."""
+        act = self.acts[a]
+        if not (self.training and random_activation(act)):
+            return act(h)
+        return torch.stack([act(h[k - a], generator=self.generators[k]) for k in range(a, b)])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        probe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """x: [K, B, in] (each member's batch) or [B, in] (one batch for all); -> [K, B, out].
+
+        `probe(layer, pre, post)` sees each hidden layer's pre- and post-activation.
+        """
+        h = x if x.dim() == 3 else x.expand(len(self), *x.shape)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = torch.baddbmm(b, h, w)
+            if i < last:
+                pre, h = h, self.act(h, i)
+                if probe:
+                    probe(i, pre, h)
+                if self.p and self.training:
+                    h = self.dropout(h)
+        return h
+
+    def solo_order(self) -> tuple[list[nn.Parameter], list[str]]:
+        """The stacked parameters in the order of a solo module's parameters (layer 1's weight,
+        bias, its activation's parameters, layer 2's weight, ...), and their kinds (to_solo)."""
+        params, kinds = [], []
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            last = i == len(self.weights) - 1
+            acts = [] if last else list(self.layer_act_params(i).values())
+            params += [w, b, *acts]
+            kinds += ["weight", "bias", *["act"] * len(acts)]
+        return params, kinds
+
+    def dropout(self, h: torch.Tensor) -> torch.Tensor:
+        """torch's CPU dropout (`noise.bernoulli_(1 - p)`, `noise.div_(1 - p)`, `h * noise`), with
+        each member's noise drawn by its own generator."""
+        shape = h.shape[1:]
+        noise = torch.stack(
+            [h.new_empty(shape).bernoulli_(1 - self.p, generator=g) for g in self.generators]
+        )
+        return h * noise.div_(1 - self.p)
+
+    def member_state(
+        self, k: int, names: list[str], stacked: list[torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Member k's weights under its solo module's state_dict names (net.0.weight, ...),
+        sliced from `stacked` (a copy of solo_order's parameters, by default those)."""
+        params, kinds = self.solo_order()
+        return {
+            name: to_solo(t, k, kind).detach().clone()
+            for name, t, kind in zip(names, stacked or params, kinds, strict=True)
+        }
+
+
+class StackedOptimizer:
+    """torch.optim.SGD, Adam or AdamW on stacked parameters, each member with its own numbers.
+
+    A member's numbers are its solo optimizer's param group (torch's defaults filled in);
+    `set_groups` gives new ones, e.g. each member's learning rate after its scheduler stepped.
+    Consecutive members with the same numbers are updated together, on their slice, by the
+    operations of torch's single-tensor SGD and Adam with those numbers as scalars: elementwise,
+    each member's update is the one its solo optimizer computes, bit for bit. A frozen member
+    (diverged) is left out of every later update; `keep` takes the members that stopped out of
+    the stack's state.
+    """
+
+    def __init__(self, params: list[nn.Parameter], target: str, members: list[Any]) -> None:
+        cls = OPTIMIZERS[target]
+        self.params, self.adam = params, cls is not torch.optim.SGD
+        # Older torch's Adam has no decoupled_weight_decay in its groups: AdamW is its own class.
+        self.defaults = {"decoupled_weight_decay": cls is torch.optim.AdamW}
+        self.keys = ADAM_KEYS if self.adam else SGD_KEYS
+        self.state: list[dict[str, torch.Tensor]] = [{} for _ in params]
+        self.steps = 0
+        self.active = [True] * len(members)
+        kwargs = [{k: v for k, v in dict(m).items() if not k.startswith("_")} for m in members]
+        self.set_groups([cls([torch.zeros(0)], **kw).param_groups[0] for kw in kwargs])
+
+    def set_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.numbers = [{k: {**self.defaults, **g}[k] for k in self.keys} for g in groups]
+        self._runs()
+
+    def _runs(self) -> None:
+        keys = [
+            tuple(n.values()) if on else None
+            for n, on in zip(self.numbers, self.active, strict=True)
+        ]
+        self.runs = [(a, b, self.numbers[a]) for a, b in runs(keys) if keys[a] is not None]
+
+    def freeze(self, k: int) -> None:
+        self.active[k] = False
+        self._runs()
+
+    def keep(self, members: list[int], params: list[nn.Parameter]) -> None:
+        """Only these members (positions in the stack, in order) stay, their stacked parameters
+        now `params`: their numbers and state (momentum, Adam's moments) as they were."""
+        self.params = params
+        for state in self.state:
+            state.update({key: t[members] for key, t in state.items()})
+        self.numbers = [self.numbers[k] for k in members]
+        self.active = [self.active[k] for k in members]
+        self._runs()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        for p, state in zip(self.params, self.state, strict=True):
+            if not state:
+                self._init_state(p, state)
+            for a, b, numbers in self.runs:
+                s = {k: v[a:b] for k, v in state.items()}
+                update = self._adam if self.adam else self._sgd
+                update(p[a:b], p.grad[a:b], s, **numbers)
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        if self.adam:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            if any(n["amsgrad"] for n in self.numbers):
+                state["max_exp_avg_sq"] = torch.zeros_like(p)
+        elif any(n["momentum"] for n in self.numbers):
+            state["momentum_buffer"] = torch.zeros_like(p)
+
+    def _sgd(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        s: dict[str, torch.Tensor],
+        lr: float,
+        momentum: float,
+        dampening: float,
+        weight_decay: float,
+        nesterov: bool,
+    ) -> None:
+        if weight_decay:
+            g = g.add(p, alpha=weight_decay)
+        if momentum:
+            buf = s["momentum_buffer"]
+            if self.steps == 1:
+                buf.copy_(g)  # torch starts the buffer as the first gradient
+            else:
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            g = g.add(buf, alpha=momentum) if nesterov else buf
+        p.add_(g, alpha=-lr)
+
+    def _adam(
+        self,
+        p: torch.Tensor,
+        g: torch.Tensor,
+        s: dict[str, torch.Tensor],
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        amsgrad: bool,
+        decoupled_weight_decay: bool,
+    ) -> None:
+        if weight_decay and decoupled_weight_decay:  # AdamW
+            p.mul_(1 - lr * weight_decay)
+        elif weight_decay:
+            g = g.add(p, alpha=weight_decay)
+        b1, b2 = betas
+        m, v = s["exp_avg"], s["exp_avg_sq"]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        if amsgrad:
+            v = torch.maximum(s["max_exp_avg_sq"], v, out=s["max_exp_avg_sq"])
+        step_size = lr / (1 - b1**self.steps)
+        denom = (v.sqrt() / (1 - b2**self.steps) ** 0.5).add_(eps)  # as torch rounds it
+        p.addcdiv_(m, denom, value=-step_size)
+
+    def member_state(
+        self,
+        k: int,
+        groups: list[dict[str, Any]],
+        kinds: list[str],
+        stacked: list[dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, Any]:
+        """Member k's state in torch.optim's own state_dict format (`groups` from its optimizer,
+        `kinds` of the parameters as to_solo takes them), sliced from `stacked` (a copy of the
+        stacked state, by default the state itself)."""
+        state = {}
+        numbers = self.numbers[k]
+        for i, s in enumerate(self.state if stacked is None else stacked):
+            tensors = {n: to_solo(t, k, kinds[i]).clone() for n, t in s.items()}
+            # torch keeps a state only for what the member's numbers use
+            if not numbers.get("momentum"):
+                tensors.pop("momentum_buffer", None)
+            if not numbers.get("amsgrad"):
+                tensors.pop("max_exp_avg_sq", None)
+            if self.adam and tensors:
+                tensors["step"] = torch.tensor(float(self.steps))
+            if tensors:
+                state[i] = tensors
+        return {"state": state, "param_groups": copy.deepcopy(groups)}
+
+
+def clip_per_member(params: list[nn.Parameter], max_norm: float) -> None:
+    """torch.nn.utils.clip_grad_norm_ for each member's gradients on its own."""
+    # A [K] parameter (one number per member) too: sum over no dims would add all members.
+    norms = torch.stack([p.grad.pow(2).reshape(len(p), -1).sum(1) for p in params]).sum(0).sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(coef.view(-1, *[1] * (p.dim() - 1)))
 
 
 class StackedNets(nn.Module):
     """K networks with the same parameters by name and shape, trained as one: [K, B, out].
 
-    `runs` ([start, stop) of members, actlab.pack.runs) cover members whose networks compute
-    the same function of their weights (the same activation): each run is one vmapped call.
+    `runs` ([start, stop) of members, from runs()) cover members whose networks compute the
+    same function of their weights (the same activation): each run is one vmapped call.
     """
 
     def __init__(self, nets: list[nn.Module], runs: list[tuple[int, int]]) -> None:
@@ -117,7 +453,7 @@ class StackedNets(nn.Module):
 
     def solo_order(self) -> tuple[list[nn.Parameter], list[str]]:
         """The stacked parameters in the order of a solo network's parameters, and their kinds
-        (actlab.pack.to_solo): each [K, *solo_shape]."""
+        (to_solo): each [K, *solo_shape]."""
         return list(self.stacked), ["act"] * len(self.stacked)
 
     def member_state(
