@@ -48,7 +48,7 @@ def runs(keys: list[Any]) -> list[tuple[int, int]]:
 def to_solo(stacked: torch.Tensor, k: int, kind: str) -> torch.Tensor:
     """Member k's slice of a stacked tensor as its solo job's tensor; `kind` is "weight"
     ([K, in, out]), "bias" ([K, 1, out]) or "act" ([K, *solo_shape]: an activation's parameter,
-    or any parameter of actlab.stacked_nets.StackedNets)."""
+    or any parameter of StackedNets)."""
     return stacked[k].T if kind == "weight" else stacked[k, 0] if kind == "bias" else stacked[k]
 
 

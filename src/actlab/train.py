@@ -294,11 +294,10 @@ class _Pruner(L.Callback):
         epoch = trainer.current_epoch
         metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if self.prune(self.name, epoch, metrics):
-            name = f"val/{pl_module.metric}"  # as a pruned pack member's record has it
-            log.info(
-                "%s: pruned after %d epoch(s) (%s=%.4f)", self.name, epoch + 1, name, metrics[name]
-            )
-            self.pruned = {"epoch": epoch + 1, name: metrics[name]}
+            log.info("%s: pruned after %d epoch(s)", self.name, epoch + 1)
+            # As a pruned pack member's record has it (a model of the user's may log no such key).
+            name = f"val/{getattr(pl_module, 'metric', 'acc')}"
+            self.pruned = {"epoch": epoch + 1, **({name: metrics[name]} if name in metrics else {})}
             trainer.should_stop = True
 
 
