@@ -19,7 +19,8 @@ ways: one job per configuration (`hydra/sweeper=basic`), packed (the default), a
 `hydra/launcher=parallel` (split into packs that fill the device slots); each against the plain
 loop's epoch measured in the same run. The pack-size section (`--pack-sizes`, off by default) gives
 member-epochs per second of one pack of each size K, against solo jobs (and, on a GPU, against
-4 solo jobs sharing it).
+4 solo jobs sharing it). The search section (`--search-seeds`, off by default) runs
+`hparams_search=slope_optuna` packed with successive-halving pruning and one trial at a time.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -500,8 +501,11 @@ SWEEPS = {
 }
 
 
-def run_sweep(args: list[str], sweep_dir: Path) -> tuple[float, list[dict[str, Any]]]:
-    """`python train.py -m <args>` into `sweep_dir`: its wall time and its jobs' records."""
+def run_sweep(
+    args: list[str], sweep_dir: Path, ended: tuple[str, ...] = ("finished",)
+) -> tuple[float, list[dict[str, Any]]]:
+    """`python train.py -m <args>` into `sweep_dir`: its wall time and its jobs' records, each
+    of which must have one of the statuses `ended`."""
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "-m", *args, f"hydra.sweep.dir={sweep_dir}"],
@@ -513,7 +517,7 @@ def run_sweep(args: list[str], sweep_dir: Path) -> tuple[float, list[dict[str, A
         tail = f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
         raise RuntimeError(f"the sweep {' '.join(args)} failed:\n{tail}")
     records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")]
-    if not all(r["status"] == "finished" for r in records):
+    if not all(r["status"] in ended for r in records):
         raise RuntimeError(f"the sweep {' '.join(args)} left unfinished jobs in {sweep_dir}")
     return wall, records
 
@@ -621,6 +625,50 @@ def measure_pack_sizes(
         }
         say(f"  {name}: {jobs * epochs / wall:.2f} member-epochs/s by wall time")
     return out
+
+
+SEARCHES = {
+    "packed": ["hydra.sweeper.members_per_round=8", "hydra.sweeper.pruner=halving"],
+    "one at a time": ["hydra.sweeper.members_per_round=1", "hydra.sweeper.pruner=none"],
+}
+
+
+def measure_search(
+    seeds: int, trials: int, epochs: int, workdir: Path, say: Callable, data: str = "mnist"
+) -> dict[str, Any]:
+    """`hparams_search=slope_optuna` (Leaky ReLU slope x learning rate, TPE), `trials` trials of
+    `epochs` epochs, each way of SEARCHES for the sampler seeds 0..seeds-1 (the ways alternate
+    which goes first): wall time, and the best trial's val/acc_best (optimization_results.yaml).
+    """
+    common = [
+        "hparams_search=slope_optuna",
+        *_sweep_args(data, epochs),
+        f"hydra.sweeper.n_trials={trials}",
+    ]
+    out: dict[str, Any] = {"trials": trials, "epochs": epochs, **{name: [] for name in SEARCHES}}
+    names = list(SEARCHES)
+    for seed in range(seeds):
+        for name in names[seed % 2 :] + names[: seed % 2]:
+            folder = workdir / "search" / f"{seed}-{name.replace(' ', '_')}"
+            args = [*common, f"hydra.sweeper.seed={seed}", *SEARCHES[name]]
+            # A search's diverged trials are results of the search, told failed to Optuna.
+            wall, records = run_sweep(args, folder, ended=("finished", "pruned", "diverged"))
+            best = OmegaConf.load(folder / "optimization_results.yaml").best_value
+            pruned = sum(r["status"] == "pruned" for r in records)
+            out[name].append(
+                {"seed": seed, "wall_s": round(wall, 1), "best": best, "pruned": pruned}
+            )
+            say(f"  search seed {seed}, {name}: {wall:.1f} s, best {best:.4f}, {pruned} pruned")
+    packed, solo = out["packed"], out["one at a time"]
+    out["one at a time / packed wall"] = _mean(solo, "wall_s") / _mean(packed, "wall_s")
+    out["packed - one at a time mean best (points)"] = 100 * (
+        _mean(packed, "best") - _mean(solo, "best")
+    )
+    return out
+
+
+def _mean(samples: list[dict[str, float]], key: str) -> float:
+    return statistics.mean(s[key] for s in samples)
 
 
 def _row(*cells: object) -> str:
@@ -751,6 +799,28 @@ def table(result: dict[str, Any]) -> str:
                      "-" if fit is None else f"{fit:.2f}", ms(v.get("fit_s_per_member_epoch")),
                      ms(v.get("outside_steps_s_per_member_epoch")))
             )  # fmt: skip
+    search = result.get("search")
+    if search:
+        packed, solo = search["packed"], search["one at a time"]
+        rows += [
+            "",
+            f"hparams_search=slope_optuna, {search['trials']} trials of {search['epochs']} epochs; "
+            "packed: 8 trials a round, successive halving; one at a time: no pruning:",
+            "",
+            _row("sampler seed", "packed wall (s)", "one at a time wall (s)", "ratio",
+                 "packed best val/acc_best", "one at a time best", "packed pruned"),
+            _row(*["---"] * 7),
+        ]  # fmt: skip
+        for p, s in zip(packed, solo, strict=True):
+            rows.append(
+                _row(p["seed"], p["wall_s"], s["wall_s"], f"{s['wall_s'] / p['wall_s']:.2f}x",
+                     f"{p['best']:.4f}", f"{s['best']:.4f}", p["pruned"])
+            )  # fmt: skip
+        rows.append(
+            _row("mean", f"{_mean(packed, 'wall_s'):.1f}", f"{_mean(solo, 'wall_s'):.1f}",
+                 f"{search['one at a time / packed wall']:.2f}x", f"{_mean(packed, 'best'):.4f}",
+                 f"{_mean(solo, 'best'):.4f}", f"{_mean(packed, 'pruned'):.1f}")
+        )  # fmt: skip
     checks = targets(result)
     if checks:
         rows += ["", _row("target", "measured", "goal", ""), _row(*["---"] * 4)]
@@ -762,7 +832,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def targets(result: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]:
-    """(name, measured, "<=" or ">=", goal, met) for each target of issue 5 that was measured."""
+    """(name, measured, "<=" or ">=", goal, met) for each measured target of issues 5 and 20."""
     out = []
     goals = {"64": 1.3, "512": 1.15}
     for b, m in result.get("epochs", {}).items():
@@ -802,6 +872,12 @@ def targets(result: dict[str, Any]) -> list[tuple[str, float, str, float, bool]]
         rate = packs["pack K=64"]["member_epochs_per_s_wall"]
         base = packs["one job per config"]["member_epochs_per_s_wall"]
         out.append(("GPU pack K=64 / one job per config", rate / base, ">=", 20.0))
+    search = result.get("search")
+    if search:
+        out.append(("search wall, one at a time / packed", search["one at a time / packed wall"],
+                    ">=", 3.0))  # fmt: skip
+        out.append(("search mean best, packed - one at a time (points)",
+                    search["packed - one at a time mean best (points)"], ">=", -0.2))  # fmt: skip
     return [(n, v, op, g, v <= g if op == "<=" else v >= g) for n, v, op, g in out]
 
 
@@ -835,6 +911,14 @@ def main(argv: list[str] | None = None) -> None:
         "--pack-overrides", nargs="*", default=[],
         help="config overrides for those sweeps (e.g. model.net.hidden_sizes=[32])",
     )  # fmt: skip
+    parser.add_argument(
+        "--search-seeds", type=int, default=0,
+        help="sampler seeds of the packed against the one-at-a-time search (issue 20's figure: "
+        "3; 0: skip)",
+    )  # fmt: skip
+    parser.add_argument("--search-trials", type=int, default=32, help="trials of each search")
+    parser.add_argument("--search-epochs", type=int, default=5, help="epochs of each trial")
+    parser.add_argument("--search-data", default="mnist", help="their data (synthetic: a check)")
     parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "bench")
     args = parser.parse_args(argv)
@@ -889,6 +973,16 @@ def main(argv: list[str] | None = None) -> None:
                 say,
                 args.sweep_data,
                 tuple(args.pack_overrides),
+            )
+        if args.search_seeds:
+            say(f"searches of {args.search_trials} trials, {args.search_seeds} sampler seed(s)")
+            result["search"] = measure_search(
+                args.search_seeds,
+                args.search_trials,
+                args.search_epochs,
+                workdir,
+                say,
+                args.search_data,
             )
     result["machine"]["load_average_after"] = os.getloadavg()
     result["bench_seconds"] = round(time.perf_counter() - started, 1)

@@ -14,7 +14,15 @@ from torch import nn
 from actlab.data import MNISTDataModule, SyntheticSource, batch_order
 from actlab.model import MLPClassifier
 from actlab.nets import MLP
-from benchmarks.bench import PerSampleDataModule, main, measure_pack_sizes, plain_epoch, table
+from benchmarks.bench import (
+    PerSampleDataModule,
+    main,
+    measure_pack_sizes,
+    measure_search,
+    plain_epoch,
+    table,
+    targets,
+)
 
 
 def _sgd(params):
@@ -126,6 +134,39 @@ def test_pack_sizes_section_measures_a_pack_against_solo_jobs(tmp_path):
     assert (tmp_path / "pack_K2" / ".packs" / "pack-0" / "members.yaml").is_file()
     printed = table({"pack_sizes": out})
     assert "| pack K=2 | 2 |" in printed and "| one job per config | 4 |" in printed
+
+
+@pytest.mark.slow
+def test_search_section_times_a_packed_pruned_search_against_one_trial_at_a_time(tmp_path):
+    """The section `--search-seeds` runs, here 4 trials of 2 epochs on synthetic data: each
+    search's best is its best finished trial; packed, the trials are one pack and the pruned ones
+    are Optuna's pruned trials; one at a time, solo jobs, none pruned."""
+    import optuna
+
+    from actlab.results import read_results
+
+    out = measure_search(1, 4, 2, tmp_path, lambda msg: None, data="synthetic")
+    for name, folder in (("packed", "0-packed"), ("one at a time", "0-one_at_a_time")):
+        sweep = tmp_path / "search" / folder
+        records = [read_results(sweep / str(n)) for n in range(4)]
+        study = optuna.load_study(study_name="slope_optuna", storage=f"sqlite:///{sweep}/study.db")
+        pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+        (seed,) = out[name]
+        assert seed["pruned"] == len(pruned) == sum(r["status"] == "pruned" for r in records)
+        finished = [r["metrics"]["val/acc_best"] for r in records if r["status"] == "finished"]
+        assert seed["best"] == max(finished)
+        assert [r.get("pack", {}).get("size") for r in records] == (
+            [4] * 4 if name == "packed" else [None] * 4
+        )
+    assert out["one at a time"][0]["pruned"] == 0
+    walls = [out[name][0]["wall_s"] for name in ("one at a time", "packed")]
+    assert out["one at a time / packed wall"] == walls[0] / walls[1]
+    printed = table({"search": out})
+    assert f"| mean | {walls[1]:.1f} | {walls[0]:.1f} | {walls[0] / walls[1]:.2f}x |" in printed
+    assert [t[0] for t in targets({"search": out})] == [
+        "search wall, one at a time / packed",
+        "search mean best, packed - one at a time (points)",
+    ]
 
 
 @pytest.mark.mnist
