@@ -181,10 +181,10 @@ def hold_packs(epoch: int, hold: str) -> None:
     pack.PackTrainer._end_epoch = held
 
 
-def prune_after(epoch: int, match: str) -> Callable[[str, int, dict[str, float]], bool]:
+def prune_after(epochs: int, match: str) -> Callable[[str, int, dict[str, float]], bool]:
     """A pack's pruner, as a search's trials.yaml names one by `_target_` (actlab.pack.SEARCH):
-    after epoch `epoch` it prunes each member whose folder's name contains `match`."""
-    return lambda name, done, metrics: done == epoch and match in name
+    once `epochs` epochs are trained it prunes each member whose folder's name contains `match`."""
+    return lambda name, done, metrics: done == epochs and match in name
 
 
 class MatmulPrecisionSeen(L.Callback):

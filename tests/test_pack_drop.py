@@ -50,7 +50,7 @@ def _sweep(folder: Path, *args: str, prune: str | None = None) -> dict[str, Path
         here(*args)
     else:
         (folder / PACKS / "pack-0").mkdir(parents=True)
-        spec = {"_target_": "probes.prune_after", "epoch": 0, "match": prune}
+        spec = {"_target_": "probes.prune_after", "epochs": 1, "match": prune}
         OmegaConf.save(spec, folder / PACKS / "pack-0" / SEARCH)
         status, out, _ = here_exit(*args)
         assert status == 1 and "pruned" in out  # a grid sweep's pruned job did not finish

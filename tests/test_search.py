@@ -231,7 +231,9 @@ def same_trials(rows: dict[int, dict], trials: list[optuna.trial.FrozenTrial]) -
 
 
 @pytest.mark.slow
-def test_a_search_ends_with_its_summary_in_the_sweep_report_and_w_and_b(searched: Path) -> None:
+def test_a_search_ends_with_its_summary_in_the_sweep_report_and_w_and_b(
+    searched: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     trials = study(searched).get_trials()
     folder = searched / "search"
     for name in PLOTS:
@@ -240,7 +242,11 @@ def test_a_search_ends_with_its_summary_in_the_sweep_report_and_w_and_b(searched
     same_trials(trials_csv(searched), trials)
     assert trials_csv(searched)[0]["state"] == "fail"  # trial 0 could not save a checkpoint
 
+    drawn = []
+    draw = report.search_summary
+    monkeypatch.setattr(report, "search_summary", lambda *a: drawn.append(a) or draw(*a))
     report.main([str(searched)])  # make report: report.md, and the W&B summary run (offline)
+    assert len(drawn) == 1  # the summary run logs the files report.md shows, not a second drawing
     md = (searched / "report.md").read_text()
     search = md[md.index("## Search\n") :]
     best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
@@ -268,8 +274,8 @@ def made_study(sweep: Path, space: dict, outcomes: list[str]) -> optuna.Study:
         if outcome == "complete":
             made.tell(trial, 0.5 + n / 100)
         elif outcome == "pruned":
-            trial.report(0.1, 0)
-            trial.report(0.2, 1)
+            trial.report(0.1, 1)
+            trial.report(0.2, 2)
             made.tell(trial, state=TrialState.PRUNED)
         else:
             made.tell(trial, state=TrialState.FAIL)
@@ -298,7 +304,7 @@ def test_what_optuna_cannot_plot_is_one_line_of_the_summary(tmp_path: Path) -> N
     assert [p.name for p in (few / "search").glob("*.png")] == ["best_so_far.png"]
     rows = trials_csv(few)
     assert [rows[n]["state"] for n in range(3)] == ["fail", "complete", "pruned"]
-    assert [rows[n]["pruned at epoch"] for n in range(3)] == ["", "", "2"]  # reported 0 and 1
+    assert [rows[n]["pruned at epoch"] for n in range(3)] == ["", "", "2"]  # steps 1 and 2
 
 
 def val_best(folder: Path) -> list[float]:
@@ -352,7 +358,7 @@ def test_a_median_pruner_stops_trials_records_them_and_tells_them_pruned(
             assert record["pruned"]["epoch"] == record["epochs"] == len(values) == stop + 1
             assert "test/acc" in record["metrics"]  # tested, as an early-stopped run
             assert torch.load(folder / "checkpoints" / "last.ckpt")["epoch"] == stop
-            assert t.intermediate_values == dict(enumerate(values))
+            assert t.intermediate_values == dict(enumerate(values, 1))
     assert 0 < len(pruned) < 3, pruned  # the test sees both outcomes
     # The search's trials table marks them, with the epoch they stopped after.
     rows = trials_csv(sweep)

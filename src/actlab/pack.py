@@ -424,7 +424,8 @@ class PackTrainer:
         self.global_step = 0
         self.heartbeat: Heartbeat | None = None
         # A search's pruner (hydra_plugins.actlab_optuna): does this member, by its folder's
-        # name, stop after this epoch with these metrics? It then leaves the stack, `pruned`.
+        # name, stop now that it has trained this many epochs with these metrics? It then leaves
+        # the stack, `pruned`.
         self.prune: Callable[[str, int, dict[str, float]], bool] | None = None
         self._loop_template: dict[str, Any] | None = None
         # Seconds of the epochs outside their training steps (batch orders, evaluation, logging,
@@ -751,7 +752,7 @@ class PackTrainer:
                 log.error("%s: job failed: %s", m.out.name, error)
                 m.end("failed", error, seconds=self.seconds())
                 continue
-            if not stop and self.prune is not None and self.prune(m.out.name, epoch, m.metrics):
+            if not stop and self.prune is not None and self.prune(m.out.name, epoch + 1, m.metrics):
                 log.info(
                     "%s: pruned after %d epoch(s) (val/%s=%.4f)", m.out.name, epoch + 1, name, value
                 )

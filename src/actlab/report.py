@@ -573,10 +573,8 @@ def search_summary(sweep_dir: Path, out: Path) -> Search | None:
             **{k: t.params.get(k) for k in params},
             "value": t.value,
             "state": t.state.name.lower(),
-            # A pack member reports to its trial after each epoch, the first as step 0.
-            "pruned at epoch": (
-                t.last_step + 1 if t.state == state.PRUNED and t.last_step is not None else None
-            ),
+            # A trial reports after each epoch, as its step the epochs it has trained.
+            "pruned at epoch": t.last_step if t.state == state.PRUNED else None,
             "folder": Path(t.user_attrs["job"]).name if "job" in t.user_attrs else None,
         }
         for t in trials
@@ -660,6 +658,16 @@ def search_markdown(search: Search, prefix: str = "") -> list[str]:
     return lines + [line for note in search.notes for line in ("", note)]
 
 
+# What write_search last wrote for a sweep folder, with its study.db's (mtime, size) before it
+# read it: the summary run of the same process logs those files rather than drawing them again.
+_written: dict[Path, tuple[tuple[int, int], Search | None]] = {}
+
+
+def _study_stamp(sweep_dir: Path) -> tuple[int, int]:
+    stat = (sweep_dir / STUDY).stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
 def write_search(sweep_dir: Path) -> Search | None:
     """The search's summary into <sweep>/search/ (summary.md, trials.csv, the plots), each file
     written beside the folder first and renamed into it: a reader never sees half a file. None
@@ -667,6 +675,23 @@ def write_search(sweep_dir: Path) -> Search | None:
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / STUDY).is_file():
         return None
+    stamp = _study_stamp(sweep_dir)
+    search = _write_search(sweep_dir)
+    _written[sweep_dir.resolve()] = stamp, search
+    return search
+
+
+def written_search(sweep_dir: Path) -> Search | None:
+    """The search's summary in <sweep>/search/: as write_search left it in this process if the
+    study has not changed since, else written anew."""
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / STUDY).is_file():
+        return None
+    stamp, search = _written.get(sweep_dir.resolve(), (None, None))
+    return search if stamp == _study_stamp(sweep_dir) else write_search(sweep_dir)
+
+
+def _write_search(sweep_dir: Path) -> Search | None:
     out = sweep_dir / SEARCH_DIR
     with tempfile.TemporaryDirectory(dir=sweep_dir, prefix=".search-") as tmp:
         search = search_summary(sweep_dir, Path(tmp))
@@ -756,8 +781,8 @@ def _log_summary(sweep_dir: Path, settings: dict[str, Any], mode: str) -> str:
         if run.settings.mode == "offline"
         else run.url
     )
+    search = written_search(sweep_dir)
     with run, tempfile.TemporaryDirectory() as tmp:
-        search = search_summary(sweep_dir, Path(tmp)) if (sweep_dir / STUDY).is_file() else None
         run.log(
             {
                 "sweep/jobs": _table(wandb, _job_rows(sweep_dir, configs)),

@@ -291,13 +291,13 @@ class _Pruner(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.pruned:
             return
-        epoch = trainer.current_epoch
+        epochs = trainer.current_epoch + 1
         metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        if self.prune(self.name, epoch, metrics):
-            log.info("%s: pruned after %d epoch(s)", self.name, epoch + 1)
+        if self.prune(self.name, epochs, metrics):
+            log.info("%s: pruned after %d epoch(s)", self.name, epochs)
             # As a pruned pack member's record has it (a model of the user's may log no such key).
             name = f"val/{getattr(pl_module, 'metric', 'acc')}"
-            self.pruned = {"epoch": epoch + 1, **({name: metrics[name]} if name in metrics else {})}
+            self.pruned = {"epoch": epochs, **({name: metrics[name]} if name in metrics else {})}
             trainer.should_stop = True
 
 

@@ -357,8 +357,9 @@ def pack_pruner(
     storage: str, study: str, rule: dict[str, Any], trials: dict[str, str | None]
 ) -> Callable[[str, int, dict[str, float]], bool]:
     """For a pack job (actlab.pack, from its trials.yaml): each member, by its folder's name (its
-    trial's number), reports its metric (`trials`) to its trial after each epoch, and stops where
-    the study's pruner (`rule`: the sweeper's pruner settings) says so."""
+    trial's number), reports its metric (`trials`) to its trial after each epoch, with the epochs
+    it has trained as the step (so `warmup_epochs` and halving's first rung count epochs), and
+    stops where the study's pruner (`rule`: the sweeper's pruner settings) says so."""
     optuna = _optuna()
     pruners = optuna.pruners
     if rule["name"] == "median":
@@ -371,11 +372,11 @@ def pack_pruner(
     ids = {t.number: t._trial_id for t in loaded.get_trials(deepcopy=False)}
     members = {name: optuna.trial.Trial(loaded, ids[int(name)]) for name in trials}
 
-    def prune(name: str, epoch: int, metrics: dict[str, float]) -> bool:
+    def prune(name: str, epochs: int, metrics: dict[str, float]) -> bool:
         metric = trials.get(name)
         if name not in members or metrics.get(metric) is None:
             return False
-        members[name].report(metrics[metric], epoch)
+        members[name].report(metrics[metric], epochs)
         return members[name].should_prune()
 
     return prune
