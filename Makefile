@@ -59,10 +59,11 @@ bench: $(STAMP) ## time an epoch vs plain PyTorch, start-up, memory (ARGS="--rou
 	$(PY) -m benchmarks.bench $(ARGS)
 
 # Test files spread over this many pytest workers (pytest-xdist); TEST_WORKERS=0 runs them in
-# this process, one after another.
+# this process, one after another. The 25 slowest tests are listed at the end, to keep the suite
+# within its time.
 TEST_WORKERS ?= 3
 test: $(STAMP) ## run the test suite (TEST_WORKERS=0: in one process; ARGS="-k ..." picks tests)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25 $(ARGS)
 
 lint: $(STAMP) ## ruff check and format check
 	$(PY) -m ruff check .

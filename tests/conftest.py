@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -9,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 # make test's workers share the cores: an OpenMP thread that spins while it waits takes a core
@@ -266,6 +267,43 @@ def here_exit(
         finally:
             GlobalHydra.instance().clear()
     return e.value.code, out.getvalue(), err.getvalue()
+
+
+@contextlib.contextmanager
+def ctrl_c_after_epoch(epoch: int) -> Iterator[None]:
+    """Within it, a pack is stopped as by Ctrl-C once its epoch `epoch` (0-based) has ended, its
+    checkpoints written."""
+    from actlab import pack
+
+    end_epoch = pack.PackTrainer._end_epoch
+
+    def interrupted(self: pack.PackTrainer, done: int, sums: torch.Tensor) -> None:
+        end_epoch(self, done, sums)
+        if done == epoch:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pack.PackTrainer, "_end_epoch", interrupted)
+        yield
+
+
+def net_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's network weights (`net.*`), as eval.py loads them."""
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("net.")}
+
+
+def members_and_solos(
+    solo: dict[str, Path], packed: dict[str, Path], size: int
+) -> Iterator[tuple[str, Path, dict, dict]]:
+    """A sweep run solo and as one pack of `size` (job folders by name): each member's name,
+    folder, solo record and member record, both finished."""
+    assert sorted(solo) == sorted(packed) and len(packed) == size
+    for name, folder in packed.items():
+        s, p = results(solo[name]), results(folder)
+        assert p["status"] == s["status"] == "finished", (name, p.get("error"))
+        assert p["pack"]["size"] == size and p["pack"]["id"] == "pack-0"
+        yield name, folder, s, p
 
 
 def results(folder: Path) -> dict:

@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU, FAST, compose_train, run_command, run_train, wandb_inspect
+from conftest import (
+    CPU,
+    FAST,
+    compose_train,
+    ctrl_c_after_epoch,
+    members_and_solos,
+    net_weights,
+    run_command,
+    run_train,
+    wandb_inspect,
+)
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch import nn
@@ -39,11 +49,6 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     return solo, packed
 
 
-def _weights(ckpt: str) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt, weights_only=False)["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith("net.")}
-
-
 def _columns(folder: Path) -> list[str]:
     with open(folder / "csv" / "metrics.csv") as f:
         return next(csv.reader(f))
@@ -51,11 +56,7 @@ def _columns(folder: Path) -> list[str]:
 
 def test_every_member_matches_its_solo_job(sweeps: tuple[dict, dict]) -> None:
     solo, packed = sweeps
-    assert sorted(solo) == sorted(packed) and len(solo) == 12
-    for name, folder in packed.items():
-        s, p = read_results(solo[name]), read_results(folder)
-        assert p["status"] == s["status"] == "finished", (name, p.get("error"))
-        assert p["pack"]["size"] == 12 and p["pack"]["id"] == "pack-0"
+    for name, folder, s, p in members_and_solos(solo, packed, 12):
         # s/epoch: the member's share of the pack's epoch, comparable with a solo job's.
         share = p["pack"]["seconds_per_epoch"] / 12
         assert p["seconds_per_epoch"] == pytest.approx(share, abs=1e-3)
@@ -70,7 +71,7 @@ def test_every_member_matches_its_solo_job(sweeps: tuple[dict, dict]) -> None:
         # And the last logged gradient norms: one definition (diagnostics.grad_norms) for both.
         for key in ("grad_norm/layer1", "grad_norm/output"):
             assert p["metrics"][key] == pytest.approx(s["metrics"][key], rel=1e-3), (name, key)
-        ws, wp = _weights(s["best_checkpoint"]), _weights(p["best_checkpoint"])
+        ws, wp = net_weights(s["best_checkpoint"]), net_weights(p["best_checkpoint"])
         assert Path(s["best_checkpoint"]).name == Path(p["best_checkpoint"]).name
         for key in ws:
             torch.testing.assert_close(wp[key], ws[key], atol=WEIGHT_ATOL, rtol=0)
@@ -221,7 +222,7 @@ def test_diverging_and_invalid_members_leave_the_others_alone(
         twin = next(f for n, f in alone.items() if _same_job(n, name))
         expected = read_results(twin)
         assert r["metrics"]["test/acc"] == expected["metrics"]["test/acc"]
-        ws, wp = _weights(expected["best_checkpoint"]), _weights(r["best_checkpoint"])
+        ws, wp = net_weights(expected["best_checkpoint"]), net_weights(r["best_checkpoint"])
         for key in ws:
             torch.testing.assert_close(wp[key], ws[key], atol=WEIGHT_ATOL, rtol=0)
 
@@ -257,15 +258,7 @@ def test_ctrl_c_leaves_members_interrupted_and_resume_reruns_only_unfinished(
         "model.act=relu,none",
         f"hydra.sweep.dir={tmp_path}",
     ]
-    end_epoch = pack.PackTrainer._end_epoch
-
-    def interrupt_after_epoch_1(self: pack.PackTrainer, epoch: int, sums: torch.Tensor) -> None:
-        end_epoch(self, epoch, sums)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(pack.PackTrainer, "_end_epoch", interrupt_after_epoch_1)
+    with ctrl_c_after_epoch(1):
         with pytest.raises(SystemExit) as e:
             _main(monkeypatch, *args)
         assert e.value.code == 130  # 128 + SIGINT, as after Ctrl-C
@@ -336,7 +329,7 @@ def test_packed_members_match_solo_jobs_on_real_mnist(tmp_path: Path) -> None:
             # Within 0.1 point (5 of the 5,000 validation images), as float32 accuracies read
             # it: 5 images apart measured 0.0010000467.
             assert abs(p["metrics"][key] - s["metrics"][key]) <= 0.001 + 1e-6, (name, key)
-        ws, wp = _weights(s["best_checkpoint"]), _weights(p["best_checkpoint"])
+        ws, wp = net_weights(s["best_checkpoint"]), net_weights(p["best_checkpoint"])
         for key in ws:
             # 860 steps amplify rounding differences where units cross 0 (ReLU, leaky): measured
             # up to 2.3% of a layer's norm (ReLU), 0.09% (leaky); without an activation 4e-7.
@@ -358,7 +351,7 @@ def test_ckpt_path_resumes_a_member_as_its_solo_job_would(
     resumed, fresh = read_results(member), read_results(solo)
     assert resumed["epochs"] == fresh["epochs"] == 3
     assert resumed["metrics"]["test/acc"] == pytest.approx(fresh["metrics"]["test/acc"], abs=1e-3)
-    ws = _weights(str(solo / "checkpoints" / "last.ckpt"))
-    wp = _weights(str(member / "checkpoints" / "last.ckpt"))
+    ws = net_weights(str(solo / "checkpoints" / "last.ckpt"))
+    wp = net_weights(str(member / "checkpoints" / "last.ckpt"))
     for key in ws:
         torch.testing.assert_close(wp[key], ws[key], atol=WEIGHT_ATOL, rtol=0)

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PACKABLE, compose_train, here, here_exit
+from conftest import (
+    PACKABLE,
+    compose_train,
+    ctrl_c_after_epoch,
+    here,
+    here_exit,
+    members_and_solos,
+    net_weights,
+)
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -59,21 +67,12 @@ def sweeps(configs: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dic
     return out["basic"], out["packed"]
 
 
-def _weights(ckpt: str) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt, weights_only=False)["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith("net.")}
-
-
 @pytest.mark.slow
 def test_a_cnn_packs_through_torch_func_and_each_member_is_its_solo_job(
     sweeps: tuple[dict, dict],
 ) -> None:
     solo, packed = sweeps
-    assert sorted(solo) == sorted(packed) and len(packed) == 4
-    for name, folder in packed.items():
-        s, p = read_results(solo[name]), read_results(folder)
-        assert p["status"] == s["status"] == "finished", (name, p.get("error"))
-        assert p["pack"]["size"] == 4 and p["pack"]["id"] == "pack-0"
+    for name, folder, s, p in members_and_solos(solo, packed, 4):
         assert "pack of 4 members on cpu (torch.func): " in (folder / "train.log").read_text()
         assert set(p["metrics"]) == set(s["metrics"])
         for key in ("val/acc_best", "test/acc"):
@@ -87,7 +86,7 @@ def test_a_cnn_packs_through_torch_func_and_each_member_is_its_solo_job(
         assert {"grad_norm/layer1", "grad_norm/layer2", "grad_norm/output"} <= set(grads)
         for key in grads:
             assert p["metrics"][key] == pytest.approx(s["metrics"][key], rel=1e-3), (name, key)
-        ws, wp = _weights(s["best_checkpoint"]), _weights(p["best_checkpoint"])
+        ws, wp = net_weights(s["best_checkpoint"]), net_weights(p["best_checkpoint"])
         solo_names = [f"net.{i}.{p}" for i in (1, 5, 7) for p in ("weight", "bias")]
         assert list(wp) == list(ws) == solo_names  # the solo state_dict's names, eval.py's
         for key in ws:
@@ -134,7 +133,7 @@ def test_a_cnn_pack_in_bf16_trains_as_its_solo_jobs(
 
 @pytest.mark.slow
 def test_a_cnn_pack_interrupted_and_resumed_ends_as_if_never_stopped(
-    configs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    configs: Path, tmp_path: Path
 ) -> None:
     """Ctrl-C after epoch 0, then `+resume=true`: each member continues from its last.ckpt
     through torch.func to the numbers and weights of the pack run straight through."""
@@ -144,15 +143,7 @@ def test_a_cnn_pack_interrupted_and_resumed_ends_as_if_never_stopped(
     ]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     here(*args, f"hydra.sweep.dir={straight}")
-    end_epoch = pack.PackTrainer._end_epoch
-
-    def interrupt_after_epoch_0(self: pack.PackTrainer, epoch: int, sums: torch.Tensor) -> None:
-        end_epoch(self, epoch, sums)
-        if epoch == 0:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(pack.PackTrainer, "_end_epoch", interrupt_after_epoch_0)
+    with ctrl_c_after_epoch(0):
         status, _, err = here_exit(*args, f"hydra.sweep.dir={resumed}")
     assert status == 130, err  # 128 + SIGINT, as after Ctrl-C
     here(*args, f"hydra.sweep.dir={resumed}", "+resume=true")
@@ -164,8 +155,8 @@ def test_a_cnn_pack_interrupted_and_resumed_ends_as_if_never_stopped(
         assert r["resumed_from"].endswith("last.ckpt")
         for key in ("val/acc_best", "test/acc", "train/loss_epoch"):
             assert r["metrics"][key] == pytest.approx(s["metrics"][key], abs=1e-6), (name, key)
-        ws = _weights(straight / name / "checkpoints" / "last.ckpt")
-        wr = _weights(resumed / name / "checkpoints" / "last.ckpt")
+        ws = net_weights(straight / name / "checkpoints" / "last.ckpt")
+        wr = net_weights(resumed / name / "checkpoints" / "last.ckpt")
         for key in ws:
             torch.testing.assert_close(wr[key], ws[key], atol=1e-6, rtol=0)
 
@@ -192,8 +183,8 @@ def test_ckpt_path_continues_a_cnn_member_as_its_solo_job_would(
     assert continued["status"] == fresh["status"] == "finished"
     assert continued["epochs"] == fresh["epochs"] == 2 and "pack" not in continued
     assert continued["metrics"]["test/acc"] == pytest.approx(fresh["metrics"]["test/acc"], abs=1e-3)
-    ws = _weights(solo / "checkpoints" / "last.ckpt")
-    wc = _weights(member / "checkpoints" / "last.ckpt")
+    ws = net_weights(solo / "checkpoints" / "last.ckpt")
+    wc = net_weights(member / "checkpoints" / "last.ckpt")
     for key in ws:
         torch.testing.assert_close(wc[key], ws[key], atol=WEIGHT_ATOL, rtol=0)
 

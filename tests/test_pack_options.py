@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU, compose_train, here
+from conftest import CPU, compose_train, ctrl_c_after_epoch, here, net_weights
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
-from test_pack import WEIGHT_ATOL, _columns, _weights
+from test_pack import WEIGHT_ATOL, _columns
 from torch import nn
 
-from actlab import pack
 from actlab.model import MLPClassifier
 from actlab.results import read_results
 from actlab.stacked_nets import StackedMLP, StackedOptimizer
@@ -59,7 +58,7 @@ def _assert_members_are_their_solo_jobs(
         assert Path(p["best_checkpoint"]).name == Path(s["best_checkpoint"]).name
         assert sorted(_columns(folder)) == sorted(_columns(solo[name]))
         for ckpt in (s["best_checkpoint"], solo[name] / "checkpoints" / "last.ckpt"):
-            ws, wp = _weights(ckpt), _weights(folder / Path(ckpt).relative_to(solo[name]))
+            ws, wp = net_weights(ckpt), net_weights(folder / Path(ckpt).relative_to(solo[name]))
             for key in ws:
                 torch.testing.assert_close(wp[key], ws[key], atol=WEIGHT_ATOL, rtol=0)
         cs, cp = _last(solo[name]), _last(folder)
@@ -184,7 +183,7 @@ def test_a_members_checkpoint_resumes_its_scheduler(tmp_path: Path) -> None:
     cr, cf = _last(member), _last(fresh)
     assert cr["lr_schedulers"] == cf["lr_schedulers"]
     assert cr["optimizer_states"][0]["param_groups"] == cf["optimizer_states"][0]["param_groups"]
-    for key, w in _weights(str(fresh / "checkpoints" / "last.ckpt")).items():
+    for key, w in net_weights(str(fresh / "checkpoints" / "last.ckpt")).items():
         torch.testing.assert_close(cr["state_dict"][key], w, atol=WEIGHT_ATOL, rtol=0)
 
 
@@ -259,9 +258,7 @@ def test_each_member_gets_its_solo_optimizers_update_and_state_bit_for_bit(
 
 
 @pytest.mark.slow
-def test_an_interrupted_pack_resumes_its_schedulers_and_early_stopping(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_interrupted_pack_resumes_its_schedulers_and_early_stopping(tmp_path: Path) -> None:
     """`+resume=true` continues each member from its last.ckpt (learning rate, scheduler, early
     stopping's wait) to the numbers of its uninterrupted solo job."""
     args = ["data=synthetic", "logger=csv", "callbacks.progress_bar.refresh_rate=0", *CPU]
@@ -273,16 +270,8 @@ def test_an_interrupted_pack_resumes_its_schedulers_and_early_stopping(
     args.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(unnamed)}]")
     solo = _sweep(tmp_path / "solo", *args)
     args = ["hydra/sweeper=packed", *args, f"hydra.sweep.dir={tmp_path / 'packed'}"]
-    end_epoch = pack.PackTrainer._end_epoch
-
-    def interrupt_after_epoch_0(self: pack.PackTrainer, epoch: int, sums: torch.Tensor) -> None:
-        end_epoch(self, epoch, sums)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(pack.PackTrainer, "_end_epoch", interrupt_after_epoch_0)
-        with pytest.raises(SystemExit):
-            here("-m", *args)
+    with ctrl_c_after_epoch(0), pytest.raises(SystemExit):
+        here("-m", *args)
     packed = {p.parent.name: p.parent for p in (tmp_path / "packed").glob("*/.hydra")}
     assert all(read_results(f)["status"] == "interrupted" for f in packed.values())
     here("-m", *args, "+resume=true")

@@ -9,13 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PACKABLE, compose_train, run_command, run_train
+from conftest import (
+    PACKABLE,
+    compose_train,
+    ctrl_c_after_epoch,
+    net_weights,
+    run_command,
+    run_train,
+)
 from hydra.utils import instantiate
-from test_pack import WEIGHT_ATOL, _main, _weights
+from test_pack import WEIGHT_ATOL, _main
 from torch import nn
 from user_modules import LearnableSwish, Softmax, Swish
 
-from actlab import ROOT, pack, packing, stacked_nets
+from actlab import ROOT, packing, stacked_nets
 from actlab.activations import RReLU
 from actlab.errors import UserError
 from actlab.results import read_results
@@ -53,7 +60,7 @@ def _assert_equal_to_solo(packed: dict[str, Path], solo: dict[str, Path], size: 
         s = read_results(solo[name])
         for key in ("val/acc_best", "test/acc"):
             assert abs(p["metrics"][key] - s["metrics"][key]) <= 0.001, (name, key)
-        ws, wp = _weights(s["best_checkpoint"]), _weights(p["best_checkpoint"])
+        ws, wp = net_weights(s["best_checkpoint"]), net_weights(p["best_checkpoint"])
         assert set(wp) == set(ws), name  # the activation's parameters too, by their solo names
         for key in ws:
             torch.testing.assert_close(wp[key], ws[key], atol=WEIGHT_ATOL, rtol=0)
@@ -234,8 +241,8 @@ def test_prelu_per_unit_packs_resumes_and_its_checkpoints_serve_eval_and_ckpt_pa
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = run_train(*BASE, *grid, "seed=0", "trainer.max_epochs=3", f"hydra.run.dir={more}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    ws = _weights(str(more / "checkpoints" / "last.ckpt"))
-    wp = _weights(str(member / "checkpoints" / "last.ckpt"))
+    ws = net_weights(str(more / "checkpoints" / "last.ckpt"))
+    wp = net_weights(str(member / "checkpoints" / "last.ckpt"))
     assert set(wp) == set(ws)
     for key in ws:
         torch.testing.assert_close(wp[key], ws[key], atol=WEIGHT_ATOL, rtol=0)
@@ -249,17 +256,8 @@ def test_prelu_per_unit_packs_resumes_and_its_checkpoints_serve_eval_and_ckpt_pa
         "seed=0,1",
         f"hydra.sweep.dir={tmp_path / 'again'}",
     ]
-    end_epoch = pack.PackTrainer._end_epoch
-
-    def interrupt_after_epoch_0(self: pack.PackTrainer, epoch: int, sums: torch.Tensor) -> None:
-        end_epoch(self, epoch, sums)
-        if epoch == 0:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(pack.PackTrainer, "_end_epoch", interrupt_after_epoch_0)
-        with pytest.raises(SystemExit):
-            _main(monkeypatch, *args)
+    with ctrl_c_after_epoch(0), pytest.raises(SystemExit):
+        _main(monkeypatch, *args)
     _main(monkeypatch, *args, "+resume=true")
     resumed = {p.parent.name: p.parent for p in (tmp_path / "again").glob("*/.hydra")}
     assert all(read_results(f).get("resumed_from") for f in resumed.values())

@@ -20,7 +20,7 @@ from test_wandb_summary import logged_table, offline_run
 from actlab import report
 from actlab.errors import UserError
 from actlab.results import write_json
-from hydra_plugins.actlab_optuna import Space
+from hydra_plugins.actlab_optuna import Space, pack_pruner
 
 # Packable (no progress-bar flag of the trainer's), small, one epoch, offline.
 SEARCH = [
@@ -383,3 +383,31 @@ def test_a_grid_of_intervals_is_refused_and_a_timeout_starts_no_round(tmp_path: 
     here(*SEARCH, "hydra.sweeper.timeout=0", f"hydra.sweep.dir={tmp_path}/sweep")
     assert study(tmp_path / "sweep").trials == []
     assert not [p for p in (tmp_path / "sweep").iterdir() if p.is_dir()]
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_halving_keeps_the_best_1_over_its_reduction_factor_after_the_first_epoch(
+    tmp_path: Path, factor: int
+) -> None:
+    """pack_pruner with the sweeper's halving settings: after epoch 1 (step 1, the first rung),
+    a fourth trial below the best three-quarters of its rung survives a factor of 2 (the best 2
+    of 4 go on) and not one of 4 (the best 1)."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+    made = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for _ in range(4):
+        made.ask()
+    rule = {"name": "halving", "warmup_epochs": 1, "reduction_factor": factor}
+    prune = pack_pruner(storage, "s", rule, {str(n): "val/acc" for n in range(4)})
+    for n, acc in enumerate([0.4, 0.3, 0.2]):
+        prune(str(n), 1, {"val/acc": acc})
+    assert prune("3", 1, {"val/acc": 0.35}) == (factor == 4)
+    assert made.trials[3].intermediate_values == {1: 0.35}
+
+
+def test_a_reduction_factor_below_2_is_refused(tmp_path: Path) -> None:
+    args = [*SEARCH, "hydra.sweeper.pruner=halving", "hydra.sweeper.pruner_reduction_factor=1"]
+    status, _, err = here_exit(*args, f"hydra.sweep.dir={tmp_path}")
+    assert status == 2
+    assert err.strip().splitlines()[-1] == (
+        "error: hydra.sweeper.pruner_reduction_factor=1: give an integer >= 2."
+    )

@@ -137,6 +137,7 @@ class PackedOptunaSweeper(Sweeper):
         pruner: str = "none",
         pruner_startup_trials: int = 4,
         pruner_warmup_epochs: int = 1,
+        pruner_reduction_factor: int = 4,
     ) -> None:
         if pruner not in PRUNERS:
             raise UserError(f"hydra.sweeper.pruner={pruner}: choose {', '.join(PRUNERS)}.")
@@ -144,9 +145,13 @@ class PackedOptunaSweeper(Sweeper):
             raise UserError(f"hydra.sweeper.sampler={sampler}: choose tpe, random or grid.")
         if direction not in ("maximize", "minimize"):
             raise UserError(f"hydra.sweeper.direction={direction}: choose maximize or minimize.")
-        for name, n in (("n_trials", n_trials), ("members_per_round", members_per_round)):
-            if type(n) is not int or n < 1:
-                raise UserError(f"hydra.sweeper.{name}={n}: give an integer >= 1.")
+        for name, n, least in (
+            ("n_trials", n_trials, 1),
+            ("members_per_round", members_per_round, 1),
+            ("pruner_reduction_factor", pruner_reduction_factor, 2),
+        ):
+            if type(n) is not int or n < least:
+                raise UserError(f"hydra.sweeper.{name}={n}: give an integer >= {least}.")
         self.sampler, self.seed, self.n_startup_trials = sampler, seed, n_startup_trials
         self.direction, self.study_name = direction, study_name
         self.n_trials, self.timeout = n_trials, timeout
@@ -157,6 +162,7 @@ class PackedOptunaSweeper(Sweeper):
             "name": pruner,
             "startup_trials": pruner_startup_trials,
             "warmup_epochs": pruner_warmup_epochs,
+            "reduction_factor": pruner_reduction_factor,
         }
         self.config: DictConfig | None = None
         self.launcher: Any = None
@@ -364,10 +370,13 @@ def pack_pruner(
     pruners = optuna.pruners
     if rule["name"] == "median":
         chosen = pruners.MedianPruner(rule["startup_trials"], n_warmup_steps=rule["warmup_epochs"])
-    elif rule["name"] == "halving":
-        chosen = pruners.SuccessiveHalvingPruner(min_resource=max(1, rule["warmup_epochs"]))
     else:
-        chosen = pruners.HyperbandPruner(min_resource=max(1, rule["warmup_epochs"]))
+        rungs = {
+            "min_resource": max(1, rule["warmup_epochs"]),
+            "reduction_factor": rule["reduction_factor"],
+        }
+        halving = rule["name"] == "halving"
+        chosen = (pruners.SuccessiveHalvingPruner if halving else pruners.HyperbandPruner)(**rungs)
     loaded = optuna.load_study(study_name=study, storage=storage, pruner=chosen)
     ids = {t.number: t._trial_id for t in loaded.get_trials(deepcopy=False)}
     members = {name: optuna.trial.Trial(loaded, ids[int(name)]) for name in trials}
