@@ -390,8 +390,8 @@ def test_halving_keeps_the_best_1_over_its_reduction_factor_after_the_first_epoc
     tmp_path: Path, factor: int
 ) -> None:
     """pack_pruner with the sweeper's halving settings: after epoch 1 (step 1, the first rung),
-    a fourth trial below the best three-quarters of its rung survives a factor of 2 (the best 2
-    of 4 go on) and not one of 4 (the best 1)."""
+    a fourth trial, second best of the 4 at that rung, goes on with a factor of 2 (the best 2 of
+    4 go on) and is pruned with a factor of 4 (the best 1 goes on)."""
     storage = f"sqlite:///{tmp_path}/study.db"
     made = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     for _ in range(4):
