@@ -189,6 +189,51 @@ def test_each_member_gets_its_solo_optimizers_update_bit_for_bit(
         assert torch.equal(p[3], f)
 
 
+@pytest.mark.parametrize(
+    ("target", "numbers"),
+    [
+        ("torch.optim.SGD", [(0.1, 0.9, 0.0), (0.03, 0.5, 0.01), (0.1, 0.9, 0.0), (0.1, 0.0, 0.0)]),
+        ("torch.optim.Adam", [(1e-3, 0.0, 0.0), (3e-3, 0.0, 0.1), (1e-3, 0.0, 0.0), (1e-2, 0, 0)]),
+    ],
+)
+def test_members_that_join_a_stack_get_their_solo_optimizers_updates_from_their_first_step(
+    target: str, numbers: list[tuple[float, float, float]]
+) -> None:
+    """Two members join a stack that has taken 3 steps (a search's refilled slots): theirs are
+    torch's first steps (momentum started as the first gradient, Adam's bias correction of
+    step 1), the others' go on as they were, all bit for bit."""
+    torch.manual_seed(0)
+    keys = (
+        ("lr", "momentum", "weight_decay") if target.endswith("SGD") else ("lr", "", "weight_decay")
+    )
+    members = [{k: v for k, v in zip(keys, n, strict=True) if k} for n in numbers]
+    cls = getattr(torch.optim, target.rsplit(".", 1)[1])
+    start = [torch.randn(4, 5, 3), torch.randn(4, 1, 3)]
+    stacked = [nn.Parameter(t[:2].clone()) for t in start]
+    ours = StackedOptimizer(stacked, target, members[:2])
+    solo = [[nn.Parameter(t[k].clone()) for t in start] for k in range(4)]
+    theirs = [cls(ps, **m) for ps, m in zip(solo, members, strict=True)]
+    for step in range(7):
+        if step == 3:
+            stacked = [
+                nn.Parameter(torch.cat([p.detach(), t[2:]]))
+                for p, t in zip(stacked, start, strict=True)
+            ]
+            ours.add([cls([torch.zeros(0)], **m).param_groups[0] for m in members[2:]], stacked)
+        grads = [torch.randn_like(p) for p in stacked]
+        for p, g in zip(stacked, grads, strict=True):
+            p.grad = g.clone()
+        ours.step()
+        for k in range(len(stacked[0])):
+            for p, g in zip(solo[k], grads, strict=True):
+                p.grad = g[k].clone()
+            theirs[k].step()
+    assert ours.steps == [7, 7, 4, 4]
+    for k in range(4):
+        for p, q in zip(stacked, solo[k], strict=True):
+            assert torch.equal(p[k], q), k
+
+
 def test_diverging_and_invalid_members_leave_the_others_alone(
     tmp_path: Path, sweeps: tuple[dict, dict]
 ) -> None:

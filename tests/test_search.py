@@ -11,7 +11,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import CPU, here, here_exit, metric_rows, results, wandb_inspect
+from conftest import CPU, here, here_exit, metric_rows, net_weights, results, wandb_inspect
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -20,7 +20,7 @@ from test_wandb_summary import logged_table, offline_run
 from actlab import report
 from actlab.errors import UserError
 from actlab.results import write_json
-from hydra_plugins.actlab_optuna import Space, pack_pruner
+from hydra_plugins.actlab_optuna import PackSearch, Space
 
 # Packable (no progress-bar flag of the trainer's), small, one epoch, offline.
 SEARCH = [
@@ -389,7 +389,7 @@ def test_a_grid_of_intervals_is_refused_and_a_timeout_starts_no_round(tmp_path: 
 def test_halving_keeps_the_best_1_over_its_reduction_factor_after_the_first_epoch(
     tmp_path: Path, factor: int
 ) -> None:
-    """pack_pruner with the sweeper's halving settings: after epoch 1 (step 1, the first rung),
+    """PackSearch with the sweeper's halving settings: after epoch 1 (step 1, the first rung),
     a fourth trial, second best of the 4 at that rung, goes on with a factor of 2 (the best 2 of
     4 go on) and is pruned with a factor of 4 (the best 1 goes on)."""
     storage = f"sqlite:///{tmp_path}/study.db"
@@ -397,7 +397,7 @@ def test_halving_keeps_the_best_1_over_its_reduction_factor_after_the_first_epoc
     for _ in range(4):
         made.ask()
     rule = {"name": "halving", "warmup_epochs": 1, "reduction_factor": factor}
-    prune = pack_pruner(storage, "s", rule, {str(n): "val/acc" for n in range(4)})
+    prune = PackSearch(storage, "s", rule, {str(n): "val/acc" for n in range(4)})
     for n, acc in enumerate([0.4, 0.3, 0.2]):
         prune(str(n), 1, {"val/acc": acc})
     assert prune("3", 1, {"val/acc": 0.35}) == (factor == 4)
@@ -411,3 +411,64 @@ def test_a_reduction_factor_below_2_is_refused(tmp_path: Path) -> None:
     assert err.strip().splitlines()[-1] == (
         "error: hydra.sweeper.pruner_reduction_factor=1: give an integer >= 2."
     )
+
+
+@pytest.mark.slow
+def test_a_pruning_search_refills_its_pack_and_a_refilled_trial_is_its_solo_job(
+    tmp_path: Path,
+) -> None:
+    """Halving prunes members of the round's one pack after each rung: the study's next trials
+    take their slots in that pack (one launch for all 10), each told as it leaves the stack,
+    and one that joined later trains as its solo job does, from its own first epoch."""
+    sweep = tmp_path / "sweep"
+    here(
+        *SEARCH,
+        "trainer.max_epochs=3",
+        "hydra.sweeper.n_trials=10",
+        "hydra.sweeper.members_per_round=4",
+        "hydra.sweeper.n_startup_trials=3",
+        "hydra.sweeper.pruner=halving",
+        "hydra.sweeper.pruner_reduction_factor=2",
+        "trainer.log_every_n_steps=3",  # not a divisor of an epoch's 4 steps
+        f"hydra.sweep.dir={sweep}",
+    )
+    trials = study(sweep).get_trials()
+    assert len(trials) == 10 and not any(t.state == TrialState.RUNNING for t in trials)
+    assert [p.name for p in (sweep / ".packs").iterdir()] == ["pack-0"]
+    listed = yaml.safe_load((sweep / ".packs" / "pack-0" / "members.yaml").read_text())
+    assert sorted(int(m["hydra"]["job"]["num"]) for m in listed) == list(range(10))
+    joined = {}
+    for t in trials:
+        record = results(sweep / str(t.number))
+        assert record["pack"]["id"] == "pack-0" and record["pack"]["size"] == 4
+        assert t.user_attrs["status"] == record["status"]
+        expected = {"finished": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
+        assert t.state == expected[record["status"]], t.number
+        if record["status"] == "finished":
+            assert t.value == record["metrics"]["val/acc_best"] and record["epochs"] == 3
+        if "joined_epoch" in record["pack"]:
+            assert t.number >= 4
+            joined[t.number] = record
+    late = [
+        n for n, r in joined.items() if r["status"] == "finished" and r["pack"]["joined_epoch"] > 1
+    ]
+    assert late, joined  # the test sees a trial that joined after a rung and trained on
+    n = late[0]
+    member = sweep / str(n)
+    solo = tmp_path / "solo"
+    overrides = yaml.safe_load((member / ".hydra" / "overrides.yaml").read_text())
+    here(*overrides, "hydra.mode=RUN", f"hydra.run.dir={solo}")
+    s, p = results(solo), joined[n]
+    assert s["status"] == "finished"
+    for key in ("val/acc_best", "test/acc", "val/loss", "train/loss_epoch"):
+        assert p["metrics"][key] == pytest.approx(s["metrics"][key], abs=1e-5), key
+    ws, wp = (net_weights(f / "checkpoints" / "last.ckpt") for f in (solo, member))
+    for key in ws:
+        torch.testing.assert_close(wp[key], ws[key], atol=1e-5, rtol=0)
+    own, theirs = (torch.load(f / "checkpoints" / "last.ckpt") for f in (member, solo))
+    assert (own["epoch"], own["global_step"]) == (theirs["epoch"], theirs["global_step"])
+    for key, count in (("val/acc", 3), ("train/loss", 4)):  # each 3rd step of its own
+        rows = [(r["epoch"], r["step"], float(r[key])) for r in metric_rows(member) if r[key]]
+        alone = [(r["epoch"], r["step"], float(r[key])) for r in metric_rows(solo) if r[key]]
+        assert len(rows) == count and [r[:2] for r in rows] == [r[:2] for r in alone], key
+        assert [r[2] for r in rows] == pytest.approx([r[2] for r in alone], abs=1e-5), key

@@ -74,6 +74,7 @@ from actlab.results import (
     read_results,
     running_record,
     write_json,
+    write_text,
 )
 from actlab.runs import drop_rows_after, keep_attempt, resumable, set_aside, trained_epochs
 from actlab.stacked_nets import (
@@ -118,6 +119,10 @@ class Member:
     first_epoch: int = 0
     early_stopping: EarlyStopping | None = None
     stopped: tuple[int, int] | None = None  # (epochs, global step) when it stopped early
+    # The pack's epoch and step when it joined the stack: a search's refilled slot (its own
+    # epochs and steps count from there), else 0, 0.
+    joined: tuple[int, int] = (0, 0)
+    start: float | None = None  # when it joined a pack that had started (time.perf_counter)
 
     def write(self) -> None:
         with contextlib.suppress(UserError):  # a full disk must not hide the original error
@@ -166,7 +171,10 @@ def member_from(full: DictConfig, index: int) -> Member:
     Hydra does for a job (hydra.core.utils._save_config), and resolves its config against its
     own hydra node, never Hydra's global one."""
     data = OmegaConf.to_container(full)
-    data["hydra"]["mode"] = RunMode[data["hydra"]["mode"]]  # as HydraConfig.get() gives it
+    mode = data["hydra"]["mode"]  # a name in members.yaml, composed (a search's refill) not
+    data["hydra"]["mode"] = (
+        RunMode[mode] if isinstance(mode, str) else mode
+    )  # as HydraConfig.get() gives it
     full = OmegaConf.create(data)  # its own root, for `${paths...}`
     keys = [k for k in data if k != "hydra"]
     own = OmegaConf.create({k: v if k == "hydra" else _own_hydra(v) for k, v in data.items()})
@@ -423,14 +431,15 @@ class PackTrainer:
         self.keep_last = bool(callbacks.get("last_checkpoint"))
         self.global_step = 0
         self.heartbeat: Heartbeat | None = None
-        # A search's pruner (hydra_plugins.actlab_optuna): does this member, by its folder's
-        # name, stop now that it has trained this many epochs with these metrics? It then leaves
-        # the stack, `pruned`.
-        self.prune: Callable[[str, int, dict[str, float]], bool] | None = None
+        # A search's link to its study (hydra_plugins.actlab_optuna.PackSearch): called, it says
+        # whether a member, by its folder's name, stops now that it has trained this many epochs
+        # with these metrics (it then leaves the stack, `pruned`).
+        self.search: Any = None
         self._loop_template: dict[str, Any] | None = None
         # Seconds of the epochs outside their training steps (batch orders, evaluation, logging,
         # checkpoints) and the epochs they cover: what a pack pays per epoch besides its steps.
         self.outside_steps, self.epochs_run = 0.0, 0
+        self.fit_seconds: float | None = None
         self.start = time.perf_counter()
         self.datamodule = instantiate(first.data)
         self.datamodule.prepare_data()
@@ -442,7 +451,6 @@ class PackTrainer:
         need = memory_need(shapes, [m.cfg for m in members], data, device)
         on_device = sum(t.nbytes for t in data if t.device.type == device.type)
         check_memory(need, len(members), device, sharing, resident=on_device)
-        nets, acts, generators = [], [], []
         # Each member's solo optimizer and scheduler: the scheduler steps it as in its solo job,
         # and the stacked optimizer takes its numbers from there. The optimizer holds one empty
         # tensor for its param group, not the solo net's parameters: those are freed once stacked.
@@ -450,11 +458,45 @@ class PackTrainer:
         self.schedulers: list[torch.optim.lr_scheduler.LRScheduler | None] = []
         # Each member's ModelCheckpoints, built once: their state goes into its checkpoints.
         self.checkpointers: list[dict[str, Any]] = []
+        nets, acts, generators = self._build(members)
+        self.names = [f"net.{n}" for n, _ in nets[0].named_parameters()]
+        keys = act_keys(members)
+        self.func = packing.engine(first) == "torch.func"
+        if self.func:
+            self.model = StackedNets(nets, runs(keys)).to(device)
+        else:
+            self.model = StackedMLP(nets, acts, keys).to(device)
+            self.model.generators = generators
+        # A search's new trials for the slots members leave: called with the number of free
+        # slots and the pack's next epoch, it gives the members that `add` puts in them.
+        # `leave` ends the records of the members that left and tells the study.
+        self.slots = len(members)
+        self.join: Callable[[int, int], list[Member]] | None = None
+        self.leave: Callable[[list[Member]], None] = lambda gone: None
+        # The solo order, as in its optimizer state.
+        self.params, self.kinds = self.model.solo_order()
+        # A solo optimizer's param group numbers its parameters in this order.
+        self.param_ids = list(range(len(self.params)))
+        self.optimizer = StackedOptimizer(
+            self.params, first.optimizer._target_, [m.cfg.optimizer for m in members]
+        )
+        self.optimizer.set_groups([o.param_groups[0] for o in self.opts])
+        self.seeds = [int(m.cfg.seed) for m in members]
+        self.first_epoch = members[0].first_epoch  # train_pack packs members of one epoch
+        if self.first_epoch:
+            self._restore()
+
+    def _build(
+        self, members: list[Member]
+    ) -> tuple[list[nn.Module], list[nn.Module], list[torch.Generator]]:
+        """Each member's network as its solo job builds it, its activation and dropout generator;
+        its optimizer, scheduler, early stopping and checkpoint callbacks kept per member."""
+        nets, acts, generators = [], [], []
         for m in members:
             L.seed_everything(m.cfg.seed, workers=True, verbose=False)  # as the solo job does
             solo = instantiate(m.cfg.model)
             if not nets:  # the members' networks differ only in their weights: one check
-                check_net(solo.net, first.data.in_features, first.data.num_classes)
+                check_net(solo.net, m.cfg.data.in_features, m.cfg.data.num_classes)
             # The global generator as the solo job's dropout first draws from it.
             generators.append(torch.Generator().set_state(torch.get_rng_state()))
             nets.append(solo.net)
@@ -469,25 +511,34 @@ class PackTrainer:
                 m.early_stopping = instantiate(es)
             names = [n for n in ("model_checkpoint", "last_checkpoint") if callbacks.get(n)]
             self.checkpointers.append({n: instantiate(callbacks[n]) for n in names})
-        self.names = [f"net.{n}" for n, _ in nets[0].named_parameters()]
-        keys = act_keys(members)
-        if packing.engine(first) == "torch.func":
-            self.model = StackedNets(nets, runs(keys)).to(device)
-        else:
-            self.model = StackedMLP(nets, acts, keys).to(device)
-            self.model.generators = generators
-        # The solo order, as in its optimizer state.
-        self.params, self.kinds = self.model.solo_order()
-        # A solo optimizer's param group numbers its parameters in this order.
-        self.param_ids = list(range(len(self.params)))
-        self.optimizer = StackedOptimizer(
-            self.params, first.optimizer._target_, [m.cfg.optimizer for m in members]
-        )
-        self.optimizer.set_groups([o.param_groups[0] for o in self.opts])
-        self.seeds = [int(m.cfg.seed) for m in members]
-        self.first_epoch = members[0].first_epoch  # train_pack packs members of one epoch
-        if self.first_epoch:
-            self._restore()
+        return nets, acts, generators
+
+    def add(self, members: list[Member], epoch: int) -> None:
+        """New members join the stack after the others, to train `self.epochs` epochs of their
+        own from the pack's `epoch` on, each as its solo job would from its start."""
+        if not members:
+            return
+        nets, acts, generators = self._build(members)
+        for i, m in enumerate(members):
+            m.index = len(self.stack) + i
+            m.joined = (epoch, self.global_step)
+        self.members += members
+        self.stack += members
+        self.seeds += [int(m.cfg.seed) for m in members]
+        new = StackedMLP(nets, acts).to(self.device)
+        new.generators = generators
+        self.model.add(new, runs(act_keys(self.stack)))
+        self.params = self.model.solo_order()[0]
+        self.optimizer.add([o.param_groups[0] for o in self.opts[-len(members) :]], self.params)
+        log.info("pack: %d new member(s) joined the stack, %d train", len(members), len(self.stack))
+
+    def member_epoch(self, m: Member, epoch: int) -> int:
+        """The member's own epoch in the pack's `epoch`."""
+        return epoch - m.joined[0]
+
+    def member_step(self, m: Member) -> int:
+        """The member's own global step (optimizer steps taken)."""
+        return self.global_step - m.joined[1]
 
     @torch.no_grad()
     def _restore(self) -> None:
@@ -495,7 +546,7 @@ class PackTrainer:
         step count, scheduler, early stopping, best so far (value, checkpoint, weights), metrics."""
         for m in self.members:
             ckpt = checkpoints.load(m.resumed)
-            self.global_step = self.optimizer.steps = int(ckpt["global_step"])
+            self.global_step = self.optimizer.steps[m.index] = int(ckpt["global_step"])
             opt = ckpt["optimizer_states"][0]["state"]
             # As Lightning restores a solo job's optimizer (its learning rate) and scheduler.
             saved = ckpt["optimizer_states"][0]["param_groups"]
@@ -530,11 +581,16 @@ class PackTrainer:
         return tuple(t.to(self.device) for t in split)
 
     def fit(self) -> None:
+        self._fit()
+        self.fit_seconds = self.seconds()
+
+    def _fit(self) -> None:
         x, y = self._tensors(self.datamodule.train)
         self.val = self._tensors(self.datamodule.val)  # on the device for every evaluation
         n, bs = len(x), int(self.members[0].cfg.data.batch_size)
         steps = -(-n // bs)
-        for epoch in range(self.first_epoch, self.epochs):
+        epoch = self.first_epoch
+        while self.stack and any(self.member_epoch(m, epoch) < self.epochs for m in self.stack):
             K = len(self.stack)
             self.model.train()  # evaluate() left it in eval mode: no dropout there
             start = time.perf_counter()
@@ -552,7 +608,9 @@ class PackTrainer:
                 for p in self.params:
                     p.grad = None
                 losses.sum().backward()
-                log_now = (self.global_step + 1) % self.log_every == 0
+                # Each member logs every log_every of its own steps, as its solo job does.
+                due = [m for m in self.training if (self.member_step(m) + 1) % self.log_every == 0]
+                log_now = bool(due)
                 step_logs: dict[str, torch.Tensor] = {}
                 if log_now and self.log_grad_norms:
                     layers = self.model.weighted_params()
@@ -575,7 +633,7 @@ class PackTrainer:
                     step_logs["train/loss"] = losses
                     if self.classify:
                         step_logs["train/acc"] = correct / b
-                    self._log_each(step_logs, self.global_step - 1, epoch)
+                    self._log_each(step_logs, due, epoch)
                 if s + 1 == steps or self.global_step % self.log_every == 0:
                     self._check_divergence(sums[0], epoch)
                 if not self.training:
@@ -584,11 +642,14 @@ class PackTrainer:
                 torch.cuda.synchronize(self.device)  # the steps' time is the steps'
             start = time.perf_counter()
             self._end_epoch(epoch, sums)
-            self._drop()
-            self.outside_steps += time.perf_counter() - start
+            gone = self._drop()
             self.epochs_run += 1
-            if not self.stack:  # each stopped early
-                return
+            if self.join:  # a search's pack: who left is told, new trials take the free slots
+                self.leave(gone)
+                if free := self.slots - len(self.stack):
+                    self.add(self.join(free, epoch + 1), epoch + 1)
+            self.outside_steps += time.perf_counter() - start
+            epoch += 1
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(
@@ -596,9 +657,15 @@ class PackTrainer:
         )
 
     def _orders(self, epoch: int, n: int) -> torch.Tensor:
-        """Each member's batch order of `epoch`, [K, n] on the device: its solo job's, drawn as
+        """Each member's batch order of the pack's `epoch`, [K, n] on the device: its solo job's
+        of its own epoch, drawn as
         that job draws it (a CPU generator; a CUDA one gives other orders), sent in one copy."""
-        orders = torch.stack([batch_order(s, epoch, n) for s in self.seeds])
+        orders = torch.stack(
+            [
+                batch_order(s, self.member_epoch(m, epoch), n)
+                for s, m in zip(self.seeds, self.stack, strict=True)
+            ]
+        )
         if self.device.type == "cuda":
             orders = orders.pin_memory()
         return orders.to(self.device, non_blocking=True)
@@ -630,20 +697,21 @@ class PackTrainer:
     def training(self) -> list[Member]:
         return [m for m in self.stack if m.status == "running" and m.stopped is None]
 
-    def _drop(self) -> None:
+    def _drop(self) -> list[Member]:
         """The members that stopped in this epoch (early-stopped, pruned, diverged, failed) leave
         the stack: its weights, optimizer state and numbers, and every list kept per member, cut
         to the others, renumbered. One stopped early is tested first, on the stack it trained in
-        (its weights leave with it); its record ends with the pack's, as the others' do."""
+        (its weights leave with it); its record ends with the pack's, as the others' do, unless
+        `leave` ends it (a search's pack). Returns those that left."""
         keep = [m.index for m in self.training]
         gone = [m for m in self.stack if m.index not in keep]
         if not gone:
-            return
+            return gone
         if self.tests:
             self._test([m for m in gone if m.status == "running"])
         self.stack = [self.stack[k] for k in keep]
-        if not keep:  # the pack has ended
-            return
+        if not keep and not self.join:  # the pack has ended
+            return gone
         for i, m in enumerate(self.stack):
             m.index = i
         self.opts = [self.opts[k] for k in keep]
@@ -654,13 +722,14 @@ class PackTrainer:
         self.params = self.model.solo_order()[0]
         self.optimizer.keep(keep, self.params)
         log.info("pack: %d member(s) left the stack, %d train on", len(gone), len(keep))
+        return gone
 
-    def _log_each(self, logs: dict[str, torch.Tensor], step: int, epoch: int) -> None:
+    def _log_each(self, logs: dict[str, torch.Tensor], members: list[Member], epoch: int) -> None:
         values = {k: v.tolist() for k, v in logs.items()}
-        for m in self.training:
+        for m in members:
             metrics = {k: v[m.index] for k, v in values.items()}
             m.metrics.update(metrics)
-            m.log({**metrics, "epoch": epoch}, step)
+            m.log({**metrics, "epoch": self.member_epoch(m, epoch)}, self.member_step(m) - 1)
 
     def _check_divergence(self, loss_sums: torch.Tensor, epoch: int) -> None:
         values = loss_sums.tolist()
@@ -669,10 +738,11 @@ class PackTrainer:
                 self.optimizer.freeze(m.index)
                 error = (
                     f"Diverged: the training loss became {values[m.index]} by step "
-                    f"{self.global_step} (epoch {epoch}): lower optimizer.lr or change the model."
+                    f"{self.member_step(m)} (epoch {self.member_epoch(m, epoch)}): lower "
+                    "optimizer.lr or change the model."
                 )
                 log.error("%s: %s", m.out.name, error)
-                m.end("diverged", error, seconds=self.seconds())
+                m.end("diverged", error, seconds=self.seconds(m))
 
     @torch.no_grad()
     def evaluate(self, split: tuple[torch.Tensor, torch.Tensor], units: bool) -> dict:
@@ -719,15 +789,17 @@ class PackTrainer:
             out.update(unit_metrics(active, act_sum, n))
         return {k: v.tolist() for k, v in out.items()}
 
-    def _end_epoch(self, epoch: int, sums: torch.Tensor) -> None:
+    def _end_epoch(self, pack_epoch: int, sums: torch.Tensor) -> None:
+        """Each member's end of its own epoch: its metrics, early stopping, checkpoints, pruning
+        and, in a pack that refills its slots, its leaving once it has trained all its epochs."""
         loss_sum, correct, n = sums.tolist()
         val = self.evaluate(self.val, self.probe_units)
         name = self.metric
-        # Once for all members: the stack on the host (one copy from a GPU), Lightning's loops.
+        # Once for all members: the stack on the host (one copy from a GPU).
         host = self._on_host()
-        loops = self._loops(epoch)
         for m in self.training:
-            k = m.index
+            k, step = m.index, self.member_step(m)
+            epoch = self.member_epoch(m, pack_epoch)
             value = val[name][k]
             m.best = max(m.best, value)
             metrics = {
@@ -739,29 +811,31 @@ class PackTrainer:
                 **{key: v[k] for key, v in val.items() if "/" in key},
             }
             m.metrics.update(metrics)
-            m.log({**metrics, "epoch": epoch}, self.global_step - 1)
+            m.log({**metrics, "epoch": epoch}, step - 1)
             for lg in m.loggers:
                 lg.save()
             # As in a solo job, early stopping decides before the checkpoints are written: they
             # hold its state.
             stop = self._early_stop(m, epoch)
             try:
-                self._checkpoint(m, host, loops, epoch)
+                self._checkpoint(m, host, self._loops(epoch, step), epoch)
             except Exception as e:  # its folder's fault, as for its solo job: the others go on
                 error = f"{type(e).__name__}: {e}"
                 log.error("%s: job failed: %s", m.out.name, error)
-                m.end("failed", error, seconds=self.seconds())
+                m.end("failed", error, seconds=self.seconds(m))
                 continue
-            if not stop and self.prune is not None and self.prune(m.out.name, epoch + 1, m.metrics):
+            pruned = self.search is not None and self.search(m.out.name, epoch + 1, m.metrics)
+            if not stop and pruned:
                 log.info(
                     "%s: pruned after %d epoch(s) (val/%s=%.4f)", m.out.name, epoch + 1, name, value
                 )
                 m.record["pruned"] = {"epoch": epoch + 1, f"val/{name}": value}
                 stop = True
-            if stop:
-                m.stopped = (epoch + 1, self.global_step)
+            if stop or (self.join and epoch + 1 == self.epochs):
+                m.stopped = (epoch + 1, step)
         if self.heartbeat:
-            self.heartbeat.beat(epoch + 1)
+            beats = {m.out: self.member_epoch(m, pack_epoch) + 1 for m in self.stack}
+            self.heartbeat.beat(beats)
 
     def _on_host(self) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
         """The stacked weights and optimizer state on the CPU (the tensors themselves there)."""
@@ -840,7 +914,7 @@ class PackTrainer:
         groups = [{**g, "params": self.param_ids} for g in self.opts[m.index].param_groups]
         ckpt = {
             "epoch": epoch,
-            "global_step": self.global_step,
+            "global_step": self.member_step(m),
             "pytorch-lightning_version": L.__version__,
             "state_dict": {**state, "val_acc_best.max_value": torch.tensor(m.best)},
             "loops": loops,
@@ -873,9 +947,9 @@ class PackTrainer:
             states[cb.state_key] = cb.state_dict()
         return states
 
-    def _loops(self, epoch: int) -> dict[str, Any]:
-        """Lightning's loop state at the end of `epoch`, so `ckpt_path=` resumes after it (the
-        same for every member of the epoch)."""
+    def _loops(self, epoch: int, global_step: int) -> dict[str, Any]:
+        """Lightning's loop state at the end of a member's `epoch`, after `global_step` steps, so
+        `ckpt_path=` resumes after it."""
         if self._loop_template is None:
             t = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
             self._loop_template = {
@@ -884,11 +958,11 @@ class PackTrainer:
             }
         loops = copy.deepcopy(self._loop_template)
         fit = loops["fit_loop"]
-        steps = self.global_step // (epoch + 1)
+        steps = global_step // (epoch + 1)
         val = -(-len(self.val[0]) // int(self.members[0].cfg.data.eval_batch_size))
         for progress, current, total in (
-            (fit["epoch_loop.batch_progress"], steps, self.global_step),
-            (fit["epoch_loop.manual_optimization.optim_step_progress"], self.global_step, None),
+            (fit["epoch_loop.batch_progress"], steps, global_step),
+            (fit["epoch_loop.manual_optimization.optim_step_progress"], global_step, None),
             (fit["epoch_loop.val_loop.batch_progress"], val, val),
         ):
             for scope, n in (("current", current), ("total", total or current)):
@@ -896,7 +970,7 @@ class PackTrainer:
                     progress[scope][key] = n
         fit["epoch_loop.batch_progress"]["is_last_batch"] = True
         fit["epoch_loop.val_loop.batch_progress"]["is_last_batch"] = True
-        fit["epoch_loop.state_dict"] = {"_batches_that_stepped": self.global_step}
+        fit["epoch_loop.state_dict"] = {"_batches_that_stepped": global_step}
         for scope in ("current", "total"):
             fit["epoch_progress"][scope].update(
                 completed=epoch, processed=epoch + 1, ready=epoch + 1, started=epoch + 1
@@ -923,11 +997,13 @@ class PackTrainer:
         for m in members:
             metrics = {"test/loss": tested["loss"][m.index], f"test/{name}": tested[name][m.index]}
             m.metrics.update(metrics)
-            epochs, step = m.stopped or (self.epochs, self.global_step)
+            epochs, step = m.stopped or (self.epochs, self.member_step(m))
             m.log({**metrics, "epoch": epochs}, step)
 
-    def seconds(self) -> float:
-        return round(time.perf_counter() - self.start, 2)
+    def seconds(self, m: Member | None = None) -> float:
+        """Since the pack started, or since member `m` joined it."""
+        start = m.start if m and m.start is not None else self.start
+        return round(time.perf_counter() - start, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -936,47 +1012,14 @@ class PackTrainer:
 
 def train_pack(cfg: DictConfig) -> dict[str, Any]:
     """Train the members listed in this job's folder (members.yaml, written by the sweeper)."""
-    from actlab.validation import validate
-
     hc = HydraConfig.get()
     pack_dir = Path(hc.runtime.output_dir)
     fulls = OmegaConf.load(pack_dir / MANIFEST)
     with member_logs() as logs:
         members = []
         for full in fulls:
-            m = member_from(full, len(members))
-            m.record = start_record(m)
-            # The pack job's own `resume` too: a SLURM requeue appends `++resume=true` to it.
-            resume = cfg.get("resume") or m.cfg.get("resume")
-            try:
-                if resume and finished_before(m.out, m.record):
-                    log.info("%s: finished before, skipped (resume=true)", m.out.name)
-                    continue
-            except UserError as e:  # a finished run of another config: left as it is
-                log.error("%s: job failed: %s", m.out.name, e)
-                continue
-            logs.add(m)
-            m.resumed = resumable(m.out, m.record) if resume else None
-            # Hydra's `.hydra/` of the member is this attempt's (member_from wrote it).
-            if m.resumed:
-                earlier = keep_attempt(m.out, m.resumed, hydra_written=True)
-            else:
-                earlier = set_aside(m.out)
-            if earlier:
-                log.info("%s: the earlier attempt is kept in %s", m.out.name, earlier)
-            if m.resumed:
-                m.first_epoch = trained_epochs(m.resumed)
-                m.record["resumed_from"] = str(m.resumed)
-            m.record.update(provenance())
-            m.write()
-            try:
-                validate(m.cfg)
-            except UserError as e:
-                log.error("%s: job failed: %s", m.out.name, e)
-                m.end("failed", f"UserError: {e}")
-                logs.drop(m)  # the pack's lines are not about it
-                continue
-            members.append(m)
+            if m := _start_member(cfg, full, len(members), logs):
+                members.append(m)
         # One stack trains from one epoch: members continued from their checkpoints train with
         # those at the same epoch, each such pack after the other (the new members first).
         by_epoch: dict[int, list[Member]] = {}
@@ -992,13 +1035,52 @@ def train_pack(cfg: DictConfig) -> dict[str, Any]:
                 m.record["pack"] = {"id": pack_dir.name, "size": len(pack), "member": i}
                 m.write()  # a pack killed outright leaves records that say it was one
             try:
-                _fit_members(cfg, pack)
+                trained = _fit_members(cfg, pack, logs)
             except BaseException as e:
                 _end_unended([m for later in packs[p + 1 :] for m in later], e, 0.0)
                 raise
-            for m in pack:
+            for m in trained:
                 logs.drop(m)  # the next pack's lines are not about it
         return {"status": "finished", "metrics": {}}
+
+
+def _start_member(
+    cfg: DictConfig, full: DictConfig, index: int, logs: _MemberLogs
+) -> Member | None:
+    """The member of `full` (its config as the sweeper composed it), its folder and record
+    started; None where it does not train (finished before, or failed validation)."""
+    from actlab.validation import validate
+
+    m = member_from(full, index)
+    m.record = start_record(m)
+    # The pack job's own `resume` too: a SLURM requeue appends `++resume=true` to it.
+    resume = cfg.get("resume") or m.cfg.get("resume")
+    try:
+        if resume and finished_before(m.out, m.record):
+            log.info("%s: finished before, skipped (resume=true)", m.out.name)
+            return None
+    except UserError as e:  # a finished run of another config: left as it is
+        log.error("%s: job failed: %s", m.out.name, e)
+        return None
+    logs.add(m)
+    m.resumed = resumable(m.out, m.record) if resume else None
+    # Hydra's `.hydra/` of the member is this attempt's (member_from wrote it).
+    earlier = keep_attempt(m.out, m.resumed, hydra_written=True) if m.resumed else set_aside(m.out)
+    if earlier:
+        log.info("%s: the earlier attempt is kept in %s", m.out.name, earlier)
+    if m.resumed:
+        m.first_epoch = trained_epochs(m.resumed)
+        m.record["resumed_from"] = str(m.resumed)
+    m.record.update(provenance())
+    m.write()
+    try:
+        validate(m.cfg)
+    except UserError as e:
+        log.error("%s: job failed: %s", m.out.name, e)
+        m.end("failed", f"UserError: {e}")
+        logs.drop(m)  # the pack's lines are not about it
+        return None
+    return m
 
 
 class _MemberLogs(logging.Handler):
@@ -1013,7 +1095,9 @@ class _MemberLogs(logging.Handler):
         self.files[m.out.name] = open(m.out / "train.log", "a")  # noqa: SIM115
 
     def drop(self, m: Member) -> None:
-        self.files.pop(m.out.name).close()
+        """Lines are not about `m` from now on (once dropped, a member stays so)."""
+        if file := self.files.pop(m.out.name, None):
+            file.close()
 
     def emit(self, record: logging.LogRecord) -> None:
         text = self.format(record) + "\n"
@@ -1044,7 +1128,9 @@ def member_logs() -> Iterator[_MemberLogs]:
         handler.close()
 
 
-def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
+def _fit_members(cfg: DictConfig, members: list[Member], logs: _MemberLogs) -> list[Member]:
+    """Train `members` as one pack (and the trials that join it in a search): returns every
+    member that trained in it."""
     slot = None
     trainer: PackTrainer | None = None
     heartbeat = Heartbeat([m.out for m in members])
@@ -1064,39 +1150,17 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
         tests = bool(cfg.get("test", True))
         trainer = PackTrainer(members, device, slot.sharing if slot else 1, tests)
         trainer.heartbeat = heartbeat
-        search = Path(HydraConfig.get().runtime.output_dir) / SEARCH
-        if search.exists():
-            trainer.prune = instantiate(OmegaConf.load(search), _convert_="all")
-        for m in members:
-            for c in (m.cfg.get("logger") or {}).values():
-                if not c:
-                    continue
-                own_run = c.get("_target_") == "actlab.loggers.wandb_logger"
-                # A W&B run of its own, named from the member's hydra node, not the pack job's.
-                lg = (
-                    instantiate(c, _partial_=True)(new_run=True, job=m.full.hydra)
-                    if own_run
-                    else instantiate(c)
-                )
-                m.loggers.append(lg)
-                if m.resumed and isinstance(lg, CSVLogger):  # its later epochs come again
-                    drop_rows_after(Path(lg.log_dir) / "metrics.csv", m.first_epoch - 1)
-                if own_run:
-                    actlab_loggers.announce(lg)
-                lg.log_hyperparams({**logged_config(m.cfg, m.choices), **launch_info})
-        trainer.fit()
-        fit_seconds = trainer.seconds()
-        if tests:
-            trainer.test()
-        # An early-stopped member trained its own epochs; the pack, as many as its longest.
-        epochs = {m.out: m.stopped[0] if m.stopped else trainer.epochs for m in trainer.running}
-        trained = max(epochs.values(), default=trainer.epochs)
-        pack_epoch = fit_seconds / max(trained - trainer.first_epoch, 1)
-        for m in trainer.running:
+        pack_dir = Path(HydraConfig.get().runtime.output_dir)
+        if (pack_dir / SEARCH).exists():
+            trainer.search = instantiate(OmegaConf.load(pack_dir / SEARCH), _convert_="all")
+
+        def finish(m: Member) -> None:
+            epochs = m.stopped[0] if m.stopped else trainer.epochs
+            # The pack's epoch so far, and a member's share of it (comparable with a solo job's
+            # s/epoch), with what it costs besides its steps (PackTrainer.fit).
+            pack_epoch = (trainer.fit_seconds or trainer.seconds()) / max(trainer.epochs_run, 1)
             m.record["metrics"] = m.metrics
-            # Its share of the pack's epoch, comparable with a solo job's s/epoch.
             m.record["pack"]["seconds_per_epoch"] = round(pack_epoch, 3)
-            # What the pack's epoch costs besides its steps (actlab.pack.PackTrainer.fit).
             m.record["pack"]["seconds_outside_steps_per_epoch"] = round(
                 trainer.outside_steps / max(trainer.epochs_run, 1), 4
             )
@@ -1105,30 +1169,97 @@ def _fit_members(cfg: DictConfig, members: list[Member]) -> dict[str, Any]:
                 m.out.name,
                 m.metrics.get("test/acc", float("nan")),
                 m.best,
-                epochs[m.out],
+                epochs,
                 m.out,
             )
             m.end(
                 "pruned" if "pruned" in m.record else "finished",
-                epochs=epochs[m.out],
-                seconds=trainer.seconds(),
-                seconds_per_epoch=round(pack_epoch / len(members), 3),
+                epochs=epochs,
+                seconds=trainer.seconds(m),
+                seconds_per_epoch=round(pack_epoch / trainer.slots, 3),
                 best_checkpoint=str(m.best_path) if m.best_path else None,
                 device=str(device),
                 threads=torch.get_num_threads(),
                 precision=trainer.precision,
                 matmul_precision=torch.get_float32_matmul_precision(),
             )
-        return {"status": "finished", "metrics": {}}
+
+        if getattr(trainer.search, "refills", False) and not trainer.func:
+            # A search's pack refills its slots: each member ends when it leaves the stack, its
+            # trial is told at once, and the new trials the study gives train in its place.
+
+            def leave(gone: list[Member]) -> None:
+                for m in gone:
+                    if m.status == "running":
+                        finish(m)
+                    trainer.search.tell(m.out)
+                    logs.drop(m)
+
+            manifest = [(pack_dir / MANIFEST).read_text()]  # a YAML list: more items append
+
+            def join(free: int, epoch: int) -> list[Member]:
+                fulls = trainer.search.refill(free, trainer.members[0].full)
+                if fulls:  # a pack killed from now on records them too (fail_unended)
+                    manifest.append(OmegaConf.to_yaml(OmegaConf.create(fulls)))
+                    write_text(pack_dir / MANIFEST, "".join(manifest))
+                joining = []
+                for full in fulls:
+                    m = _start_member(cfg, full, len(trainer.members) + len(joining), logs)
+                    if m is None:
+                        trainer.search.tell(Path(full.hydra.runtime.output_dir))
+                        continue
+                    if slot:
+                        m.record["launch"] = slot.info()
+                    m.record["pack"] = {
+                        "id": pack_dir.name,
+                        "size": trainer.slots,
+                        "joined_epoch": epoch,
+                    }
+                    m.write()
+                    m.start = time.perf_counter()
+                    heartbeat.add(m.out)
+                    _start_loggers(m, launch_info)
+                    joining.append(m)
+                return joining
+
+            trainer.join, trainer.leave = join, leave
+        for m in members:
+            _start_loggers(m, launch_info)
+        trainer.fit()
+        if tests:
+            trainer.test()
+        for m in trainer.running:
+            finish(m)
+        return trainer.members
     except BaseException as e:
         seconds = trainer.seconds() if trainer else 0.0
-        if (stop := _end_unended(members, e, seconds)) is not None and stop is not e:
+        everyone = trainer.members if trainer else members
+        if (stop := _end_unended(everyone, e, seconds)) is not None and stop is not e:
             raise stop from e  # Lightning's stand-in for the signal: exit 128 + its number
         raise
     finally:
         heartbeat.stop()
         if slot:
             slot.release()
+
+
+def _start_loggers(m: Member, launch_info: dict[str, Any]) -> None:
+    for c in (m.cfg.get("logger") or {}).values():
+        if not c:
+            continue
+        own_run = c.get("_target_") == "actlab.loggers.wandb_logger"
+        # A W&B run of its own, named from the member's hydra node, not the pack job's.
+        lg = (
+            instantiate(c, _partial_=True)(new_run=True, job=m.full.hydra)
+            if own_run
+            else instantiate(c)
+        )
+        m.loggers.append(lg)
+        if m.resumed and isinstance(lg, CSVLogger):  # its later epochs come again
+            drop_rows_after(Path(lg.log_dir) / "metrics.csv", m.first_epoch - 1)
+        if own_run:
+            actlab_loggers.announce(lg)
+        lg.log_hyperparams({**logged_config(m.cfg, m.choices), **launch_info})
 
 
 def _end_unended(members: list[Member], e: BaseException, seconds: float) -> Interrupted | None:

@@ -40,6 +40,10 @@ LOST_AFTER_SECONDS = 3 * HEARTBEAT_SECONDS + 60
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file.
 
     A full disk or a read-only folder raises a UserError and leaves any earlier file whole.
@@ -51,8 +55,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         raise _unwritable(path, e) from e
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results and data are for everyone
@@ -179,7 +182,7 @@ class Heartbeat:
 
     def __init__(self, folders: list[Path], seconds: float = HEARTBEAT_SECONDS) -> None:
         self.folders, self.seconds = list(folders), seconds
-        self.epochs: int | None = None
+        self.epochs: dict[Path, int | None] = dict.fromkeys(self.folders)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._beat_on, name="heartbeat", daemon=True)
@@ -189,15 +192,24 @@ class Heartbeat:
             self.beat()
             self._thread.start()
 
-    def beat(self, epochs: int | None = None) -> None:
+    def add(self, folder: Path) -> None:
+        """One more job folder (a member that joined a pack) beats from now on."""
         with self._lock:
-            if epochs is not None:
-                self.epochs = epochs
-            beat = {"time": utc_now(), "epochs": self.epochs}
+            self.folders.append(folder)
+            self.epochs[folder] = None
+        self.beat()
+
+    def beat(self, epochs: int | dict[Path, int] | None = None) -> None:
+        """`epochs`: the epochs done, of every job or (a pack's members) of each by its folder."""
+        with self._lock:
+            if isinstance(epochs, int):
+                epochs = dict.fromkeys(self.folders, epochs)
+            self.epochs.update(epochs or {})
+            now = utc_now()
             for folder in self.folders:
                 # A full disk must not stop training: the record says it when the job ends.
                 with contextlib.suppress(UserError):
-                    write_json(folder / HEARTBEAT, beat)
+                    write_json(folder / HEARTBEAT, {"time": now, "epochs": self.epochs[folder]})
 
     def _beat_on(self) -> None:
         while not self._stopped.wait(self.seconds):

@@ -41,6 +41,8 @@ ADAM_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "decoupled_weight_
 
 def runs(keys: list[Any]) -> list[tuple[int, int]]:
     """[start, stop) of each run of equal consecutive keys."""
+    if not keys:
+        return []
     bounds = [0] + [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]] + [len(keys)]
     return list(itertools.pairwise(bounds))
 
@@ -114,6 +116,19 @@ class StackedMLP(nn.Module):
             keep_rows(params, members)
         self.acts = [self.acts[k] for k in members]
         self.generators = [self.generators[k] for k in members]
+        self._set_runs(spans)
+
+    def add(self, new: StackedMLP, spans: list[tuple[int, int]]) -> None:
+        """`new`'s members join the stack after the others, all of them in `spans`."""
+        for params, more in (
+            (self.weights, new.weights),
+            (self.biases, new.biases),
+            (self.act_params, new.act_params),
+        ):
+            for i, (p, q) in enumerate(zip(params, more, strict=True)):
+                params[i] = nn.Parameter(torch.cat([p.detach(), q.detach().to(p.device)]))
+        self.acts += new.acts
+        self.generators += new.generators
         self._set_runs(spans)
 
     def __len__(self) -> int:
@@ -221,7 +236,7 @@ class StackedOptimizer:
     operations of torch's single-tensor SGD and Adam with those numbers as scalars: elementwise,
     each member's update is the one its solo optimizer computes, bit for bit. A frozen member
     (diverged) is left out of every later update; `keep` takes the members that stopped out of
-    the stack's state.
+    the stack's state, `add` starts new members' (each member counts its own steps).
     """
 
     def __init__(self, params: list[nn.Parameter], target: str, members: list[Any]) -> None:
@@ -231,7 +246,7 @@ class StackedOptimizer:
         self.defaults = {"decoupled_weight_decay": cls is torch.optim.AdamW}
         self.keys = ADAM_KEYS if self.adam else SGD_KEYS
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in params]
-        self.steps = 0
+        self.steps = [0] * len(members)
         self.active = [True] * len(members)
         kwargs = [{k: v for k, v in dict(m).items() if not k.startswith("_")} for m in members]
         self.set_groups([cls([torch.zeros(0)], **kw).param_groups[0] for kw in kwargs])
@@ -241,9 +256,10 @@ class StackedOptimizer:
         self._runs()
 
     def _runs(self) -> None:
+        # Adam's bias correction takes the step count, SGD's momentum whether it is the first.
         keys = [
-            tuple(n.values()) if on else None
-            for n, on in zip(self.numbers, self.active, strict=True)
+            (*n.values(), steps if self.adam else steps == 0) if on else None
+            for n, on, steps in zip(self.numbers, self.active, self.steps, strict=True)
         ]
         self.runs = [(a, b, self.numbers[a]) for a, b in runs(keys) if keys[a] is not None]
 
@@ -259,18 +275,32 @@ class StackedOptimizer:
             state.update({key: t[members] for key, t in state.items()})
         self.numbers = [self.numbers[k] for k in members]
         self.active = [self.active[k] for k in members]
+        self.steps = [self.steps[k] for k in members]
         self._runs()
+
+    def add(self, groups: list[dict[str, Any]], params: list[nn.Parameter]) -> None:
+        """New members (their solo optimizers' param groups) join after the others, with a
+        fresh state, the stacked parameters now `params`."""
+        self.params = params
+        k = len(groups)
+        for state in self.state:
+            for key, t in state.items():
+                state[key] = torch.cat([t, t.new_zeros(k, *t.shape[1:])])
+        self.active += [True] * k
+        self.steps += [0] * k
+        self.set_groups([*self.numbers, *groups])
 
     @torch.no_grad()
     def step(self) -> None:
-        self.steps += 1
         for p, state in zip(self.params, self.state, strict=True):
             if not state:
                 self._init_state(p, state)
+            # A run's members have taken as many steps (SGD's: all past their first, or none).
             for a, b, numbers in self.runs:
                 s = {k: v[a:b] for k, v in state.items()}
                 update = self._adam if self.adam else self._sgd
-                update(p[a:b], p.grad[a:b], s, **numbers)
+                update(p[a:b], p.grad[a:b], s, self.steps[a] + 1, **numbers)
+        self.steps = [n + on for n, on in zip(self.steps, self.active, strict=True)]
 
     def _init_state(self, p: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         if self.adam:
@@ -285,6 +315,7 @@ class StackedOptimizer:
         p: torch.Tensor,
         g: torch.Tensor,
         s: dict[str, torch.Tensor],
+        step: int,
         lr: float,
         momentum: float,
         dampening: float,
@@ -295,7 +326,7 @@ class StackedOptimizer:
             g = g.add(p, alpha=weight_decay)
         if momentum:
             buf = s["momentum_buffer"]
-            if self.steps == 1:
+            if step == 1:
                 buf.copy_(g)  # torch starts the buffer as the first gradient
             else:
                 buf.mul_(momentum).add_(g, alpha=1 - dampening)
@@ -307,6 +338,7 @@ class StackedOptimizer:
         p: torch.Tensor,
         g: torch.Tensor,
         s: dict[str, torch.Tensor],
+        step: int,
         lr: float,
         betas: tuple[float, float],
         eps: float,
@@ -324,8 +356,8 @@ class StackedOptimizer:
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
         if amsgrad:
             v = torch.maximum(s["max_exp_avg_sq"], v, out=s["max_exp_avg_sq"])
-        step_size = lr / (1 - b1**self.steps)
-        denom = (v.sqrt() / (1 - b2**self.steps) ** 0.5).add_(eps)  # as torch rounds it
+        step_size = lr / (1 - b1**step)
+        denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(eps)  # as torch rounds it
         p.addcdiv_(m, denom, value=-step_size)
 
     def member_state(
@@ -348,7 +380,7 @@ class StackedOptimizer:
             if not numbers.get("amsgrad"):
                 tensors.pop("max_exp_avg_sq", None)
             if self.adam and tensors:
-                tensors["step"] = torch.tensor(float(self.steps))
+                tensors["step"] = torch.tensor(float(self.steps[k]))
             if tensors:
                 state[i] = tensors
         return {"state": state, "param_groups": copy.deepcopy(groups)}

@@ -280,7 +280,7 @@ class _EpochBeat(L.Callback):
 
 class _Pruner(L.Callback):
     """A search's trial run solo: after each validation it reports to its trial, by the pruner
-    in its folder's trials.yaml (hydra_plugins.actlab_optuna.pack_pruner, as a pack member
+    in its folder's trials.yaml (hydra_plugins.actlab_optuna.PackSearch, as a pack member
     does), and stops after the epoch the pruner prunes it at."""
 
     def __init__(self, out: Path) -> None:

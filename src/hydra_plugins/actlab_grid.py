@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 
 def composed(
-    jobs: Sequence[Sequence[str]], loader: Any, config: DictConfig
+    jobs: Sequence[Sequence[str]],
+    loader: Any,
+    config: DictConfig,
+    bases: dict[tuple[str, ...], DictConfig] | None = None,
 ) -> Iterator[DictConfig]:
     """Each job's config, exactly as `loader.load_sweep_config(config, job)` gives it.
 
@@ -41,16 +44,17 @@ def composed(
     overrides share the first step here, and each gets the second, by Hydra's own function. A
     job alone in its choice of groups, a job that overrides `hydra`, a config that extends the
     search path (groups the loader's repository may not see), and a job the short way fails for
-    are composed in full: a user sees Hydra's own error.
+    are composed in full: a user sees Hydra's own error. `bases` keeps the first steps for later
+    calls (a search composes its trials a few at a time).
     """
     short = isinstance(loader, ConfigLoaderImpl) and not config.hydra.searchpath
     parser = OverridesParser.create()
     splits = [_split(list(job), parser, loader) if short else None for job in jobs]
     shared = Counter(s[0] for s in splits if s)
-    bases: dict[tuple[str, ...], DictConfig] = {}
+    bases = {} if bases is None else bases
     for job, split in zip(jobs, splits, strict=True):
         cfg = None
-        if split and shared[split[0]] > 1:
+        if split and (shared[split[0]] > 1 or split[0] in bases):
             with contextlib.suppress(Exception):
                 cfg = _applied(*split, loader, config, bases)
         yield cfg if cfg is not None else loader.load_sweep_config(config, list(job))

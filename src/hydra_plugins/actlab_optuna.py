@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,23 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from actlab.errors import UserError
+from actlab.packing import pack_key, solo_reason
 from actlab.report import SEARCH_DIR, STUDY, study_storage, write_search
 from actlab.results import SEARCH, read_results
 from actlab.runs import set_aside
-from hydra_plugins.actlab_grid import distinct_jobs
-from hydra_plugins.actlab_packed import PACKS, _default_members, jobs_at_once, members_limit, plan
+from hydra_plugins.actlab_grid import composed, distinct_jobs
+from hydra_plugins.actlab_packed import (
+    PACKS,
+    _default_members,
+    jobs_at_once,
+    member_config,
+    members_limit,
+    plan,
+)
 
 log = logging.getLogger(__name__)
 BEST = "optimization_results.yaml"
+COMPOSE = "compose.pkl"  # a refilling pack's config loader, master config and search space
 INSTALL = "pip install -e '.[search]'"
 PRUNERS = ("none", "median", "halving", "hyperband")
 
@@ -164,6 +173,7 @@ class PackedOptunaSweeper(Sweeper):
             "warmup_epochs": pruner_warmup_epochs,
             "reduction_factor": pruner_reduction_factor,
         }
+        self.sampling = {"name": sampler, "seed": seed, "n_startup_trials": n_startup_trials}
         self.config: DictConfig | None = None
         self.launcher: Any = None
         self.hydra_context: Any = None
@@ -192,14 +202,23 @@ class PackedOptunaSweeper(Sweeper):
         if self.sampler == "grid":
             n_trials = min(n_trials, math.prod(len(v) for v in space.grid().values()))
         per_round = min(self.members_per_round, self.max_members or _default_members(self.config))
-        start = time.monotonic()
+        start = time.time()
         rounds = []
         while (left := n_trials - _counted(study)) > 0:
-            if self.timeout is not None and time.monotonic() - start >= self.timeout:
+            if self.timeout is not None and time.time() - start >= self.timeout:
                 log.info("search: hydra.sweeper.timeout=%s s reached", self.timeout)
                 break
-            trials = [study.ask(space.distributions) for _ in range(min(per_round, left))]
-            rounds.append(self._round(study, trials, space, sweep_dir))
+            # Trials a pack asked for a free slot but could not take (another pack's config).
+            trials = _deferred(study)[: min(per_round, left)]
+            trials += [
+                study.ask(space.distributions) for _ in range(min(per_round, left) - len(trials))
+            ]
+            deadline = None if self.timeout is None else start + self.timeout
+            refill = {
+                "up_to": len(study.get_trials(deepcopy=False)) + left - len(trials),
+                "deadline": deadline,
+            }
+            rounds.append(self._round(study, trials, space, sweep_dir, refill))
             _write_best(study, sweep_dir)
         log.info("search: %d trial(s) of %d in %s", _counted(study), n_trials, sweep_dir / STUDY)
         if not (sweep_dir / BEST).exists():
@@ -209,17 +228,10 @@ class PackedOptunaSweeper(Sweeper):
         return rounds
 
     def _study(self, optuna: Any, sweep_dir: Path, space: Space) -> Any:
-        samplers = optuna.samplers
-        if self.sampler == "tpe":
-            sampler = samplers.TPESampler(seed=self.seed, n_startup_trials=self.n_startup_trials)
-        elif self.sampler == "random":
-            sampler = samplers.RandomSampler(seed=self.seed)
-        else:
-            sampler = samplers.GridSampler(space.grid(), seed=self.seed)
         study = optuna.create_study(
             storage=study_storage(sweep_dir),
             study_name=self.study_name,
-            sampler=sampler,
+            sampler=make_sampler(self.sampling, space),
             direction=self.direction,
             load_if_exists=True,
         )
@@ -235,8 +247,12 @@ class PackedOptunaSweeper(Sweeper):
                 f"{self.direction}: resume it with hydra.sweeper.direction="
                 f"{study.direction.name.lower()}, or choose another hydra.sweep.dir."
             )
-        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-        for frozen in running:  # left so by a search that was killed
+        running = [
+            t
+            for t in trials
+            if t.state == optuna.trial.TrialState.RUNNING and not t.user_attrs.get("deferred")
+        ]
+        for frozen in running:  # left so by a search that was killed (a deferred one waits)
             trial = optuna.trial.Trial(study, frozen._trial_id)
             folder = sweep_dir / str(frozen.number)
             record = read_results(folder) or {}
@@ -256,7 +272,13 @@ class PackedOptunaSweeper(Sweeper):
             log.info("search: continues the study %s (%d trials)", self.study_name, len(trials))
         return study
 
-    def _round(self, study: Any, trials: list[Any], space: Space, sweep_dir: Path) -> Any:
+    def _round(
+        self, study: Any, trials: list[Any], space: Space, sweep_dir: Path, refill: dict[str, Any]
+    ) -> Any:
+        """One launch: `trials` as packs and solo jobs. Where they make one pack and the pruner
+        frees slots in it, the pack refills them with new trials (`refill`: the number of
+        trials in the study it stops at, and the search's deadline) as PackSearch.refill asks
+        them."""
         loader = self.hydra_context.config_loader
         overrides = [space.overrides(t.params) for t in trials]
         composed = distinct_jobs(overrides, loader, self.config)
@@ -267,6 +289,7 @@ class PackedOptunaSweeper(Sweeper):
             twin = twins.setdefault(tuple(job), trial)
             folder = sweep_dir / str(twin.number)
             trial.set_user_attr("job", str(folder))
+            trial.set_user_attr("deferred", False)
             if twin is not trial:
                 trial.set_user_attr("same_as", twin.number)
                 continue
@@ -280,18 +303,34 @@ class PackedOptunaSweeper(Sweeper):
         first = trials[0].number
         batch, solo, sizes = plan(jobs, sweep_dir, self.launcher, self.max_members, first)
         solo_jobs = [[*job, f"hydra.sweep.subdir={num}"] for num, job, _ in solo]
+        folders = [sweep_dir / PACKS / f"pack-{i}" for i in range(first, first + len(batch))]
         if self.pruning["name"] != "none":  # each pack's members report each epoch, and stop
-            search = {
-                "_target_": f"{__name__}.pack_pruner",  # the pack instantiates it
+            search: dict[str, Any] = {
+                "_target_": f"{__name__}.PackSearch",  # the job instantiates it
                 "storage": study_storage(sweep_dir),
                 "study": self.study_name,
                 "rule": self.pruning,
                 "trials": {str(t.number): t.user_attrs.get("metric") for t in trials},
             }
-            folders = [sweep_dir / PACKS / f"pack-{i}" for i in range(first, first + len(batch))]
             for folder in [*folders, *(sweep_dir / str(num) for num, _, _ in solo)]:
                 folder.mkdir(parents=True, exist_ok=True)  # plan's packs have theirs already
                 OmegaConf.save(search, folder / SEARCH)
+            if (
+                len(batch) == 1
+                and not solo
+                and refill["up_to"] > len(study.get_trials(deepcopy=False))
+            ):
+                # What the pack needs to ask and compose trials as the sweeper does.
+                with open(folders[0] / COMPOSE, "wb") as f:
+                    pickle.dump((loader, self.config, space), f)
+                more = {
+                    **refill,
+                    "round": first,
+                    "sampler": self.sampling,
+                    "sweep_dir": str(sweep_dir),
+                    "compose": str(folders[0] / COMPOSE),
+                }
+                OmegaConf.save({**search, "refill": more}, folders[0] / SEARCH)
         log.info(
             "search: trials %d-%d as %d pack(s) and %d solo job(s) (members per pack: %s; "
             "%d job(s) at once)",
@@ -309,13 +348,19 @@ class PackedOptunaSweeper(Sweeper):
             twin = twins[tuple(job)]
             metric = twin.user_attrs.get("metric", "val/acc_best")
             _tell(study, trial, Path(trial.user_attrs["job"]), metric)
+        for frozen in _refilled(study, first):  # a pack told each as it left: not one it lost
+            trial = _optuna().trial.Trial(study, frozen._trial_id)
+            _tell(study, trial, Path(frozen.user_attrs["job"]), frozen.user_attrs["metric"])
         return results
 
 
 def _tell(study: Any, trial: Any, folder: Path, metric: str) -> None:
-    """Tell Optuna the trial's value, read from its job's results.json; failed unless finished."""
+    """Tell Optuna the trial's value, read from its job's results.json; failed unless finished.
+    A trial told already (by the pack it trained in) is left as it is."""
     from optuna.trial import TrialState
 
+    if study._storage.get_trial(trial._trial_id).state.is_finished():
+        return
     record = read_results(folder) or {}
     status = record.get("status", "no record")
     value = (record.get("metrics") or {}).get(metric)
@@ -329,6 +374,22 @@ def _tell(study: Any, trial: Any, folder: Path, metric: str) -> None:
     else:
         study.tell(trial, state=TrialState.FAIL)
         log.info("trial %d: %s, recorded failed (%s)", trial.number, status, folder)
+
+
+def _deferred(study: Any) -> list[Any]:
+    """The trials a pack asked but left to a later round, to run first there."""
+    optuna = _optuna()
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    return [optuna.trial.Trial(study, t._trial_id) for t in running if t.user_attrs.get("deferred")]
+
+
+def _refilled(study: Any, first: int) -> list[Any]:
+    """The trials the pack of round `first` asked and trained (not those it deferred)."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get("round") == first and not t.user_attrs.get("deferred")
+    ]
 
 
 def _counted(study: Any) -> int:
@@ -359,33 +420,122 @@ def _write_best(study: Any, sweep_dir: Path) -> None:
     )
 
 
-def pack_pruner(
-    storage: str, study: str, rule: dict[str, Any], trials: dict[str, str | None]
-) -> Callable[[str, int, dict[str, float]], bool]:
-    """For a pack job (actlab.pack, from its trials.yaml): each member, by its folder's name (its
-    trial's number), reports its metric (`trials`) to its trial after each epoch, with the epochs
-    it has trained as the step (so `warmup_epochs` and halving's first rung count epochs), and
-    stops where the study's pruner (`rule`: the sweeper's pruner settings) says so."""
-    optuna = _optuna()
-    pruners = optuna.pruners
+def make_sampler(sampling: dict[str, Any], space: Space, seed: int | None = None) -> Any:
+    """The sweeper's sampler (`sampling`: its name, seed, n_startup_trials), seeded with `seed`
+    where given."""
+    samplers = _optuna().samplers
+    seed = sampling["seed"] if seed is None else seed
+    if sampling["name"] == "tpe":
+        return samplers.TPESampler(seed=seed, n_startup_trials=sampling["n_startup_trials"])
+    if sampling["name"] == "random":
+        return samplers.RandomSampler(seed=seed)
+    return samplers.GridSampler(space.grid(), seed=seed)
+
+
+def make_pruner(rule: dict[str, Any]) -> Any:
+    """The study's pruner from the sweeper's settings, the epochs a trial trained as its steps
+    (so `warmup_epochs` and halving's first rung count epochs)."""
+    pruners = _optuna().pruners
     if rule["name"] == "median":
-        chosen = pruners.MedianPruner(rule["startup_trials"], n_warmup_steps=rule["warmup_epochs"])
-    else:
-        rungs = {
-            "min_resource": max(1, rule["warmup_epochs"]),
-            "reduction_factor": rule["reduction_factor"],
-        }
-        halving = rule["name"] == "halving"
-        chosen = (pruners.SuccessiveHalvingPruner if halving else pruners.HyperbandPruner)(**rungs)
-    loaded = optuna.load_study(study_name=study, storage=storage, pruner=chosen)
-    ids = {t.number: t._trial_id for t in loaded.get_trials(deepcopy=False)}
-    members = {name: optuna.trial.Trial(loaded, ids[int(name)]) for name in trials}
+        return pruners.MedianPruner(rule["startup_trials"], n_warmup_steps=rule["warmup_epochs"])
+    rungs = {
+        "min_resource": max(1, rule["warmup_epochs"]),
+        "reduction_factor": rule["reduction_factor"],
+    }
+    halving = rule["name"] == "halving"
+    return (pruners.SuccessiveHalvingPruner if halving else pruners.HyperbandPruner)(**rungs)
 
-    def prune(name: str, epochs: int, metrics: dict[str, float]) -> bool:
-        metric = trials.get(name)
-        if name not in members or metrics.get(metric) is None:
+
+class PackSearch:
+    """A search's job (a pack, or a solo trial), linked to its study by its trials.yaml.
+
+    Called with a member's folder name (its trial's number), the epochs it trained and its
+    metrics, it reports the metric (`trials` names each trial's) to the trial and says whether
+    the pruner stops it. With `refill` (a round that is one pack), the pack tells each trial as
+    its member leaves the stack (`tell`) and asks new trials for the free slots (`refill`).
+    """
+
+    def __init__(
+        self,
+        storage: str,
+        study: str,
+        rule: dict[str, Any],
+        trials: dict[str, str | None],
+        refill: dict[str, Any] | None = None,
+    ) -> None:
+        optuna = _optuna()
+        self.storage, self.rule, self.trials = storage, rule, dict(trials)
+        self.study = optuna.load_study(study_name=study, storage=storage, pruner=make_pruner(rule))
+        self.refill_rule = refill
+        self.refills = refill is not None
+        self.bases: dict[tuple[str, ...], DictConfig] = {}  # actlab_grid.composed's first steps
+        self._compose: tuple[Any, DictConfig, Space] | None = None
+        self._key: str | None = None  # the pack's packing.pack_key
+        self._ids: dict[str, int] = {}  # each trial's id in the storage, by its number
+
+    def _trial(self, name: str) -> Any:
+        if name not in self._ids:
+            storage, study_id = self.study._storage, self.study._study_id
+            self._ids[name] = storage.get_trial_id_from_study_id_trial_number(study_id, int(name))
+        return _optuna().trial.Trial(self.study, self._ids[name])
+
+    def __call__(self, name: str, epochs: int, metrics: dict[str, float]) -> bool:
+        metric = self.trials.get(name)
+        if metric is None or metrics.get(metric) is None:
             return False
-        members[name].report(metrics[metric], epochs)
-        return members[name].should_prune()
+        trial = self._trial(name)
+        trial.report(metrics[metric], epochs)
+        return trial.should_prune()
 
-    return prune
+    def tell(self, folder: Path) -> None:
+        """The trial of this job folder is told its result (actlab_optuna._tell)."""
+        if folder.name in self.trials:
+            _tell(self.study, self._trial(folder.name), folder, self.trials[folder.name] or "")
+
+    def refill(self, free: int, like: DictConfig) -> list[DictConfig]:
+        """Up to `free` new trials' configs that can join the pack of `like` (a member's): asked
+        of the study while it holds fewer trials than the sweeper's `up_to` and the search's
+        deadline has not passed, composed as the sweeper composes them. A trial whose config
+        cannot join (another pack key, or one that runs solo) is left to the sweeper's next
+        round (`deferred`), and the pack asks no more."""
+        rule = self.refill_rule
+        if rule is None or not self.refills:
+            return []
+        if self._compose is None:
+            with open(rule["compose"], "rb") as f:
+                self._compose = pickle.load(f)
+        loader, config, space = self._compose
+        count = len(self.study.get_trials(deepcopy=False))
+        n = min(free, rule["up_to"] - count)
+        if n <= 0 or (rule["deadline"] is not None and time.time() >= rule["deadline"]):
+            return []
+        # Its own seed from the next trial's number: the sweeper's sampler draws on unrepeated.
+        seed = rule["sampler"]["seed"]
+        own = None if seed is None else seed * 100_003 + count
+        self.study.sampler = make_sampler(rule["sampler"], space, own)
+        asked = [self.study.ask(space.distributions) for _ in range(n)]
+        sweep_dir = Path(rule["sweep_dir"])
+        if self._key is None:
+            self._key = pack_key(like)
+        overrides = [space.overrides(t.params) for t in asked]
+        fulls = []
+        for trial, cfg in zip(asked, composed(overrides, loader, config, self.bases), strict=True):
+            folder = sweep_dir / str(trial.number)
+            metric = str(cfg.get("optimized_metric") or "val/acc_best")
+            for attr, value in (("job", str(folder)), ("metric", metric), ("round", rule["round"])):
+                trial.set_user_attr(attr, value)
+            if solo_reason(cfg) or pack_key(cfg) != self._key:
+                trial.set_user_attr("deferred", True)
+                log.info("trial %d: cannot join this pack, left to the next round", trial.number)
+                self.refills = False
+                continue
+            trial.set_user_attr("deferred", False)
+            with open_dict(cfg):
+                cfg.hydra.sweep.subdir = str(trial.number)
+            self.trials[str(trial.number)] = metric
+            fulls.append(member_config(cfg, trial.number, sweep_dir))
+        log.info(
+            "search: trial(s) %s join the pack",
+            ",".join(f.hydra.sweep.subdir for f in fulls) or "-",
+        )
+        return fulls

@@ -125,14 +125,7 @@ def write_pack(index: int, members: list[Job], sweep_dir: Path) -> list[str]:
     """Write the members' configs for pack `index`; returns the pack job's overrides."""
     folder = sweep_dir / PACKS / f"pack-{index}"
     folder.mkdir(parents=True, exist_ok=True)
-    fulls = []
-    for num, _, cfg in members:
-        with open_dict(cfg):
-            cfg.hydra.job.num = num
-            cfg.hydra.job.id = str(num)
-            cfg.hydra.sweep.dir = str(sweep_dir)
-            cfg.hydra.runtime.output_dir = str(sweep_dir / str(cfg.hydra.sweep.subdir))
-        fulls.append(cfg)
+    fulls = [member_config(cfg, num, sweep_dir) for num, _, cfg in members]
     OmegaConf.save(OmegaConf.create(fulls), folder / MANIFEST)
     return [
         *members[0][1],
@@ -140,6 +133,17 @@ def write_pack(index: int, members: list[Job], sweep_dir: Path) -> list[str]:
         f"hydra.sweep.subdir={PACKS}/pack-{index}",
         "hydra.output_subdir=null",
     ]
+
+
+def member_config(cfg: DictConfig, num: int, sweep_dir: Path) -> DictConfig:
+    """`cfg` (job `num` of the sweep, its hydra.sweep.subdir set) with the hydra keys that Hydra
+    sets as it launches a job, which a pack's member does not go through."""
+    with open_dict(cfg):
+        cfg.hydra.job.num = num
+        cfg.hydra.job.id = str(num)
+        cfg.hydra.sweep.dir = str(sweep_dir)
+        cfg.hydra.runtime.output_dir = str(sweep_dir / str(cfg.hydra.sweep.subdir))
+    return cfg
 
 
 def jobs_at_once(launcher: Any) -> int:
