@@ -22,6 +22,8 @@ NaN/inf is recorded `diverged` and frozen; the others never see its numbers (eac
 batched matmul is computed on its own, and the summed loss passes a gradient of 1 to every
 member). A member that stopped (early-stopped, pruned by a search, diverged, failed) leaves the
 stack at the end of that epoch (PackTrainer._drop): the later steps compute the others only.
+In a search's pack the slots they free take new trials (PackTrainer.add), each trained from its
+own first epoch, with its own step count, as its solo job.
 
 What a member writes (its `.hydra/`, results.json, csv, W&B run, checkpoints) goes through the
 functions a solo job uses, into its own folder: to a user it is a solo job. This module is the

@@ -9,9 +9,11 @@ in one launch, packed as the packed sweeper packs a grid (actlab_packed.plan): t
 only in member keys share a pack, the others run solo. Trial n is the job folder `<sweep>/n`; its
 `results.json` gives the value told to Optuna (`optimized_metric`), and a trial that did not
 finish (failed, diverged) is told failed. With `pruner` set, each pack's members and each solo
-trial report to their trials after each epoch (the job folder's trials.yaml names `pack_pruner`
-by `_target_`, and the job calls what it returns); a pruned member leaves the pack's stack, a
-pruned solo trial stops after that epoch, and both are recorded `pruned` and told so. The study
+trial report to their trials after each epoch (the job folder's trials.yaml names `PackSearch`
+by `_target_`, and the job calls it); a pruned member leaves the pack's stack, a pruned solo
+trial stops after that epoch, and both are recorded `pruned` and told so. A round that is one
+pack refills the slots its members free with new trials (PackSearch.refill), told as they leave
+the stack, until the study holds `n_trials`: the search is then one launch. The study
 is `<sweep>/study.db` (Optuna's RDB storage on sqlite): `+resume=true` continues it, with the
 trials a killed search left running told failed (their folders set aside) unless their job had
 ended. A search that ends writes its summary, the trials table and Optuna's plots, into
