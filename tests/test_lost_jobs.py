@@ -106,6 +106,18 @@ def test_the_heartbeat_beats_between_epoch_ends(tmp_path: Path) -> None:
         heartbeat.stop()
 
 
+def test_a_pack_member_that_left_beats_no_more(tmp_path: Path) -> None:
+    """A search's pack drops the folder of each member that leaves it: its heartbeat is its
+    last epoch's, the others' go on."""
+    left, stays = tmp_path / "left", tmp_path / "stays"
+    heartbeat = records.Heartbeat([left, stays])
+    heartbeat.beat({left: 1, stays: 1})
+    heartbeat.drop(left)
+    heartbeat.beat({stays: 2})
+    assert json.loads((left / "heartbeat.json").read_text())["epochs"] == 1
+    assert json.loads((stays / "heartbeat.json").read_text())["epochs"] == 2
+
+
 def assert_lost_everywhere(sweep: Path, folders: list[Path]) -> None:
     """The sweep table, `make report` and the W&B summary's jobs table say lost, with the last
     heartbeat (written at the end of the job's one whole epoch)."""

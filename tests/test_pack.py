@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -270,6 +271,31 @@ def test_diverging_and_invalid_members_leave_the_others_alone(
         ws, wp = net_weights(expected["best_checkpoint"]), net_weights(r["best_checkpoint"])
         for key in ws:
             torch.testing.assert_close(wp[key], ws[key], atol=WEIGHT_ATOL, rtol=0)
+
+
+def test_a_diverged_member_leaves_the_stack_when_its_divergence_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not at its epoch's end: the others' steps do not carry its frozen weights (that their
+    results stay their own: test_diverging_and_invalid_members_leave_the_others_alone)."""
+    widths = []  # the stack's width at each training step of the first epoch
+    forward = StackedMLP.forward
+
+    def spy(self: StackedMLP, *args: object) -> torch.Tensor:
+        widths.append(len(self) if self.training else None)
+        return forward(self, *args)
+
+    monkeypatch.setattr(StackedMLP, "forward", spy)
+    args = [*SWEEP, "trainer.max_epochs=1", "trainer.log_every_n_steps=5"]
+    with pytest.raises(SystemExit) as e:
+        _main(monkeypatch, "-m", *args, "optimizer.lr=0.01,50", f"hydra.sweep.dir={tmp_path}")
+    assert e.value.code == 1  # a job diverged
+    records = {f.name: read_results(f) for f in (p.parent for p in tmp_path.glob("*/.hydra"))}
+    (diverged,) = [r for r in records.values() if r["status"] == "diverged"]
+    seen = int(re.search(r"by step (\d+) \(epoch 0\)", diverged["error"]).group(1))
+    steps = widths[: widths.index(None)]
+    assert seen % 5 == 0 and 0 < seen < len(steps)  # at a check (every 5 steps), mid-epoch
+    assert steps == [2] * seen + [1] * (len(steps) - seen)
 
 
 SWEEP_JOB_03 = (

@@ -4,6 +4,7 @@ time, trained as packs, their values told back from their results.json; resume; 
 from __future__ import annotations
 
 import csv
+import shutil
 import statistics
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 from test_wandb_summary import logged_table, offline_run
 
-from actlab import report
+from actlab import pack, report
 from actlab.errors import UserError
 from actlab.results import write_json
 from hydra_plugins.actlab_optuna import PackSearch, Space
@@ -472,3 +473,13 @@ def test_a_pruning_search_refills_its_pack_and_a_refilled_trial_is_its_solo_job(
         alone = [(r["epoch"], r["step"], float(r[key])) for r in metric_rows(solo) if r[key]]
         assert len(rows) == count and [r[:2] for r in rows] == [r[:2] for r in alone], key
         assert [r[2] for r in rows] == pytest.approx([r[2] for r in alone], abs=1e-5), key
+    # Had the pack been killed outright (SIGKILL, a lost node), its launcher's fail_unended
+    # would find the trials that joined in the members.yaml that each join appended to.
+    started, never = sweep / "0", sweep / str(max(joined))
+    write_json(started / "results.json", {**results(started), "status": "running"})
+    (never / "results.json").unlink()
+    shutil.rmtree(never / ".hydra")
+    error = "the pack's process was killed"
+    assert pack.fail_unended(sweep / ".packs" / "pack-0", error, "lost") == ["0", never.name]
+    assert results(started)["status"] == "lost" and results(never)["status"] == "failed"
+    assert results(never)["error"] == error and (never / ".hydra" / "overrides.yaml").is_file()

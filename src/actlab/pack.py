@@ -599,6 +599,7 @@ class PackTrainer:
             orders = self._orders(epoch, n)
             self.outside_steps += time.perf_counter() - start
             sums = torch.zeros(3, K, device=self.device)  # loss, correct, n
+            training = self.training  # changes within an epoch only when a member diverges
             for s in range(steps):
                 idx = orders[:, s * bs : (s + 1) * bs]
                 flat = idx.flatten()
@@ -611,7 +612,7 @@ class PackTrainer:
                     p.grad = None
                 losses.sum().backward()
                 # Each member logs every log_every of its own steps, as its solo job does.
-                due = [m for m in self.training if (self.member_step(m) + 1) % self.log_every == 0]
+                due = [m for m in training if (self.member_step(m) + 1) % self.log_every == 0]
                 log_now = bool(due)
                 step_logs: dict[str, torch.Tensor] = {}
                 if log_now and self.log_grad_norms:
@@ -638,8 +639,16 @@ class PackTrainer:
                     self._log_each(step_logs, due, epoch)
                 if s + 1 == steps or self.global_step % self.log_every == 0:
                     self._check_divergence(sums[0], epoch)
-                if not self.training:
-                    return
+                    if len(self.training) < len(training):
+                        training = self.training
+                        if not training:
+                            return
+                        # A diverged member leaves the stack now, not at the epoch's end: the
+                        # others' steps need not carry its frozen weights for the rest of it.
+                        keep = [m.index for m in training]
+                        orders, sums = orders[keep], sums[:, keep]
+                        self.leave(self._drop())
+                        K = len(self.stack)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # the steps' time is the steps'
             start = time.perf_counter()
@@ -700,10 +709,10 @@ class PackTrainer:
         return [m for m in self.stack if m.status == "running" and m.stopped is None]
 
     def _drop(self) -> list[Member]:
-        """The members that stopped in this epoch (early-stopped, pruned, diverged, failed) leave
-        the stack: its weights, optimizer state and numbers, and every list kept per member, cut
-        to the others, renumbered. One stopped early is tested first, on the stack it trained in
-        (its weights leave with it); its record ends with the pack's, as the others' do, unless
+        """The members that stopped (early-stopped or pruned at an epoch's end, diverged as they
+        did, failed) leave the stack: its weights, optimizer state and numbers, and every list
+        kept per member, cut to the others, renumbered. One stopped early is tested first (its
+        weights leave with it); its record ends with the pack's, as the others' do, unless
         `leave` ends it (a search's pack). Returns those that left."""
         keep = [m.index for m in self.training]
         gone = [m for m in self.stack if m.index not in keep]
@@ -747,14 +756,18 @@ class PackTrainer:
                 m.end("diverged", error, seconds=self.seconds(m))
 
     @torch.no_grad()
-    def evaluate(self, split: tuple[torch.Tensor, torch.Tensor], units: bool) -> dict:
-        """Each member's loss and metric on `split`, tensors on the device."""
-        self.model.eval()
+    def evaluate(
+        self, split: tuple[torch.Tensor, torch.Tensor], units: bool, model: nn.Module | None = None
+    ) -> dict:
+        """Each member's loss and metric on `split`, tensors on the device, by the stacked
+        `model` (default: the pack's)."""
+        model = model or self.model
+        model.eval()
         x, y = split
-        K = len(self.stack)
+        K = len(model)
         loss, correct = torch.zeros(K, device=self.device), torch.zeros(K, device=self.device)
         r2 = 0  # torchmetrics' R2Score sums per member: targets, their squares, squared residuals
-        layers = self.model.hidden_layers
+        layers = model.hidden_layers
         active = [0] * layers
         act_sum = [0] * layers
 
@@ -767,7 +780,7 @@ class PackTrainer:
             # As Lightning runs a solo job's validation and test steps; the loss in float32, as
             # autocast computes it.
             with self.autocast():
-                logits = self.model(xb, probe if units else None).float()
+                logits = model(xb, probe if units else None).float()
             target = yb.expand(K, *yb.shape)
             if self.classify:
                 loss += F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1)
@@ -994,10 +1007,18 @@ class PackTrainer:
                     continue
                 for name, t, kind in zip(self.names, self.params, self.kinds, strict=True):
                     put_solo(t, m.index, m.best_state[name], kind)
-        tested = self.evaluate(self._tensors(self.datamodule.test), False)
+        members = sorted(members, key=lambda m: m.index)
+        model, rows = self.model, [m.index for m in members]
+        if len(members) < len(self.stack) and not self.func:
+            # A copy of the stack cut to their rows: a search's pack tests the few that leave
+            # it at each rung, not the whole stack.
+            model = copy.deepcopy(self.model)
+            model.keep(rows, runs(act_keys(members)))
+            rows = list(range(len(members)))
+        tested = self.evaluate(self._tensors(self.datamodule.test), False, model)
         name = self.metric
-        for m in members:
-            metrics = {"test/loss": tested["loss"][m.index], f"test/{name}": tested[name][m.index]}
+        for m, k in zip(members, rows, strict=True):
+            metrics = {"test/loss": tested["loss"][k], f"test/{name}": tested[name][k]}
             m.metrics.update(metrics)
             epochs, step = m.stopped or (self.epochs, self.member_step(m))
             m.log({**metrics, "epoch": epochs}, step)
@@ -1019,8 +1040,9 @@ def train_pack(cfg: DictConfig) -> dict[str, Any]:
     fulls = OmegaConf.load(pack_dir / MANIFEST)
     with member_logs() as logs:
         members = []
+        started = provenance()
         for full in fulls:
-            if m := _start_member(cfg, full, len(members), logs):
+            if m := _start_member(cfg, full, len(members), logs, started):
                 members.append(m)
         # One stack trains from one epoch: members continued from their checkpoints train with
         # those at the same epoch, each such pack after the other (the new members first).
@@ -1037,7 +1059,7 @@ def train_pack(cfg: DictConfig) -> dict[str, Any]:
                 m.record["pack"] = {"id": pack_dir.name, "size": len(pack), "member": i}
                 m.write()  # a pack killed outright leaves records that say it was one
             try:
-                trained = _fit_members(cfg, pack, logs)
+                trained = _fit_members(cfg, pack, logs, started)
             except BaseException as e:
                 _end_unended([m for later in packs[p + 1 :] for m in later], e, 0.0)
                 raise
@@ -1047,10 +1069,11 @@ def train_pack(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _start_member(
-    cfg: DictConfig, full: DictConfig, index: int, logs: _MemberLogs
+    cfg: DictConfig, full: DictConfig, index: int, logs: _MemberLogs, started: dict[str, Any]
 ) -> Member | None:
     """The member of `full` (its config as the sweeper composed it), its folder and record
-    started; None where it does not train (finished before, or failed validation)."""
+    started (with `started`: provenance() and what the pack adds); None where it does not train
+    (finished before, or failed validation)."""
     from actlab.validation import validate
 
     m = member_from(full, index)
@@ -1073,7 +1096,7 @@ def _start_member(
     if m.resumed:
         m.first_epoch = trained_epochs(m.resumed)
         m.record["resumed_from"] = str(m.resumed)
-    m.record.update(provenance())
+    m.record.update(started)
     m.write()
     try:
         validate(m.cfg)
@@ -1130,9 +1153,11 @@ def member_logs() -> Iterator[_MemberLogs]:
         handler.close()
 
 
-def _fit_members(cfg: DictConfig, members: list[Member], logs: _MemberLogs) -> list[Member]:
-    """Train `members` as one pack (and the trials that join it in a search): returns every
-    member that trained in it."""
+def _fit_members(
+    cfg: DictConfig, members: list[Member], logs: _MemberLogs, started: dict[str, Any]
+) -> list[Member]:
+    """Train `members` as one pack (and the trials that join it in a search, their records
+    started with `started`): returns every member that trained in it."""
     slot = None
     trainer: PackTrainer | None = None
     heartbeat = Heartbeat([m.out for m in members])
@@ -1141,11 +1166,9 @@ def _fit_members(cfg: DictConfig, members: list[Member], logs: _MemberLogs) -> l
         torch.set_num_threads(cfg.get("threads") or usable_cores())
         torch.set_float32_matmul_precision(members[0].cfg.get("matmul_precision", "highest"))
         slot = instantiate(cfg.launch).acquire() if cfg.get("launch") else None
-        launch_info = {}
-        if slot:
-            for m in members:
-                m.record["launch"] = slot.info()
-            launch_info = {f"launch.{k}": v for k, v in slot.info().items()}
+        launch = {"launch": slot.info()} if slot else {}
+        for m in members:
+            m.record.update(launch)
         device = torch.device(slot.device if slot and not slot.simulated else packing.device(cfg))
         path = " (torch.func)" if packing.engine(members[0].cfg) == "torch.func" else ""
         log.info("pack of %d members on %s%s: %s", len(members), device, path, _names(members))
@@ -1196,6 +1219,7 @@ def _fit_members(cfg: DictConfig, members: list[Member], logs: _MemberLogs) -> l
                         finish(m)
                     trainer.search.tell(m.out)
                     logs.drop(m)
+                    heartbeat.drop(m.out)
 
             manifest = [(pack_dir / MANIFEST).read_text()]  # a YAML list: more items append
 
@@ -1206,27 +1230,21 @@ def _fit_members(cfg: DictConfig, members: list[Member], logs: _MemberLogs) -> l
                     write_text(pack_dir / MANIFEST, "".join(manifest))
                 joining = []
                 for full in fulls:
-                    m = _start_member(cfg, full, len(trainer.members) + len(joining), logs)
+                    index = len(trainer.members) + len(joining)
+                    pack = {"id": pack_dir.name, "size": trainer.slots, "joined_epoch": epoch}
+                    m = _start_member(cfg, full, index, logs, {**started, **launch, "pack": pack})
                     if m is None:
                         trainer.search.tell(Path(full.hydra.runtime.output_dir))
                         continue
-                    if slot:
-                        m.record["launch"] = slot.info()
-                    m.record["pack"] = {
-                        "id": pack_dir.name,
-                        "size": trainer.slots,
-                        "joined_epoch": epoch,
-                    }
-                    m.write()
                     m.start = time.perf_counter()
                     heartbeat.add(m.out)
-                    _start_loggers(m, launch_info)
+                    _start_loggers(m, launch)
                     joining.append(m)
                 return joining
 
             trainer.join, trainer.leave = join, leave
         for m in members:
-            _start_loggers(m, launch_info)
+            _start_loggers(m, launch)
         trainer.fit()
         if tests:
             trainer.test()
@@ -1245,7 +1263,10 @@ def _fit_members(cfg: DictConfig, members: list[Member], logs: _MemberLogs) -> l
             slot.release()
 
 
-def _start_loggers(m: Member, launch_info: dict[str, Any]) -> None:
+def _start_loggers(m: Member, launch: dict[str, Any]) -> None:
+    """The member's loggers, given its config and its device slot (`launch`, as in its record)
+    as hyperparameters."""
+    launch_info = {f"launch.{k}": v for k, v in launch.get("launch", {}).items()}
     for c in (m.cfg.get("logger") or {}).values():
         if not c:
             continue

@@ -199,6 +199,13 @@ class Heartbeat:
             self.epochs[folder] = None
         self.beat()
 
+    def drop(self, folder: Path) -> None:
+        """A job folder whose job has ended (a member that left its pack) beats no more."""
+        with self._lock:
+            if folder in self.epochs:
+                self.folders.remove(folder)
+                del self.epochs[folder]
+
     def beat(self, epochs: int | dict[Path, int] | None = None) -> None:
         """`epochs`: the epochs done, of every job or (a pack's members) of each by its folder."""
         with self._lock:

@@ -531,7 +531,6 @@ class PackSearch:
                 log.info("trial %d: cannot join this pack, left to the next round", trial.number)
                 self.refills = False
                 continue
-            trial.set_user_attr("deferred", False)
             with open_dict(cfg):
                 cfg.hydra.sweep.subdir = str(trial.number)
             self.trials[str(trial.number)] = metric
