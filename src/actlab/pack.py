@@ -761,7 +761,7 @@ class PackTrainer:
     ) -> dict:
         """Each member's loss and metric on `split`, tensors on the device, by the stacked
         `model` (default: the pack's)."""
-        model = model or self.model
+        model = self.model if model is None else model
         model.eval()
         x, y = split
         K = len(model)
@@ -1238,13 +1238,13 @@ def _fit_members(
                         continue
                     m.start = time.perf_counter()
                     heartbeat.add(m.out)
-                    _start_loggers(m, launch)
+                    _start_loggers(m)
                     joining.append(m)
                 return joining
 
             trainer.join, trainer.leave = join, leave
         for m in members:
-            _start_loggers(m, launch)
+            _start_loggers(m)
         trainer.fit()
         if tests:
             trainer.test()
@@ -1263,10 +1263,10 @@ def _fit_members(
             slot.release()
 
 
-def _start_loggers(m: Member, launch: dict[str, Any]) -> None:
-    """The member's loggers, given its config and its device slot (`launch`, as in its record)
-    as hyperparameters."""
-    launch_info = {f"launch.{k}": v for k, v in launch.get("launch", {}).items()}
+def _start_loggers(m: Member) -> None:
+    """The member's loggers, given its config and its device slot (its record's `launch`) as
+    hyperparameters."""
+    launch_info = {f"launch.{k}": v for k, v in m.record.get("launch", {}).items()}
     for c in (m.cfg.get("logger") or {}).values():
         if not c:
             continue
