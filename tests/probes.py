@@ -236,3 +236,29 @@ def measure_pack_memory(out: str) -> None:
         Path(out).write_text(json.dumps(seen))
 
     pack.check_memory, pack.PackTrainer.test = checked, tested
+
+
+class PlainBackward(L.Callback):
+    """Writes to `path`, at the end of training, the global step and whether the module called
+    loss.backward() itself (actlab.model.plain_backward)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.calls = Path(path), {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        record = {**self.calls, "steps": trainer.global_step, "plain": pl_module._plain_backward}
+        self.path.write_text(json.dumps(record))
+
+
+class BackwardCalls(PlainBackward):
+    """PlainBackward, and how often Lightning called the hooks around backward."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.calls = {"before": 0, "after": 0}
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss) -> None:
+        self.calls["before"] += 1
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.calls["after"] += 1

@@ -8,10 +8,15 @@ from collections.abc import Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.regression import R2Score
 
+from actlab.data import Minibatches
 from actlab.errors import Diverged, UserError
 
 # task -> (loss, name of the eval metric logged as <stage>/<name> and <stage>/<name>_best)
@@ -57,6 +62,7 @@ class MLPClassifier(L.LightningModule):
         self.loss_fn, self.metric = TASKS[task]
         self.classify = task == "classification"
         self.automatic_optimization = False
+        self._plain_backward = False  # set where training starts (plain_backward)
         self.gradient_clip_val = gradient_clip_val
         self.net = net
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -73,8 +79,29 @@ class MLPClassifier(L.LightningModule):
         return self.net(x)
 
     def training_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+        self, batch: tuple[torch.Tensor, torch.Tensor] | Minibatches, batch_idx: int
     ) -> torch.Tensor:
+        last = batch_idx + 1 == self.trainer.num_training_batches
+        if not isinstance(batch, Minibatches):
+            return self._step(batch, last)
+        # `data.steps_per_batch` minibatches: one optimizer step each, as if each were a batch.
+        loop = self.trainer.fit_loop.epoch_loop
+        for i, minibatch in enumerate(batch):
+            if i:
+                # Lightning's logging step counts the batches that stepped: keep it counting
+                # optimizer steps, so that metrics land on the steps one minibatch a batch gives.
+                loop._batches_that_stepped = self.global_step
+            loss = self._step(minibatch, last and i + 1 == len(batch))
+            if i + 1 == len(batch) or 0 <= self.trainer.max_steps <= self.global_step:
+                break  # the batch's last step: sent and checked after it, as a plain batch's
+            if self.global_step % self.trainer.log_every_n_steps == 0:
+                # Sent as Lightning sends a batch's step metrics at the batch's end.
+                self.trainer._logger_connector.update_train_step_metrics()
+            self._check_finite(last=False)
+        return loss
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], last: bool) -> torch.Tensor:
+        """One optimizer step on one minibatch; `last`: the epoch's last."""
         x, y = batch
         # Lightning sends step metrics to the loggers every log_every_n_steps batches: log then.
         log_now = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
@@ -82,11 +109,14 @@ class MLPClassifier(L.LightningModule):
         logits = self(x)
         loss = self.loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)  # under 16-mixed: of the loss times the GradScaler's scale
+        if self._plain_backward:
+            loss.backward()
+        else:
+            self.manual_backward(loss)  # under 16-mixed: of the loss times the GradScaler's scale
         optimizer.step()  # clips in on_before_optimizer_step
         # Where Lightning's automatic loop steps an epoch-interval scheduler: after the epoch's
         # last batch, before validation and the checkpoint that a resumed run restarts from.
-        if batch_idx + 1 == self.trainer.num_training_batches:
+        if last:
             scheduler = self.lr_schedulers()
             if scheduler is not None:
                 scheduler.step()
@@ -109,10 +139,12 @@ class MLPClassifier(L.LightningModule):
             self.clip_gradients(optimizer, self.gradient_clip_val, "norm")
 
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
+        self._check_finite(last=batch_idx + 1 >= self.trainer.num_training_batches)
+
+    def _check_finite(self, last: bool) -> None:
         # The epoch's loss sum turns NaN/inf with the first bad step and stays so. Reading it at
-        # the logging interval and on the epoch's last batch (before validation and checkpoints)
+        # the logging interval and on the epoch's last step (before validation and checkpoints)
         # costs one host sync there, none on the other steps.
-        last = batch_idx + 1 >= self.trainer.num_training_batches
         if last or self.global_step % self.trainer.log_every_n_steps == 0:
             loss_sum = self._train_sums[0].item()
             bad = not math.isfinite(loss_sum)
@@ -122,6 +154,9 @@ class MLPClassifier(L.LightningModule):
                     f"the training loss became {loss_sum} by step {self.global_step} (epoch "
                     f"{self.current_epoch}): lower optimizer.lr or change the model."
                 )
+
+    def on_train_start(self) -> None:
+        self._plain_backward = plain_backward(self.trainer, self)
 
     def on_train_epoch_start(self) -> None:
         self._train_sums.zero_()
@@ -176,3 +211,28 @@ class MLPClassifier(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler(optimizer=optimizer), "interval": "epoch"},
         }
+
+
+_BACKWARD_HOOKS = ("on_before_backward", "on_after_backward")
+
+
+def plain_backward(trainer: L.Trainer, module: L.LightningModule) -> bool:
+    """Whether `manual_backward(loss)` would do nothing but `loss.backward()`: one device, 32-bit
+    precision, no profiler, and no callback or module that overrides `backward` or the hooks
+    around it.
+
+    Lightning's manual_backward calls on_before_backward and on_after_backward on every callback
+    and on the module, each through the profiler: for a small model, about a tenth of its step
+    (README "Performance"). Where no one listens, the module calls loss.backward() itself.
+    """
+    return (
+        type(trainer.strategy) is SingleDeviceStrategy
+        and type(trainer.precision_plugin) is Precision
+        and isinstance(trainer.profiler, PassThroughProfiler)
+        and not any(
+            is_overridden(h, module, L.LightningModule) for h in ("backward", *_BACKWARD_HOOKS)
+        )
+        and not any(
+            is_overridden(h, cb, L.Callback) for cb in trainer.callbacks for h in _BACKWARD_HOOKS
+        )
+    )
