@@ -18,6 +18,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import Container, DictConfig, ListConfig, Node, OmegaConf, open_dict
 
+from actlab import NAME_MAX, job_dirname
 from actlab.pack import member_from
 from actlab.train import CONFIG_DIR
 from hydra_plugins.actlab_grid import composed
@@ -155,3 +156,19 @@ def test_members_read_their_own_hydra_values_and_leave_hydras_alone(
         assert OmegaConf.to_container(OmegaConf.load(m.out / ".hydra" / "config.yaml")) == task
         assert OmegaConf.load(m.out / ".hydra" / "overrides.yaml") == [f"seed={i}"]
     assert HydraConfig.instance().cfg is pack_job
+
+
+def test_a_job_folder_name_longer_than_a_file_name_is_cut_with_a_hash_of_the_whole() -> None:
+    short = "model.act=leaky,seed=1"
+    assert job_dirname(short) == short
+    long = ",".join(f"+model.extra_{i}=value_{i}" for i in range(20))
+    other = long[:-1] + "X"  # the same for 254 bytes, another tail
+    assert len(long.encode()) > NAME_MAX
+    cut, cut_other = job_dirname(long), job_dirname(other)
+    assert len(cut.encode()) == len(cut_other.encode()) == NAME_MAX
+    assert cut != cut_other and cut == job_dirname(long)  # apart, and the same on resume
+    assert cut.startswith(long[:200])
+    wide = "model.act=" + "é" * 200  # cut between bytes of a character: the character goes
+    assert len(job_dirname(wide).encode()) <= NAME_MAX and "\ufffd" not in job_dirname(wide)
+    cfg = OmegaConf.create({"name": long, "subdir": "${actlab.dirname:${name}}"})
+    assert cfg.subdir == cut  # as hydra.sweep.subdir resolves it

@@ -36,15 +36,21 @@ class SmallCNN(nn.Sequential):
 
 
 class BatchNormMLP(nn.Module):
-    """Linear -> BatchNorm1d -> act, then a read-out; a plain Module holding a Sequential."""
+    """Linear -> BatchNorm1d -> act, then a read-out; a plain Module holding a Sequential.
+    `momentum=None`: BatchNorm's cumulative average, which reads its step count as a number."""
 
     def __init__(
-        self, in_features: int, num_classes: int, act: Callable[[], nn.Module], hidden: int = 32
+        self,
+        in_features: int,
+        num_classes: int,
+        act: Callable[[], nn.Module],
+        hidden: int = 32,
+        momentum: float | None = 0.1,
     ) -> None:
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(in_features, hidden),
-            nn.BatchNorm1d(hidden),
+            nn.BatchNorm1d(hidden, momentum=momentum),
             act(),
             nn.Linear(hidden, num_classes),
         )

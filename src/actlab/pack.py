@@ -92,6 +92,9 @@ from actlab.validation import check_net
 
 log = logging.getLogger(__name__)
 
+# A pack's state on the host at an epoch's end: stacked weights, optimizer state, buffers.
+Host = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], list[torch.Tensor]]
+
 MANIFEST = "members.yaml"
 
 
@@ -259,6 +262,7 @@ def memory_need(
     splits (x, y each)."""
     k, first = len(cfgs), cfgs[0]
     params = sum(p.numel() * p.element_size() for p in net.parameters())  # one member's
+    buffers = sum(b.numel() * b.element_size() for b in net.buffers())
     largest = max(p.numel() * p.element_size() for p in net.parameters())
     opts = [c.optimizer for c in cfgs]
     if first.optimizer._target_ == "torch.optim.SGD":
@@ -289,7 +293,7 @@ def memory_need(
     return MemoryNeed(
         kept={
             "data": sum(t.nbytes for t in data),
-            "weights": k * params,
+            "weights": k * (params + buffers),
             "gradients": k * params,
             "optimizer state": states * k * params,
             # Each member's best weights, kept for its test in the host's memory (cut from the
@@ -462,6 +466,8 @@ class PackTrainer:
         self.checkpointers: list[dict[str, Any]] = []
         nets, acts, generators = self._build(members)
         self.names = [f"net.{n}" for n, _ in nets[0].named_parameters()]
+        # A torch.func pack's buffers (BatchNorm's statistics): in checkpoints, not optimized.
+        self.buffer_names = [f"net.{n}" for n, _ in nets[0].named_buffers()]
         keys = act_keys(members)
         self.func = packing.engine(first) == "torch.func"
         if self.func:
@@ -567,6 +573,8 @@ class PackTrainer:
                 for key, t in state.items():
                     if key in opt.get(i, {}):
                         put_solo(t, m.index, opt[i][key], kind)
+            for name, b in zip(self.buffer_names, self.model.stacked_buffers, strict=True):
+                b[m.index].copy_(ckpt["state_dict"][name])
             m.best = float(ckpt["state_dict"]["val_acc_best.max_value"])
             m.metrics = dict(ckpt.get("metrics") or {})
             m.last_path = m.resumed
@@ -576,7 +584,7 @@ class PackTrainer:
                     m.best_score = float(cb["best_model_score"])
                     m.best_path = Path(cb["best_model_path"])
                     best = checkpoints.load(m.best_path)
-                    m.best_state = {n: best["state_dict"][n] for n in self.names}
+                    m.best_state = {n: best["state_dict"][n] for n in self.state_names}
         self.optimizer.set_groups([o.param_groups[0] for o in self.opts])
 
     def _tensors(self, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -852,23 +860,33 @@ class PackTrainer:
             beats = {m.out: self.member_epoch(m, pack_epoch) + 1 for m in self.stack}
             self.heartbeat.beat(beats)
 
-    def _on_host(self) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-        """The stacked weights and optimizer state on the CPU (the tensors themselves there)."""
+    @property
+    def state_names(self) -> list[str]:
+        """A member's state_dict names of its network: its parameters', then its buffers'."""
+        return self.names + self.buffer_names
+
+    def _on_host(self) -> Host:
+        """The stacked weights, optimizer state and buffers on the CPU (the tensors themselves
+        there)."""
         cpu = torch.device("cpu")
         weights = [p.detach().to(cpu) for p in self.params]
-        return weights, [{k: t.to(cpu) for k, t in s.items()} for s in self.optimizer.state]
+        opt_state = [{k: t.to(cpu) for k, t in s.items()} for s in self.optimizer.state]
+        return weights, opt_state, [b.to(cpu) for b in self.model.stacked_buffers]
 
     def _checkpoint(
         self,
         m: Member,
-        host: tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]],
+        host: Host,
         loops: dict[str, Any],
         epoch: int,
     ) -> None:
         """The member's best (if this epoch is) and last checkpoints: each a whole file in its
         folder, serialized once where both hold the same."""
-        weights, opt_state = host
+        weights, opt_state, buffers = host
         state = self.model.member_state(m.index, self.names, weights)
+        state.update(
+            (n, b[m.index].clone()) for n, b in zip(self.buffer_names, buffers, strict=True)
+        )
         old = blob = None
         if self.keep_best and self._improved(m):
             m.best_score, m.best_state = m.metrics[self.monitor], state
@@ -1007,6 +1025,8 @@ class PackTrainer:
                     continue
                 for name, t, kind in zip(self.names, self.params, self.kinds, strict=True):
                     put_solo(t, m.index, m.best_state[name], kind)
+                for name, b in zip(self.buffer_names, self.model.stacked_buffers, strict=True):
+                    b[m.index].copy_(m.best_state[name])
         members = sorted(members, key=lambda m: m.index)
         model, rows = self.model, [m.index for m in members]
         if len(members) < len(self.stack) and not self.func:

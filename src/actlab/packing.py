@@ -288,26 +288,24 @@ def network_reason(net: nn.Module) -> str | None:
     return None
 
 
+_NOT_EACH = "does not give each member's output"
+
+
 def vmap_reason(node: DictConfig, net: nn.Module, in_features: Any) -> str | None:
     """Why a pack cannot train this network (`net` built on the meta device from the model config
     `node`) through torch.func as each member's solo job trains it, or None.
 
-    It stacks the members' parameters (float ones) and nothing else: a buffer (BatchNorm's
-    running statistics) would be state that each member updates in place. A module that draws
-    random numbers (dropout, RReLU) would draw them under vmap apart from the member's solo job.
-    The probe: two networks built from `node` (other weights), in training mode, on a fixed
-    random input each; vmap(functional_call) over their stacked parameters must give each one's
-    own output.
+    It stacks the members' parameters (float ones) and buffers (BatchNorm's running statistics,
+    each member's updated in place in its own row). A module that draws random numbers (dropout,
+    RReLU) would draw them under vmap apart from the member's solo job. The probe: two networks
+    built from `node` (other weights), on a fixed random input each; vmap(functional_call) over
+    their stacked parameters and buffers must give each one's own output in training mode, leave
+    each one's buffers as its own forward does, and then give each one's output in eval mode.
     """
     if not isinstance(in_features, int):
         return f"data.in_features={in_features} is not an integer"
     if odd := [f"{n} ({p.dtype})" for n, p in net.named_parameters() if not p.is_floating_point()]:
         return f"its parameter {odd[0]} is not a float tensor"
-    if buffers := [n for n, _ in net.named_buffers()]:
-        return (
-            f"it has buffers ({', '.join(buffers[:3])}{', ...' if len(buffers) > 3 else ''}), "
-            "state a pack does not stack per member (only parameters)"
-        )
     for name, m in net.named_modules():
         dropout = isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
         if dropout or isinstance(m, nn.RReLU) or random_activation(m):
@@ -321,18 +319,31 @@ def vmap_reason(node: DictConfig, net: nn.Module, in_features: Any) -> str | Non
         with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
             torch.manual_seed(0)
             nets = [instantiate(node, optimizer=None, scheduler=None).net for _ in range(2)]
-        for n in nets:
-            n.train()
-        params, _ = stack_module_state(nets)
+        params, buffers = stack_module_state(nets)
         base = copy.deepcopy(nets[0]).to("meta")
+
+        def together(mode: bool) -> torch.Tensor:
+            base.train(mode)
+            return vmap(lambda p, b, h: functional_call(base, (p, b), (h,)))(params, buffers, x)
+
         with torch.no_grad():
-            each = torch.stack([n(x[k]) for k, n in enumerate(nets)])
-            together = vmap(lambda p, h: functional_call(base, p, (h,)))(params, x)
+            trained = together(True)
+            each = torch.stack([n.train()(x[k]) for k, n in enumerate(nets)])
+            if not _close(trained, each):
+                return f"torch.func.vmap of its forward over 2 members {_NOT_EACH}"
+            for name, b in buffers.items():
+                own = torch.stack([n.get_buffer(name) for n in nets])
+                if not _close(b.double(), own.double()):
+                    return (
+                        f"torch.func.vmap of its forward does not update its buffer {name} as "
+                        "each member's own forward does"
+                    )
+            each = torch.stack([n.eval()(x[k]) for k, n in enumerate(nets)])
+            if not _close(together(False), each):
+                return f"torch.func.vmap of its forward over 2 members in eval mode {_NOT_EACH}"
     except Exception as e:  # noqa: BLE001 -- what it raised is the reason
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return f"torch.func.vmap of its forward raised {type(e).__name__} on the probe ({first})"
-    if not _close(together, each):
-        return "torch.func.vmap of its forward over 2 members does not give each member's output"
     return None
 
 

@@ -7,13 +7,15 @@ StackedOptimizer is SGD / Adam / AdamW on the stacked tensors with each member's
 restore, best states).
 
 For StackedNets, the members' own networks (each built by its solo job's code under its seed)
-give their parameters, stacked by `torch.func.stack_module_state` as [K, *solo_shape]:
-`stacked[k]` is member k's solo tensor (the "act" kind of to_solo), so the pack's optimizer,
-clipping, checkpoints and restore take them as they are. The forward is
-`vmap(functional_call(net, params, x))` over the members, on a copy of a member's network that
-holds no weights (the meta device). Members whose networks differ (another activation) get one
-such call per run of equal ones. actlab.packing.vmap_reason decides which networks may: no
-buffers, nothing random, and vmap gives each member its own network's output.
+give their parameters and buffers, stacked by `torch.func.stack_module_state` as
+[K, *solo_shape]: `stacked[k]` is member k's solo tensor (the "act" kind of to_solo), so the
+pack's optimizer, clipping, checkpoints and restore take them as they are. The forward is
+`vmap(functional_call(net, (params, buffers), x))` over the members, on a copy of a member's
+network that holds no weights (the meta device); a buffer its forward updates in place
+(BatchNorm's running statistics) is updated in each member's row. Members whose networks differ
+(another activation) get one such call per run of equal ones. actlab.packing.vmap_reason decides
+which networks may: nothing random, and vmap gives each member its own network's output and
+buffers.
 
 Measured on a CPU, one thread, tests/user_nets.SmallCNN (README "Packed sweeps"): a member's
 epoch costs 0.6x (K = 3) and 0.5x (K = 9) its solo job's; a training step, 0.8-0.9x of K plain
@@ -194,6 +196,11 @@ class StackedMLP(nn.Module):
                 if self.p and self.training:
                     h = self.dropout(h)
         return h
+
+    @property
+    def stacked_buffers(self) -> list[torch.Tensor]:
+        """None: the layers it stacks (Linear, activations, Dropout) hold no buffers."""
+        return []
 
     def solo_order(self) -> tuple[list[nn.Parameter], list[str]]:
         """The stacked parameters in the order of a solo module's parameters (layer 1's weight,
@@ -404,9 +411,12 @@ class StackedNets(nn.Module):
 
     def __init__(self, nets: list[nn.Module], runs: list[tuple[int, int]]) -> None:
         super().__init__()
-        params, _ = stack_module_state(nets)  # packing.vmap_reason: no buffers
+        params, buffers = stack_module_state(nets)
         self.names = list(params)
         self.stacked = nn.ParameterList(nn.Parameter(params[n].detach()) for n in self.names)
+        self.buffer_names = list(buffers)
+        for i, n in enumerate(self.buffer_names):
+            self.register_buffer(f"stacked_buffer{i}", buffers[n])
         self.runs = runs
         # Not submodules: a weightless copy does not move to a device.
         self.bases = [copy.deepcopy(nets[a]).to("meta") for a, _ in self.runs]
@@ -427,6 +437,11 @@ class StackedNets(nn.Module):
     def __len__(self) -> int:
         return self.stacked[0].shape[0]
 
+    @property
+    def stacked_buffers(self) -> list[torch.Tensor]:
+        """The stacked buffers ([K, *solo_shape]), in the order of a solo network's buffers."""
+        return [self.get_buffer(f"stacked_buffer{i}") for i in range(len(self.buffer_names))]
+
     def keep(self, members: list[int], runs: list[tuple[int, int]]) -> None:
         """Only these members (positions in the stack, in order) stay, in `runs` of equal
         networks; each run's weightless network is one its members had (with its probe hooks)."""
@@ -434,6 +449,8 @@ class StackedNets(nn.Module):
         self.bases = [base[members[a]] for a, _ in runs]
         self.runs = runs
         keep_rows(self.stacked, members)
+        for i, b in enumerate(self.stacked_buffers):
+            setattr(self, f"stacked_buffer{i}", b[members])
 
     def train(self, mode: bool = True) -> StackedNets:
         for base in self.bases:
@@ -460,16 +477,20 @@ class StackedNets(nn.Module):
         outs, seen = [], []
         for (a, b), base in zip(self.runs, self.bases, strict=True):
 
-            def member(params: dict[str, torch.Tensor], h: torch.Tensor, base=base) -> tuple:
+            def member(state: tuple[dict, dict], h: torch.Tensor, base=base) -> tuple:
                 self._seen = [] if probe else None
                 try:
-                    return functional_call(base, params, (h,)), *(self._seen or [])
+                    return functional_call(base, state, (h,)), *(self._seen or [])
                 finally:
                     self._seen = None
 
             params = {n: p[a:b] for n, p in zip(self.names, self.stacked, strict=True)}
+            # Views of the members' rows: an update in place lands in the stacked buffer.
+            buffers = {
+                n: t[a:b] for n, t in zip(self.buffer_names, self.stacked_buffers, strict=True)
+            }
             out, *units = vmap(member, in_dims=(0, 0 if each else None))(
-                params, x[a:b] if each else x
+                (params, buffers), x[a:b] if each else x
             )
             outs.append(out)
             seen.append(units)
@@ -520,7 +541,8 @@ def activation_bytes(net: nn.Module, in_features: int) -> tuple[int, int]:
     try:
         with torch.no_grad():
             param = next(net.parameters(), None)
-            net(torch.zeros(1, in_features, device=param.device if param is not None else "cpu"))
+            device = param.device if param is not None else "cpu"
+            net(torch.zeros(2, in_features, device=device))  # BatchNorm trains on 2 rows or more
     finally:
         for h in handles:
             h.remove()
