@@ -95,6 +95,10 @@ SOLO_KILLS = [
         "the job finished, the sweep's table not", "actlab.report.SweepSummary.on_multirun_end", 1
     ),
 ]
+# A member resumed beside other members than in the straight run sits at another row of the
+# stacked weights, which the CPU's matrix kernels may round apart in the last bits (measured
+# 1.5e-8 - 2.2e-8 on an AVX-512 CPU, 0 on others): the weights within this, the metrics relative.
+RESTACKED_ATOL = 1e-6
 PACK_KILLS = [
     Kill("epoch 1, step 4", "actlab.stacked_nets.StackedOptimizer.step", 12),
     Kill("epoch 1: one member's last.ckpt saved, the other's not", SAVE, 4, match="last.ckpt"),
@@ -149,11 +153,12 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("net.")}
 
 
-def _check_continued(job: Path, straight: Path, after_kill: dict) -> None:
-    """`job` finished as `straight` did, continuing from the last.ckpt the kill left."""
+def _check_continued(job: Path, straight: Path, after_kill: dict, atol: float = 0.0) -> None:
+    """`job` finished as `straight` did, continuing from the last.ckpt the kill left: to the
+    bit, or with its weights within `atol` and its metrics within `atol` relative."""
     record, expected = results(job), results(straight)
     assert record["status"] == "finished", record.get("error")
-    assert record["metrics"] == expected["metrics"]
+    assert record["metrics"] == pytest.approx(expected["metrics"], rel=atol, abs=0)
     assert record["epochs"] == expected["epochs"] == EPOCHS
     best = Path(record["best_checkpoint"])
     assert best.name == Path(expected["best_checkpoint"]).name
@@ -164,10 +169,15 @@ def _check_continued(job: Path, straight: Path, after_kill: dict) -> None:
             _weights(straight / "checkpoints" / name),
         )
         assert ours.keys() == theirs.keys()
-        assert all(torch.equal(w, theirs[k]) for k, w in ours.items())
+        for k, w in ours.items():
+            torch.testing.assert_close(w, theirs[k], rtol=0, atol=atol)
     # Each epoch's validation row once, with the uninterrupted run's numbers.
-    val = [(r["epoch"], r["val/acc"]) for r in metric_rows(job) if r.get("val/acc")]
-    assert val == [(r["epoch"], r["val/acc"]) for r in metric_rows(straight) if r.get("val/acc")]
+    val = [(r["epoch"], float(r["val/acc"])) for r in metric_rows(job) if r.get("val/acc")]
+    assert val == pytest.approx(
+        [(r["epoch"], float(r["val/acc"])) for r in metric_rows(straight) if r.get("val/acc")],
+        rel=atol,
+        abs=0,
+    )
     if after_kill.get("status") == "finished":
         assert "resumed_from" not in record  # skipped: nothing to continue
     elif "last.ckpt" in after_kill:
@@ -257,7 +267,7 @@ def test_resume_continues_each_member_of_a_killed_pack_to_its_uninterrupted_numb
             job = packed["sweep"] / f"job{i}-seed{seed}"
             try:
                 straight = packed["straight"] / f"job99-seed{seed}"
-                _check_continued(job, straight, seen[i][job.name])
+                _check_continued(job, straight, seen[i][job.name], RESTACKED_ATOL)
             except AssertionError as e:
                 raise AssertionError(
                     f"killed at {kill.what} ({kill.point}), {job.name}: {e}"

@@ -35,6 +35,11 @@ def _rows(folder: Path) -> list[dict[str, float | None]]:
     return [{k: float(v) if v else None for k, v in r.items()} for r in metric_rows(folder)]
 
 
+def _steps(folder: Path) -> list[float | None]:
+    """The logging step of each row of the run's metrics.csv."""
+    return [r["step"] for r in _rows(folder)]
+
+
 def test_a_grouped_run_is_the_run_it_replaces(tmp_path: Path) -> None:
     one, grouped = _run(tmp_path / "one"), _run(tmp_path / "grouped", GROUPED)
     assert one["status"] == grouped["status"] == "finished"
@@ -45,7 +50,7 @@ def test_a_grouped_run_is_the_run_it_replaces(tmp_path: Path) -> None:
     rows, grouped_rows = _rows(tmp_path / "one"), _rows(tmp_path / "grouped")
     # Step metrics (train/loss, grad_norm/*) every 3 optimizer steps, epoch metrics at the
     # epochs' last steps: the same rows at the same steps.
-    assert [r["step"] for r in grouped_rows] == [r["step"] for r in rows]
+    assert _steps(tmp_path / "grouped") == _steps(tmp_path / "one")
     assert any(r["grad_norm/output"] is not None for r in rows)
     for a, b in zip(rows, grouped_rows, strict=True):
         assert a.keys() == b.keys()
@@ -74,9 +79,7 @@ def test_a_grouped_run_resumed_from_its_checkpoint_continues_as_one_run(tmp_path
     ckpt = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
     resumed = _run(tmp_path / "resumed", GROUPED, f"ckpt_path={ckpt}")
     assert resumed["metrics"] == straight["metrics"]
-    assert [r["step"] for r in _rows(tmp_path / "resumed")] == [
-        r["step"] for r in _rows(tmp_path / "straight")
-    ]
+    assert _steps(tmp_path / "resumed") == _steps(tmp_path / "straight")
 
 
 def test_a_grouped_run_diverges_at_the_step_the_ungrouped_one_does(tmp_path: Path) -> None:
@@ -108,9 +111,7 @@ def test_a_grouped_run_stops_at_max_steps_inside_a_group(tmp_path: Path) -> None
         for name in ("one", "grouped")
     ]
     assert [s["global_step"] for s in states] == [10, 10]  # 10: inside the third group of 4
-    assert [r["step"] for r in _rows(tmp_path / "grouped")] == [
-        r["step"] for r in _rows(tmp_path / "one")
-    ]
+    assert _steps(tmp_path / "grouped") == _steps(tmp_path / "one")
 
 
 @pytest.mark.parametrize("grouped", [[], [GROUPED]], ids=["one", "grouped"])

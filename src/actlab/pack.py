@@ -27,7 +27,8 @@ own first epoch, with its own step count, as its solo job.
 
 What a member writes (its `.hydra/`, results.json, csv, W&B run, checkpoints) goes through the
 functions a solo job uses, into its own folder: to a user it is a solo job. This module is the
-members' lifecycle and the pack's training loop; the stacked math is actlab.stacked_nets.
+members' lifecycle and the pack's training, which Lightning's Trainer runs (PackModule: each
+Lightning batch a group of the pack's optimizer steps); the stacked math is actlab.stacked_nets.
 """
 
 from __future__ import annotations
@@ -299,7 +300,9 @@ def memory_need(
             # Each member's best weights, kept for its test in the host's memory (cut from the
             # epoch's one copy to the host), which on a CPU is the device's.
             "best states": (
-                k * params if callbacks.get("model_checkpoint") and device.type == "cpu" else 0
+                k * (params + buffers)
+                if callbacks.get("model_checkpoint") and device.type == "cpu"
+                else 0
             ),
             "batch orders": k * len(data[0]) * 8,
         },
@@ -573,8 +576,7 @@ class PackTrainer:
                 for key, t in state.items():
                     if key in opt.get(i, {}):
                         put_solo(t, m.index, opt[i][key], kind)
-            for name, b in zip(self.buffer_names, self.model.stacked_buffers, strict=True):
-                b[m.index].copy_(ckpt["state_dict"][name])
+            self._put_buffers(m, ckpt["state_dict"])
             m.best = float(ckpt["state_dict"]["val_acc_best.max_value"])
             m.metrics = dict(ckpt.get("metrics") or {})
             m.last_path = m.resumed
@@ -587,88 +589,111 @@ class PackTrainer:
                     m.best_state = {n: best["state_dict"][n] for n in self.state_names}
         self.optimizer.set_groups([o.param_groups[0] for o in self.opts])
 
+    def _put_buffers(self, m: Member, state: dict[str, torch.Tensor]) -> None:
+        for name, b in zip(self.buffer_names, self.model.stacked_buffers, strict=True):
+            b[m.index].copy_(state[name])
+
     def _tensors(self, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(self.device) for t in split)
 
     def fit(self) -> None:
-        self._fit()
+        """Trains the members under Lightning's Trainer (`PackModule`), from the pack's first
+        epoch until each member has trained its epochs or left the stack."""
+        self.x, self.y = self._tensors(self.datamodule.train)
+        self.val = self._tensors(self.datamodule.val)  # on the device for every evaluation
+        self.batch_size = int(self.members[0].cfg.data.batch_size)
+        self.steps = -(-len(self.x) // self.batch_size)
+        self.epoch = self.first_epoch
+        if self._trains_on():
+            first = self.members[0].cfg
+            group = int(first.data.get("steps_per_batch") or 1)
+            folder = Path(HydraConfig.get().runtime.output_dir)  # the pack job's
+            trainer = lightning_trainer(first, self.device, folder)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*configure_optimizers` returned `None`")
+                trainer.fit(PackModule(self, group if group > 1 else STEPS_PER_BATCH))
         self.fit_seconds = self.seconds()
 
-    def _fit(self) -> None:
-        x, y = self._tensors(self.datamodule.train)
-        self.val = self._tensors(self.datamodule.val)  # on the device for every evaluation
-        n, bs = len(x), int(self.members[0].cfg.data.batch_size)
-        steps = -(-n // bs)
-        epoch = self.first_epoch
-        while self.stack and any(self.member_epoch(m, epoch) < self.epochs for m in self.stack):
-            K = len(self.stack)
-            self.model.train()  # evaluate() left it in eval mode: no dropout there
-            start = time.perf_counter()
-            orders = self._orders(epoch, n)
-            self.outside_steps += time.perf_counter() - start
-            sums = torch.zeros(3, K, device=self.device)  # loss, correct, n
-            training = self.training  # changes within an epoch only when a member diverges
-            for s in range(steps):
-                idx = orders[:, s * bs : (s + 1) * bs]
-                flat = idx.flatten()
-                xb = x.index_select(0, flat).view(K, -1, *x.shape[1:])
-                yb = y.index_select(0, flat).view(K, -1, *y.shape[1:])
-                with self.autocast():
-                    logits = self.model(xb)
-                    losses = self._losses(logits, yb)
-                for p in self.params:
-                    p.grad = None
-                losses.sum().backward()
-                # Each member logs every log_every of its own steps, as its solo job does.
-                due = [m for m in training if (self.member_step(m) + 1) % self.log_every == 0]
-                log_now = bool(due)
-                step_logs: dict[str, torch.Tensor] = {}
-                if log_now and self.log_grad_norms:
-                    layers = self.model.weighted_params()
-                    step_logs.update(grad_norms([[p.grad for p in ps] for ps in layers], members=1))
-                if self.clip:
-                    clip_per_member(self.params, float(self.clip))
-                self.optimizer.step()
-                self.global_step += 1
-                if s + 1 == steps:  # where the solo module steps its scheduler
-                    self._step_schedulers()
-                with torch.no_grad():
-                    b = yb.shape[1]
-                    correct = (
-                        (logits.argmax(-1) == yb).sum(1) if self.classify else losses.new_zeros(K)
-                    )
-                    sums += torch.stack(
-                        [losses * b, correct.to(losses.dtype), losses.new_full((K,), b)]
-                    )
-                if log_now:
-                    step_logs["train/loss"] = losses
-                    if self.classify:
-                        step_logs["train/acc"] = correct / b
-                    self._log_each(step_logs, due, epoch)
-                if s + 1 == steps or self.global_step % self.log_every == 0:
-                    self._check_divergence(sums[0], epoch)
-                    if len(self.training) < len(training):
-                        training = self.training
-                        if not training:
-                            return
-                        # A diverged member leaves the stack now, not at the epoch's end: the
-                        # others' steps need not carry its frozen weights for the rest of it.
-                        keep = [m.index for m in training]
-                        orders, sums = orders[keep], sums[:, keep]
-                        self.leave(self._drop())
-                        K = len(self.stack)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # the steps' time is the steps'
-            start = time.perf_counter()
-            self._end_epoch(epoch, sums)
-            gone = self._drop()
-            self.epochs_run += 1
-            if self.join:  # a search's pack: who left is told, new trials take the free slots
-                self.leave(gone)
-                if free := self.slots - len(self.stack):
-                    self.add(self.join(free, epoch + 1), epoch + 1)
-            self.outside_steps += time.perf_counter() - start
-            epoch += 1
+    def _trains_on(self) -> bool:
+        """Whether a member of the stack has an epoch left to train from the pack's next one."""
+        return any(self.member_epoch(m, self.epoch) < self.epochs for m in self.stack)
+
+    def start_epoch(self) -> None:
+        self.model.train()  # evaluate() left it in eval mode: no dropout there
+        start = time.perf_counter()
+        self.orders = self._orders(self.epoch, len(self.x))
+        self.outside_steps += time.perf_counter() - start
+        self.sums = torch.zeros(3, len(self.stack), device=self.device)  # loss, correct, n
+        self.in_training = self.training  # changes within an epoch only when a member diverges
+
+    def step(self, s: int) -> bool:
+        """The epoch's optimizer step `s`, one minibatch of each member; False once no member
+        trains (all diverged): the pack's training ends there, without the epoch's end."""
+        x, y, bs, epoch = self.x, self.y, self.batch_size, self.epoch
+        K = len(self.orders)
+        idx = self.orders[:, s * bs : (s + 1) * bs]
+        flat = idx.flatten()
+        xb = x.index_select(0, flat).view(K, -1, *x.shape[1:])
+        yb = y.index_select(0, flat).view(K, -1, *y.shape[1:])
+        with self.autocast():
+            logits = self.model(xb)
+            losses = self._losses(logits, yb)
+        for p in self.params:
+            p.grad = None
+        losses.sum().backward()
+        training = self.in_training
+        # Each member logs every log_every of its own steps, as its solo job does.
+        due = [m for m in training if (self.member_step(m) + 1) % self.log_every == 0]
+        step_logs: dict[str, torch.Tensor] = {}
+        if due and self.log_grad_norms:
+            layers = self.model.weighted_params()
+            step_logs.update(grad_norms([[p.grad for p in ps] for ps in layers], members=1))
+        if self.clip:
+            clip_per_member(self.params, float(self.clip))
+        self.optimizer.step()
+        self.global_step += 1
+        if s + 1 == self.steps:  # where the solo module steps its scheduler
+            self._step_schedulers()
+        with torch.no_grad():
+            b = yb.shape[1]
+            correct = (logits.argmax(-1) == yb).sum(1) if self.classify else losses.new_zeros(K)
+            self.sums += torch.stack(
+                [losses * b, correct.to(losses.dtype), losses.new_full((K,), b)]
+            )
+        if due:
+            step_logs["train/loss"] = losses
+            if self.classify:
+                step_logs["train/acc"] = correct / b
+            self._log_each(step_logs, due, epoch)
+        if s + 1 == self.steps or self.global_step % self.log_every == 0:
+            self._check_divergence(self.sums[0], epoch)
+            if len(self.training) < len(training):
+                self.in_training = training = self.training
+                if not training:
+                    return False
+                # A diverged member leaves the stack now, not at the epoch's end: the others'
+                # steps need not carry its frozen weights for the rest of it.
+                keep = [m.index for m in training]
+                self.orders, self.sums = self.orders[keep], self.sums[:, keep]
+                self.leave(self._drop())
+        return True
+
+    def end_epoch(self) -> bool:
+        """The members' end of the pack's epoch (`_end_epoch`), those that stopped leaving the
+        stack and, in a search's pack, new trials joining it; whether the pack trains on."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the steps' time is the steps'
+        start = time.perf_counter()
+        self._end_epoch(self.epoch, self.sums)
+        gone = self._drop()
+        self.epochs_run += 1
+        if self.join:  # a search's pack: who left is told, new trials take the free slots
+            self.leave(gone)
+            if free := self.slots - len(self.stack):
+                self.add(self.join(free, self.epoch + 1), self.epoch + 1)
+        self.outside_steps += time.perf_counter() - start
+        self.epoch += 1
+        return self._trains_on()
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(
@@ -1025,8 +1050,7 @@ class PackTrainer:
                     continue
                 for name, t, kind in zip(self.names, self.params, self.kinds, strict=True):
                     put_solo(t, m.index, m.best_state[name], kind)
-                for name, b in zip(self.buffer_names, self.model.stacked_buffers, strict=True):
-                    b[m.index].copy_(m.best_state[name])
+                self._put_buffers(m, m.best_state)
         members = sorted(members, key=lambda m: m.index)
         model, rows = self.model, [m.index for m in members]
         if len(members) < len(self.stack) and not self.func:
@@ -1047,6 +1071,68 @@ class PackTrainer:
         """Since the pack started, or since member `m` joined it."""
         start = m.start if m and m.start is not None else self.start
         return round(time.perf_counter() - start, 2)
+
+
+# Optimizer steps per Lightning batch where `data.steps_per_batch` names none: Lightning's loop
+# costs about 0.4 ms a batch, 8 steps make it about 4% of a small pack's step (README, Performance).
+STEPS_PER_BATCH = 8
+
+
+class PackModule(L.LightningModule):
+    """A pack's training as Lightning's Trainer runs a module: each batch is `group` of the
+    pack's optimizer steps (each a minibatch of every member), each epoch's end the members'
+    (validation, checkpoints, early stopping, members leaving and joining the stack). The pack
+    steps its own optimizer (StackedOptimizer) and writes each member's checkpoints in its solo
+    job's format; the Trainer's loop, progress bar and profiler serve the whole pack."""
+
+    def __init__(self, pack: PackTrainer, group: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.pack, self.group = pack, group  # PackTrainer is no nn.Module: not a submodule
+        self.ended = False  # every member diverged within an epoch: it has no end
+
+    def train_dataloader(self) -> range:
+        return range(-(-self.pack.steps // self.group))
+
+    def on_train_epoch_start(self) -> None:
+        self.pack.start_epoch()
+
+    def training_step(self, batch: int) -> None:
+        first = batch * self.group
+        for s in range(first, min(first + self.group, self.pack.steps)):
+            if not self.pack.step(s):
+                self.ended = self.trainer.should_stop = True
+                return
+
+    def on_train_epoch_end(self) -> None:
+        if not self.ended and not self.pack.end_epoch():
+            self.trainer.should_stop = True
+
+    def configure_optimizers(self) -> None:
+        """None: the pack steps its members itself (StackedOptimizer)."""
+
+
+def lightning_trainer(cfg: DictConfig, device: torch.device, folder: Path) -> L.Trainer:
+    """The Trainer of a pack on `device` whose first member's config is `cfg`: its progress bar
+    and profiler (one that writes a file writes it in the pack's `folder`: it profiles the whole
+    pack); no logger or checkpoint of its own (each member has its own); as many epochs as the
+    pack trains (PackModule ends them)."""
+    callbacks = cfg.get("callbacks") or {}
+    bar = [instantiate(callbacks.progress_bar)] if callbacks.get("progress_bar") else []
+    profiler = cfg.trainer.get("profiler")
+    if isinstance(profiler, DictConfig):
+        profiler = instantiate(profiler, **({"dirpath": folder} if "dirpath" in profiler else {}))
+    return L.Trainer(
+        accelerator=device.type,
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        max_epochs=-1,
+        callbacks=bar,
+        enable_progress_bar=bool(bar),
+        profiler=profiler,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ TRAINER_KEYS = {
     "check_val_every_n_epoch",
     "deterministic",
     "precision",  # a pack's key: members of one pack train in one precision
+    "profiler",  # the pack's Trainer profiles the whole pack (actlab.pack.lightning_trainer)
 }
 CALLBACKS = {
     "model_checkpoint",
