@@ -156,7 +156,7 @@ def test_search_section_times_a_packed_pruned_search_against_one_trial_at_a_time
         finished = [r["metrics"]["val/acc_best"] for r in records if r["status"] == "finished"]
         assert seed["best"] == max(finished)
         assert [r.get("pack", {}).get("size") for r in records] == (
-            [4] * 4 if name == "packed" else [None] * 4
+            [4] * 4 if name == "packed" else [1] * 4  # one at a time: packs of one
         )
     assert out["one at a time"][0]["pruned"] == 0
     walls = [out[name][0]["wall_s"] for name in ("one at a time", "packed")]

@@ -44,7 +44,8 @@ def test_the_default_sweep_packs_and_basic_runs_a_job_each(tmp_path: Path) -> No
     out = _sweep(tmp_path / "basic", ACTS, "hydra/sweeper=basic")
     solo = _jobs(tmp_path / "basic")
     assert sorted(solo) == sorted(packed)
-    assert all(r["status"] == "finished" and "pack" not in r for r in solo.values())
+    # Each job its own process and a pack of one.
+    assert all(r["status"] == "finished" and r["pack"]["size"] == 1 for r in solo.values())
     assert sorted(r["job"]["num"] for r in solo.values()) == [0, 1, 2]
     assert not (tmp_path / "basic" / ".packs").exists() and "packed sweep" not in out
 

@@ -166,7 +166,7 @@ def test_a_cnn_and_a_batchnorm_mlp_as_model_net_train_in_a_packed_sweep(
     configs: Path, tmp_path: Path
 ) -> None:
     """Both could pack (through torch.func, tests/test_pack_func.py), but each alone in the
-    sweep is a solo job."""
+    sweep is a job of its own, a pack of one."""
     sweep = tmp_path / "sweep"
     proc = run_train(
         "-m",
@@ -186,7 +186,7 @@ def test_a_cnn_and_a_batchnorm_mlp_as_model_net_train_in_a_packed_sweep(
     }
     assert sorted(jobs) == ["model.net=bn_mlp", "model.net=cnn"]
     for name, record in jobs.items():
-        assert record["status"] == "finished" and "pack" not in record, name
+        assert record["status"] == "finished" and record["pack"]["size"] == 1, name
         assert {"test/acc", "dead/layer1", "grad_norm/layer1", "grad_norm/output"} <= set(
             record["metrics"]
         ), name

@@ -62,7 +62,7 @@ def test_every_member_matches_its_solo_job(sweeps: tuple[dict, dict]) -> None:
         share = p["pack"]["seconds_per_epoch"] / 12
         assert p["seconds_per_epoch"] == pytest.approx(share, abs=1e-3)
         assert p["config"] == s["config"]
-        assert set(p) - {"pack"} == set(s)
+        assert set(p) == set(s) and s["pack"]["size"] == 1  # a basic sweep's job: a pack of one
         assert set(p["metrics"]) == set(s["metrics"])
         for key in ("val/acc_best", "test/acc"):
             assert abs(p["metrics"][key] - s["metrics"][key]) <= 0.001, (name, key)

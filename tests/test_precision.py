@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import (
     FAST,
+    LIGHTNING_LOOP,
     QUICK,
     compose_train,
     here,
@@ -155,7 +156,14 @@ def test_grad_norms_and_clipping_see_unscaled_gradients_under_16_mixed() -> None
 def test_bf16_mixed_trains_solo_and_packed_on_the_cpu(tmp_path: Path) -> None:
     args = [*CPU, "trainer.max_epochs=1", "matmul_precision=high", "seed=0,1"]
     solo = _by(
-        _sweep(tmp_path / "solo", *args, "trainer.precision=bf16-mixed", "hydra/sweeper=basic"),
+        # Lightning's own bf16-mixed: the reference the packs' autocast is held to.
+        _sweep(
+            tmp_path / "solo",
+            *args,
+            "trainer.precision=bf16-mixed",
+            "hydra/sweeper=basic",
+            LIGHTNING_LOOP,
+        ),
         "seed",
     )
     packed = _by(

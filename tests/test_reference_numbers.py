@@ -1,4 +1,5 @@
-"""A solo job's numbers against ones recorded from the solo path before the one-engine change.
+"""A job of its own (a pack of one) against numbers recorded from the solo path (Lightning's loop
+with actlab.model.MLPClassifier) before the one-engine change.
 
 Packed-vs-solo tests compare two paths run now; these compare with numbers written down before
 (tests/reference/solo.json), so that the two paths cannot drift apart together. Each case is a
@@ -18,12 +19,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, run_train
+from conftest import CPU, SMALL_DATA, run_train
 
 from actlab.results import read_results
 
 REFERENCE = Path(__file__).parent / "reference" / "solo.json"
-BASE = [*QUICK, "logger=csv", "trainer.max_epochs=3", "model.net.hidden_sizes=[32]"]
+# No progress bar or model summary, as the numbers were recorded (tests/conftest.py QUICK then).
+BASE = [
+    *SMALL_DATA,
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+    *CPU,
+    "logger=csv",
+    "trainer.max_epochs=3",
+    "model.net.hidden_sizes=[32]",
+]
 CASES = {
     "relu_sgd": ["model.act=relu"],
     "leaky_adam": ["model.act=leaky", "model.act.negative_slope=0.1", "optimizer=adam"],
@@ -54,6 +64,7 @@ def fingerprint(case: str, folder: Path) -> dict:
     proc = run_train(*base, *CASES[case], f"hydra.run.dir={folder}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = read_results(folder)
+    assert record["pack"]["size"] == 1  # a pack of one, not Lightning's loop
     state = torch.load(record["best_checkpoint"], weights_only=True)["state_dict"]
     return {
         "epochs": record["epochs"],
@@ -69,7 +80,7 @@ def fingerprint(case: str, folder: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_a_solo_job_gives_the_recorded_numbers(case: str, tmp_path: Path) -> None:
+def test_a_job_of_its_own_gives_the_solo_paths_recorded_numbers(case: str, tmp_path: Path) -> None:
     expected = json.loads(REFERENCE.read_text())[case]
     got = fingerprint(case, tmp_path)
     assert got["epochs"] == expected["epochs"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, here, here_exit, metric_rows, net_weights, results
+from conftest import FAST, LIGHTNING_LOOP, here, here_exit, metric_rows, net_weights, results
 
 # 1800 training rows of 64: 29 minibatches an epoch. Groups of 4 end mid-epoch and the
 # epoch's last group is short; logging every 3 steps falls inside groups and at their ends.
@@ -23,6 +23,7 @@ RUN = [
     "trainer.log_every_n_steps=3",
     "scheduler=step",
     "model.gradient_clip_val=0.5",
+    LIGHTNING_LOOP,  # whose batches the option groups (a pack of one groups its own steps)
 ]
 
 

@@ -76,10 +76,13 @@ def wandb_logger(
     os.environ.setdefault("WANDB_SILENT", "true")
     settings = wandb.Settings(init_timeout=init_timeout)
     if new_run:
-        run = wandb.init(
-            dir=save_dir, project=project, mode=mode, id=run_id, resume="allow",
-            settings=settings, reinit="create_new", **kwargs,
-        )  # fmt: skip
+        try:
+            run = wandb.init(
+                dir=save_dir, project=project, mode=mode, id=run_id, resume="allow",
+                settings=settings, reinit="create_new", **kwargs,
+            )  # fmt: skip
+        except Exception as e:  # as announce() says it for a run started later
+            raise _not_started(e) from e
         return WandbLogger(experiment=run, save_dir=save_dir, project=project)
     logger = WandbLogger(
         save_dir=save_dir,
@@ -104,15 +107,19 @@ def announce(logger: WandbLogger) -> None:
     # Not only wandb.Error: an unreachable server ends in a plain TimeoutError, and a slow start
     # of W&B's service process in its own WandbServiceConnectionError.
     except Exception as e:
-        reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever W&B put in it
-        raise UserError(
-            f"W&B could not start the run ({reason}). Check the network and WANDB_BASE_URL, or "
-            "log offline with logger.wandb.mode=offline and upload later with `make sync`."
-        ) from e
+        raise _not_started(e) from e
     if run.settings.mode == "offline":
         log.info("W&B offline run in %s (`make sync` uploads it)", Path(run.dir).parent)
     else:
         log.info("W&B run: %s", run.url)
+
+
+def _not_started(e: Exception) -> UserError:
+    reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever W&B put in it
+    return UserError(
+        f"W&B could not start the run ({reason}). Check the network and WANDB_BASE_URL, or "
+        "log offline with logger.wandb.mode=offline and upload later with `make sync`."
+    )
 
 
 def finish_wandb(status: str, run: Any = None) -> None:

@@ -56,6 +56,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.model_summary import ModelSummary
 from omegaconf import DictConfig, OmegaConf
 from omegaconf._impl import _resolve_container_value
 from torch import nn
@@ -65,8 +66,8 @@ from actlab import checkpoints, packing
 from actlab import loggers as actlab_loggers
 from actlab.data import batch_order
 from actlab.diagnostics import grad_norms, hidden_activations, unit_metrics
-from actlab.errors import Interrupted, UserError, interruption
-from actlab.launch import finished_before, usable_cores
+from actlab.errors import Diverged, Interrupted, UserError, interruption
+from actlab.launch import ShareIdleCores, finished_before, usable_cores
 from actlab.model import TASKS
 from actlab.results import (
     RESULTS,
@@ -440,6 +441,7 @@ class PackTrainer:
         self.keep_last = bool(callbacks.get("last_checkpoint"))
         self.global_step = 0
         self.heartbeat: Heartbeat | None = None
+        self.callbacks: list[L.Callback] = []  # the Trainer's besides the progress bar
         # A search's link to its study (hydra_plugins.actlab_optuna.PackSearch): called, it says
         # whether a member, by its folder's name, stops now that it has trained this many epochs
         # with these metrics (it then leaves the stack, `pruned`).
@@ -508,6 +510,10 @@ class PackTrainer:
             solo = instantiate(m.cfg.model)
             if not nets:  # the members' networks differ only in their weights: one check
                 check_net(solo.net, m.cfg.data.in_features, m.cfg.data.num_classes)
+            summary = (m.cfg.get("callbacks") or {}).get("model_summary")
+            if summary and not self.opts:  # the pack's first member: what each member trains
+                depth = summary.get("max_depth", 1)
+                log.info("model (each member's):\n%s", ModelSummary(solo, max_depth=depth))
             # The global generator as the solo job's dropout first draws from it.
             generators.append(torch.Generator().set_state(torch.get_rng_state()))
             nets.append(solo.net)
@@ -608,7 +614,7 @@ class PackTrainer:
             first = self.members[0].cfg
             group = int(first.data.get("steps_per_batch") or 1)
             folder = Path(HydraConfig.get().runtime.output_dir)  # the pack job's
-            trainer = lightning_trainer(first, self.device, folder)
+            trainer = lightning_trainer(first, self.device, folder, self.callbacks)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*configure_optimizers` returned `None`")
                 trainer.fit(PackModule(self, group if group > 1 else STEPS_PER_BATCH))
@@ -1009,7 +1015,13 @@ class PackTrainer:
         """Lightning's loop state at the end of a member's `epoch`, after `global_step` steps, so
         `ckpt_path=` resumes after it."""
         if self._loop_template is None:
-            t = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+            lightning_log = logging.getLogger("lightning.pytorch")
+            level = lightning_log.level
+            lightning_log.setLevel(logging.WARNING)  # its device lines were the pack Trainer's
+            try:
+                t = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+            finally:
+                lightning_log.setLevel(level)
             self._loop_template = {
                 f"{k}_loop": getattr(t, f"{k}_loop").state_dict()
                 for k in ("fit", "validate", "test", "predict")
@@ -1112,13 +1124,15 @@ class PackModule(L.LightningModule):
         """None: the pack steps its members itself (StackedOptimizer)."""
 
 
-def lightning_trainer(cfg: DictConfig, device: torch.device, folder: Path) -> L.Trainer:
-    """The Trainer of a pack on `device` whose first member's config is `cfg`: its progress bar
-    and profiler (one that writes a file writes it in the pack's `folder`: it profiles the whole
-    pack); no logger or checkpoint of its own (each member has its own); as many epochs as the
-    pack trains (PackModule ends them)."""
-    callbacks = cfg.get("callbacks") or {}
-    bar = [instantiate(callbacks.progress_bar)] if callbacks.get("progress_bar") else []
+def lightning_trainer(
+    cfg: DictConfig, device: torch.device, folder: Path, callbacks: list[L.Callback]
+) -> L.Trainer:
+    """The Trainer of a pack on `device` whose first member's config is `cfg`: its progress bar,
+    `callbacks` (its device slot's) and profiler (one that writes a file writes it in the pack's
+    `folder`: it profiles the whole pack); no logger or checkpoint of its own (each member has
+    its own); as many epochs as the pack trains (PackModule ends them)."""
+    configured = cfg.get("callbacks") or {}
+    bar = [instantiate(configured.progress_bar)] if configured.get("progress_bar") else []
     profiler = cfg.trainer.get("profiler")
     if isinstance(profiler, DictConfig):
         profiler = instantiate(profiler, **({"dirpath": folder} if "dirpath" in profiler else {}))
@@ -1126,7 +1140,7 @@ def lightning_trainer(cfg: DictConfig, device: torch.device, folder: Path) -> L.
         accelerator=device.type,
         devices=[device.index or 0] if device.type == "cuda" else 1,
         max_epochs=-1,
-        callbacks=bar,
+        callbacks=[*bar, *callbacks],
         enable_progress_bar=bool(bar),
         profiler=profiler,
         logger=False,
@@ -1148,7 +1162,7 @@ def train_pack(cfg: DictConfig) -> dict[str, Any]:
         members = []
         started = provenance()
         for full in fulls:
-            if m := _start_member(cfg, full, len(members), logs, started):
+            if m := _start_member(cfg, member_from(full, len(members)), logs, started):
                 members.append(m)
         # One stack trains from one epoch: members continued from their checkpoints train with
         # those at the same epoch, each such pack after the other (the new members first).
@@ -1174,15 +1188,38 @@ def train_pack(cfg: DictConfig) -> dict[str, Any]:
         return {"status": "finished", "metrics": {}}
 
 
+def train_one(cfg: DictConfig) -> dict[str, Any]:
+    """A job of its own (`python train.py`, a basic sweep's job) trained as a pack of one: one
+    engine for every job, its one member this job in its own folder."""
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    composed = OmegaConf.to_container(cfg, resolve=False)
+    full = OmegaConf.create({**composed, "hydra": OmegaConf.to_container(hc, resolve=False)})
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    choices = OmegaConf.to_container(hc.runtime.choices)
+    started = {**provenance(), "pack": {"id": None, "size": 1, "member": 0}}
+    with member_logs() as logs:
+        m = _start_member(cfg, Member(resolved, out, choices, 0, full), logs, started, alone=True)
+        if m is None:  # finished before
+            return read_results(out)
+        _fit_members(cfg, [m], logs, started)
+    # Its end as a solo job's: a line and a status, not a pack's log of its member.
+    error = m.record.get("error", "")
+    if m.status == "diverged":
+        raise Diverged(error.removeprefix("Diverged: "))
+    if m.status == "failed":
+        raise UserError(error.removeprefix("UserError: "))
+    return m.record
+
+
 def _start_member(
-    cfg: DictConfig, full: DictConfig, index: int, logs: _MemberLogs, started: dict[str, Any]
+    cfg: DictConfig, m: Member, logs: _MemberLogs, started: dict[str, Any], alone: bool = False
 ) -> Member | None:
-    """The member of `full` (its config as the sweeper composed it), its folder and record
-    started (with `started`: provenance() and what the pack adds); None where it does not train
-    (finished before, or failed validation)."""
+    """The member `m`, its folder and record started (with `started`: provenance() and what the
+    pack adds); None where it does not train (finished before, or failed validation). `alone`:
+    a job of its own (train_one), whose errors are raised where a member's are only recorded."""
     from actlab.validation import validate
 
-    m = member_from(full, index)
     m.record = start_record(m)
     # The pack job's own `resume` too: a SLURM requeue appends `++resume=true` to it.
     resume = cfg.get("resume") or m.cfg.get("resume")
@@ -1191,6 +1228,8 @@ def _start_member(
             log.info("%s: finished before, skipped (resume=true)", m.out.name)
             return None
     except UserError as e:  # a finished run of another config: left as it is
+        if alone:
+            raise
         log.error("%s: job failed: %s", m.out.name, e)
         return None
     logs.add(m)
@@ -1207,6 +1246,9 @@ def _start_member(
     try:
         validate(m.cfg)
     except UserError as e:
+        if alone:  # its entry point prints it
+            m.end("failed", f"UserError: {e}")
+            raise
         log.error("%s: job failed: %s", m.out.name, e)
         m.end("failed", f"UserError: {e}")
         logs.drop(m)  # the pack's lines are not about it
@@ -1221,9 +1263,13 @@ class _MemberLogs(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.files: dict[str, Any] = {}
+        self.own: set[Path] = set()  # the files Hydra's handlers write already
 
     def add(self, m: Member) -> None:
-        self.files[m.out.name] = open(m.out / "train.log", "a")  # noqa: SIM115
+        path = (m.out / "train.log").resolve()
+        if path in self.own:  # a pack of one in its job's folder: Hydra's log is the member's
+            return
+        self.files[m.out.name] = open(path, "a")  # noqa: SIM115
 
     def drop(self, m: Member) -> None:
         """Lines are not about `m` from now on (once dropped, a member stays so)."""
@@ -1251,6 +1297,9 @@ def member_logs() -> Iterator[_MemberLogs]:
     if hydra_log := next((h for h in root.handlers if isinstance(h, logging.FileHandler)), None):
         handler.setFormatter(hydra_log.formatter)
         handler.setLevel(hydra_log.level)
+    handler.own = {
+        Path(h.baseFilename).resolve() for h in root.handlers if isinstance(h, logging.FileHandler)
+    }
     root.addHandler(handler)
     try:
         yield handler
@@ -1277,11 +1326,15 @@ def _fit_members(
             m.record.update(launch)
         device = torch.device(slot.device if slot and not slot.simulated else packing.device(cfg))
         path = " (torch.func)" if packing.engine(members[0].cfg) == "torch.func" else ""
-        log.info("pack of %d members on %s%s: %s", len(members), device, path, _names(members))
+        pack_dir = Path(HydraConfig.get().runtime.output_dir)
+        if members[0].out == pack_dir:  # train_one's
+            log.info("%s: trains as a pack of one on %s%s", members[0].out.name, device, path)
+        else:
+            log.info("pack of %d members on %s%s: %s", len(members), device, path, _names(members))
         tests = bool(cfg.get("test", True))
         trainer = PackTrainer(members, device, slot.sharing if slot else 1, tests)
         trainer.heartbeat = heartbeat
-        pack_dir = Path(HydraConfig.get().runtime.output_dir)
+        trainer.callbacks = slot.callbacks() if slot else []
         if (pack_dir / SEARCH).exists():
             trainer.search = instantiate(OmegaConf.load(pack_dir / SEARCH), _convert_="all")
 
@@ -1295,6 +1348,9 @@ def _fit_members(
             m.record["pack"]["seconds_outside_steps_per_epoch"] = round(
                 trainer.outside_steps / max(trainer.epochs_run, 1), 4
             )
+            for cb in trainer.callbacks:
+                if isinstance(cb, ShareIdleCores):
+                    m.record["launch"]["threads_per_epoch"] = cb.threads
             log.info(
                 "%s: test/acc=%.4f val/acc_best=%.4f epochs=%d -> %s",
                 m.out.name,
@@ -1338,7 +1394,8 @@ def _fit_members(
                 for full in fulls:
                     index = len(trainer.members) + len(joining)
                     pack = {"id": pack_dir.name, "size": trainer.slots, "joined_epoch": epoch}
-                    m = _start_member(cfg, full, index, logs, {**started, **launch, "pack": pack})
+                    m = member_from(full, index)
+                    m = _start_member(cfg, m, logs, {**started, **launch, "pack": pack})
                     if m is None:
                         trainer.search.tell(Path(full.hydra.runtime.output_dir))
                         continue

@@ -33,6 +33,8 @@ from actlab.errors import (
     user_error,
 )
 from actlab.launch import ShareIdleCores, Slot, finished_before, usable_cores
+from actlab.pack import train_one, train_pack
+from actlab.packing import solo_reason
 from actlab.results import (
     RESULTS,
     SEARCH,
@@ -69,11 +71,12 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, then test the best-by-val checkpoint; returns the record written to results.json."""
     if cfg.get("pack") is not None:  # a job of `hydra/sweeper=packed`: several runs as one
-        from actlab.pack import train_pack
-
         return train_pack(cfg)
     hc = HydraConfig.get()
     out = Path(cfg.paths.output_dir)
+    if (reason := solo_reason(cfg)) is None:
+        return train_one(cfg)
+    log.info("%s: trains under Lightning's loop alone, not as a pack of one: %s", out.name, reason)
     record = running_record(
         out.name,
         hc.job.get("num"),
