@@ -589,8 +589,8 @@ def measure_pack_sizes(
     Two rates each: by wall time (process start, data, test and records included) and by fit
     time (`seconds_per_epoch`: a pack's whole epoch, a solo job's own). For each K, the seconds
     per member-epoch of the fit and, of those, outside the training steps (evaluation, logging,
-    checkpoints, batch orders): a pack's own record of them; for K=1 (a solo job), EpochClock's
-    whole epoch less its steps.
+    checkpoints, batch orders): a pack's own record of them (K=1: a job of its own, a pack of
+    one).
     """
     gpu = torch.cuda.is_available()
     common = [*_sweep_args(data, epochs), *(["trainer=gpu"] if gpu else []), *overrides]
@@ -602,35 +602,23 @@ def measure_pack_sizes(
             "hydra/launcher=parallel",
             "launch.jobs_per_gpu=4",
         ]
-    clock = workdir / "solo_epochs.json"
-    for k in sizes:  # a pack of 1 is a solo job: its epochs timed by EpochClock
-        solo = [
-            "+callbacks.epoch_clock._target_=benchmarks.bench.EpochClock",
-            f"+callbacks.epoch_clock.path={clock}",
-            "hydra.sweep.subdir=solo",  # not a folder named by that path's slashes
-        ]
-        ways[f"pack K={k}"] = [
-            f"hydra.sweeper.max_members={k}",
-            f"seed=range(0,{k})",
-            *(solo if k == 1 else []),
-        ]
+    for k in sizes:  # K=1: a job of its own, a pack of one
+        ways[f"pack K={k}"] = [f"hydra.sweeper.max_members={k}", f"seed=range(0,{k})"]
     out: dict[str, Any] = {"device": "cuda" if gpu else "cpu"}
     for name, extra in ways.items():
         folder = name.replace(" ", "_").replace("=", "")  # `=` in hydra.sweep.dir needs quotes
         wall, records = run_sweep([*common, *extra], workdir / folder)
         jobs = len(records)
-        pack = records[0].get("pack", {})
+        packs = [r["pack"] for r in records if "pack" in r]
         outside = None
-        if pack:
-            fit_rate = jobs / pack["seconds_per_epoch"]
-            outside = pack["seconds_outside_steps_per_epoch"] / jobs
-        elif "hydra/launcher=parallel" not in extra:  # one job at a time
-            fit_rate = 1 / statistics.median(r["seconds_per_epoch"] for r in records)
-        else:
+        if "hydra/launcher=parallel" in extra:
             fit_rate = None  # jobs overlap: only the wall rate says what they achieve together
-        if any("epoch_clock" in e for e in extra):
-            timed = json.loads(clock.read_text())
-            outside = statistics.mean(e["epoch_s"] - e["train_s"] for e in timed)
+        elif len(packs) == jobs:  # a pack's epoch is its members' (K jobs of one, K packs of 1)
+            size = packs[0]["size"]
+            fit_rate = size / statistics.median(p["seconds_per_epoch"] for p in packs)
+            outside = statistics.median(p["seconds_outside_steps_per_epoch"] for p in packs) / size
+        else:  # one job at a time under Lightning's loop
+            fit_rate = 1 / statistics.median(r["seconds_per_epoch"] for r in records)
         out[name] = {
             "jobs": jobs,
             "wall_s": round(wall, 1),

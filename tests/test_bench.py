@@ -198,8 +198,8 @@ def test_pack_sizes_flag_prints_each_sizes_overhead_per_member(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """`bench.py --pack-sizes 1 2` at tiny sizes: a row per K with the fit's and the seconds
-    outside the training steps per member-epoch, a solo job's (K=1) by its clock, a pack's from
-    its record."""
+    outside the training steps per member-epoch, each from its pack's record (K=1: a job of its
+    own, a pack of one)."""
     from benchmarks.bench import main
 
     main(

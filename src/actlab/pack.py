@@ -412,11 +412,17 @@ class PackTrainer:
     """
 
     def __init__(
-        self, members: list[Member], device: torch.device, sharing: int = 1, test: bool = True
+        self,
+        members: list[Member],
+        device: torch.device,
+        folder: Path,
+        sharing: int = 1,
+        test: bool = True,
     ) -> None:
-        """`sharing`: the device slots that share the device (actlab.launch.Slot.sharing);
-        `test`: whether each member is tested (`test()` and when it leaves the stack)."""
-        self.members, self.device, self.tests = members, device, test
+        """`folder`: the pack job's (a profiler's file goes there); `sharing`: the device slots
+        that share the device (actlab.launch.Slot.sharing); `test`: whether each member is
+        tested (`test()` and when it leaves the stack)."""
+        self.members, self.device, self.folder, self.tests = members, device, folder, test
         self.stack = list(members)
         first = members[0].cfg
         self.epochs = int(first.trainer.max_epochs)
@@ -613,8 +619,7 @@ class PackTrainer:
         if self._trains_on():
             first = self.members[0].cfg
             group = int(first.data.get("steps_per_batch") or 1)
-            folder = Path(HydraConfig.get().runtime.output_dir)  # the pack job's
-            trainer = lightning_trainer(first, self.device, folder, self.callbacks)
+            trainer = lightning_trainer(first, self.device, self.folder, self.callbacks)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*configure_optimizers` returned `None`")
                 trainer.fit(PackModule(self, group if group > 1 else STEPS_PER_BATCH))
@@ -1101,7 +1106,6 @@ class PackModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.pack, self.group = pack, group  # PackTrainer is no nn.Module: not a submodule
-        self.ended = False  # every member diverged within an epoch: it has no end
 
     def train_dataloader(self) -> range:
         return range(-(-self.pack.steps // self.group))
@@ -1113,11 +1117,12 @@ class PackModule(L.LightningModule):
         first = batch * self.group
         for s in range(first, min(first + self.group, self.pack.steps)):
             if not self.pack.step(s):
-                self.ended = self.trainer.should_stop = True
+                self.trainer.should_stop = True
                 return
 
     def on_train_epoch_end(self) -> None:
-        if not self.ended and not self.pack.end_epoch():
+        # An epoch in which every member diverged has no end.
+        if self.pack.in_training and not self.pack.end_epoch():
             self.trainer.should_stop = True
 
     def configure_optimizers(self) -> None:
@@ -1332,7 +1337,7 @@ def _fit_members(
         else:
             log.info("pack of %d members on %s%s: %s", len(members), device, path, _names(members))
         tests = bool(cfg.get("test", True))
-        trainer = PackTrainer(members, device, slot.sharing if slot else 1, tests)
+        trainer = PackTrainer(members, device, pack_dir, slot.sharing if slot else 1, tests)
         trainer.heartbeat = heartbeat
         trainer.callbacks = slot.callbacks() if slot else []
         if (pack_dir / SEARCH).exists():
