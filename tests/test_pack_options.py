@@ -32,6 +32,8 @@ def _solo_and_packed(
 ) -> tuple[dict[str, Path], dict[str, Path]]:
     solo = _sweep(tmp / "solo", "hydra/sweeper=basic", *args, *solo_args)
     solo = {_without(name, solo_args): folder for name, folder in solo.items()}
+    if LIGHTNING_LOOP in solo_args:  # the reference trained under Lightning's loop, not a pack
+        assert all("pack" not in read_results(folder) for folder in solo.values())
     packed = _sweep(tmp / "packed", "hydra/sweeper=packed", *args)
     assert sorted(solo) == sorted(packed)
     return solo, packed

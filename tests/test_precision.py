@@ -177,6 +177,7 @@ def test_bf16_mixed_trains_solo_and_packed_on_the_cpu(tmp_path: Path) -> None:
         "seed",
     )
     assert len(solo) == 2 and len(packed) == 4
+    assert all("pack" not in r for r in solo.values())  # Lightning's own loop, not a pack
     for r in [*solo.values(), *packed.values()]:
         assert r["status"] == "finished"
         assert r["matmul_precision"] == "high"

@@ -44,6 +44,7 @@ def _steps(folder: Path) -> list[float | None]:
 def test_a_grouped_run_is_the_run_it_replaces(tmp_path: Path) -> None:
     one, grouped = _run(tmp_path / "one"), _run(tmp_path / "grouped", GROUPED)
     assert one["status"] == grouped["status"] == "finished"
+    assert "pack" not in one and "pack" not in grouped  # both under Lightning's loop
     assert grouped["composed_config"]["data"]["steps_per_batch"] == 4
     assert grouped["metrics"].keys() == one["metrics"].keys()
     for key, value in one["metrics"].items():

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from actlab.errors import UserError
-from actlab.wandb_runs import wandb_mode
+from actlab.wandb_runs import run_settings, save_requirements, wandb_mode
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def wandb_logger(
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id + "\n")
     os.environ.setdefault("WANDB_SILENT", "true")
-    settings = wandb.Settings(init_timeout=init_timeout)
+    settings = run_settings(init_timeout=init_timeout)
     if new_run:
         try:
             run = wandb.init(
@@ -108,6 +108,7 @@ def announce(logger: WandbLogger) -> None:
     # of W&B's service process in its own WandbServiceConnectionError.
     except Exception as e:
         raise _not_started(e) from e
+    save_requirements(run)
     if run.settings.mode == "offline":
         log.info("W&B offline run in %s (`make sync` uploads it)", Path(run.dir).parent)
     else:

@@ -35,6 +35,7 @@ from actlab.wandb_runs import (
     SUMMARY_ID,
     has_summary_run,
     report_settings,
+    run_settings,
     sweep_settings,
     wandb_mode,
 )
@@ -769,7 +770,7 @@ def _log_summary(sweep_dir: Path, settings: dict[str, Any], mode: str) -> str:
             mode=mode,
             config={"sweep_dir": str(sweep_dir), "metric": metric, "jobs": len(jobs)},
             reinit="create_new",  # the jobs' runs of this process are finished, not reused
-            settings=wandb.Settings(
+            settings=run_settings(
                 init_timeout=settings.get("init_timeout", 30), console="off", silent=True
             ),
         )
