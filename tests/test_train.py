@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,9 @@ def test_verbatim_multirun_gives_three_jobs_results_and_wandb_runs(tmp_path: Pat
         assert run["name"] == job.name
         assert run["config"]["act"] == act
         assert run["summary"]["test/acc"] == pytest.approx(res["metrics"]["test/acc"])
+        # The packages, as W&B's own per-run scan (turned off) would list them.
+        requirements = (run_dir / "files" / "requirements.txt").read_text().splitlines()
+        assert f"torch=={metadata.version('torch')}" in requirements
 
     # The sweep ends with its table: one line per job.
     table = proc.stdout[proc.stdout.index("Sweep ") :]
