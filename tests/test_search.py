@@ -307,6 +307,40 @@ def test_what_optuna_cannot_plot_is_one_line_of_the_summary(tmp_path: Path) -> N
     assert [rows[n]["pruned at epoch"] for n in range(3)] == ["", "", "2"]  # steps 1 and 2
 
 
+def test_the_contour_plots_each_pair_of_parameters_on_their_own_scales(tmp_path: Path) -> None:
+    space = {
+        **SPACE,
+        "model.net.hidden_sizes": CategoricalDistribution(["[8]", "[16,16]"]),
+    }
+    made = made_study(tmp_path, space, ["complete"] * 6 + ["fail"])
+    done = made.get_trials(states=(TrialState.COMPLETE,))
+    axes = report.contour(made, list(space), "val/acc_best").ravel()
+    pairs = [(ax.get_xlabel(), ax.get_ylabel()) for ax in axes if ax.axison]
+    assert pairs == [
+        ("model.act.negative_slope", "optimizer.lr (log scale)"),
+        ("model.act.negative_slope", "model.net.hidden_sizes"),
+        ("optimizer.lr (log scale)", "model.net.hidden_sizes"),
+    ]
+    dots = [ax.collections[-1] for ax in axes if ax.axison]
+    for dot in dots:
+        assert len(dot.get_offsets()) == len(done)  # a dot a finished trial, the failed one none
+    first = dots[0].get_offsets()
+    lr = [t.params["optimizer.lr"] for t in done]
+    assert torch.allclose(torch.tensor(first[:, 1]), torch.tensor(lr).log10().double())
+    assert [t.get_text() for t in axes[1].get_yticklabels()] == ["[8]", "[16,16]"]
+    # The best trial (made_study minimises) is the darkest dot.
+    shade = dots[0].to_rgba(dots[0].get_array())[:, :3].sum(1)
+    assert done[shade.argmin()].number == made.best_trial.number == 0
+    assert all(len(ax.collections) >= 2 for ax in axes if ax.axison)  # the filled contour too
+
+    two = tmp_path / "two"
+    two.mkdir()
+    made = made_study(two, SPACE, ["complete"] * 2)
+    (ax,) = report.contour(made, list(SPACE), "val/acc_best").ravel()
+    assert len(ax.collections) == 1  # no triangle to fill: the two dots alone
+    assert len(ax.collections[0].get_offsets()) == 2
+
+
 def val_best(folder: Path) -> list[float]:
     """The member's val/acc_best after each epoch, from its metrics.csv."""
     return [float(r["val/acc_best"]) for r in metric_rows(folder) if r["val/acc_best"]]

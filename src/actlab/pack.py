@@ -452,7 +452,7 @@ class PackTrainer:
         # whether a member, by its folder's name, stops now that it has trained this many epochs
         # with these metrics (it then leaves the stack, `pruned`).
         self.search: Any = None
-        self._loop_template: dict[str, Any] | None = None
+        self._loop_template: dict[str, Any] = {}
         # Seconds of the epochs outside their training steps (batch orders, evaluation, logging,
         # checkpoints) and the epochs they cover: what a pack pays per epoch besides its steps.
         self.outside_steps, self.epochs_run = 0.0, 0
@@ -620,6 +620,12 @@ class PackTrainer:
             first = self.members[0].cfg
             group = int(first.data.get("steps_per_batch") or 1)
             trainer = lightning_trainer(first, self.device, self.folder, self.callbacks)
+            # Its loops' state before a step: each member's checkpoint holds it with the member's
+            # own counts (_loops).
+            self._loop_template = {
+                f"{k}_loop": getattr(trainer, f"{k}_loop").state_dict()
+                for k in ("fit", "validate", "test", "predict")
+            }
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*configure_optimizers` returned `None`")
                 trainer.fit(PackModule(self, group if group > 1 else STEPS_PER_BATCH))
@@ -1019,18 +1025,6 @@ class PackTrainer:
     def _loops(self, epoch: int, global_step: int) -> dict[str, Any]:
         """Lightning's loop state at the end of a member's `epoch`, after `global_step` steps, so
         `ckpt_path=` resumes after it."""
-        if self._loop_template is None:
-            lightning_log = logging.getLogger("lightning.pytorch")
-            level = lightning_log.level
-            lightning_log.setLevel(logging.WARNING)  # its device lines were the pack Trainer's
-            try:
-                t = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-            finally:
-                lightning_log.setLevel(level)
-            self._loop_template = {
-                f"{k}_loop": getattr(t, f"{k}_loop").state_dict()
-                for k in ("fit", "validate", "test", "predict")
-            }
         loops = copy.deepcopy(self._loop_template)
         fit = loops["fit_loop"]
         steps = global_step // (epoch + 1)

@@ -9,8 +9,10 @@ trials table and Optuna's plots, in <sweep>/search/, report.md and the summary r
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -527,8 +529,8 @@ def write_report(sweep_dir: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # A search's summary (hydra/sweeper=packed_optuna): its study's trials and Optuna's plots of them,
-# from <sweep>/study.db through Optuna's own storage. Optuna's matplotlib plots, as plotly's image
-# export needs a browser.
+# from <sweep>/study.db through Optuna's own storage. Optuna's matplotlib plots (plotly's image
+# export needs a browser), the contour one of our own (Optuna's needs scipy).
 
 STUDY = "study.db"
 SEARCH_DIR = "search"  # <sweep>/search/: summary.md, trials.csv and the plots
@@ -616,7 +618,7 @@ def search_summary(sweep_dir: Path, out: Path) -> Search | None:
             f"the search has {len(params)} parameter(s), a contour plots two"
             if len(params) < 2
             else (None if done >= 2 else few),
-            lambda: vis.plot_contour(study, target_name=metric),
+            lambda: contour(study, params, metric),
         ),
     ]
     plots, notes = [], []
@@ -639,14 +641,67 @@ def _save_optuna_plot(draw: Callable[[], Any], path: Path) -> Path:
     # Optuna's plots set a style of their own (ggplot): kept to them, not to the report's plots.
     with matplotlib.rc_context(), warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # Optuna marks each one so
-        axes = np.ravel(draw())
-        fig = axes[0].figure
-        side = math.isqrt(axes.size)  # a contour of n > 2 parameters is an n x n grid
-        if side > 1:
-            fig.set_size_inches(3.2 * side + 1, 3.2 * side)
+        fig = np.ravel(draw())[0].figure
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
     return path
+
+
+def contour(study: Any, params: list[str], metric: str) -> Any:
+    """For each pair of parameters, the finished trials' values interpolated linearly over their
+    Delaunay triangles (matplotlib.tri), each trial a dot; a log-scaled parameter's axis is in
+    log10, a choice's its choices. Not Optuna's plot_contour: that interpolates with scipy, which
+    is not installed (where it is, importing Lightning imports scipy.signal, 0.8 s of every job's
+    start). Trials all on one line leave a pair's dots without colour between them."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import FuncFormatter
+    from matplotlib.tri import Triangulation
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    values = np.array([t.value for t in done])
+    norm = Normalize(values.min(), values.max() if np.ptp(values) else values.min() + 1)
+    cmap = "Blues" if study.direction.name == "MAXIMIZE" else "Blues_r"  # the best darkest
+
+    def coordinates(name: str, trials: list) -> np.ndarray:
+        dist = trials[0].distributions[name]
+        if isinstance(dist, CategoricalDistribution):
+            return np.array([dist.to_internal_repr(t.params[name]) for t in trials], float)
+        x = np.array([t.params[name] for t in trials], float)
+        return np.log10(x) if dist.log else x
+
+    def label(axis: Any, name: str, trials: list) -> None:
+        dist = trials[0].distributions[name]
+        axis.set_label_text(f"{name} (log scale)" if getattr(dist, "log", False) else name)
+        if isinstance(dist, CategoricalDistribution):
+            axis.set_ticks(range(len(dist.choices)), [str(c) for c in dist.choices])
+        elif dist.log:
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{10**v:.3g}"))
+
+    pairs = list(itertools.combinations(params, 2))
+    cols = math.ceil(math.sqrt(len(pairs)))
+    rows = math.ceil(len(pairs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1, 3.6 * rows), squeeze=False)
+    for ax, (a, b) in itertools.zip_longest(axes.flat, pairs, fillvalue=(None, None)):
+        trials = [t for t in done if a in t.params and b in t.params]
+        if not trials:  # a grid's spare cell
+            ax.set_axis_off()
+            continue
+        x, y = coordinates(a, trials), coordinates(b, trials)
+        z = np.array([t.value for t in trials])
+        # Fewer than 3 trials, or all on one line: no triangle to fill.
+        with contextlib.suppress(RuntimeError, ValueError):
+            ax.tricontourf(Triangulation(x, y), z, levels=12, cmap=cmap, norm=norm)
+        ax.scatter(x, y, c=z, cmap=cmap, norm=norm, edgecolors="black", zorder=2)
+        ax.margins(0.05)
+        label(ax.xaxis, a, trials)
+        label(ax.yaxis, b, trials)
+    fig.colorbar(plt.cm.ScalarMappable(norm, cmap), ax=axes, label=metric)
+    fig.suptitle(f"{metric} of the {len(done)} finished trials")
+    return axes
 
 
 def search_markdown(search: Search, prefix: str = "") -> list[str]:
