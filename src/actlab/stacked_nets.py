@@ -304,11 +304,20 @@ class StackedOptimizer:
         for p, state in zip(self.params, self.state, strict=True):
             if not state:
                 self._init_state(p, state)
-            # A run's members have taken as many steps (SGD's: all past their first, or none).
-            for a, b, numbers in self.runs:
-                s = {k: v[a:b] for k, v in state.items()}
-                update = self._adam if self.adam else self._sgd
-                update(p[a:b], p.grad[a:b], s, self.steps[a] + 1, **numbers)
+        update = self._adam if self.adam else self._sgd
+        # A run's members have taken as many steps (SGD's: all past their first, or none). Its
+        # update is one _foreach_ call per operation over every parameter: on a CPU those apply
+        # the single-tensor ops one tensor after another (the same numbers), with one Python
+        # call, not one per tensor.
+        for a, b, numbers in self.runs:
+            whole = (a, b) == (0, len(self.steps))
+
+            def part(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+                return ts if whole else [t[a:b] for t in ts]  # noqa: B023 (used at once)
+
+            s = {k: part([state[k] for state in self.state]) for k in self.state[0]}
+            ps = part(self.params)
+            update(ps, part([p.grad for p in self.params]), s, self.steps[a] + 1, **numbers)
         self.steps = [n + on for n, on in zip(self.steps, self.active, strict=True)]
 
     def _init_state(self, p: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
@@ -321,9 +330,9 @@ class StackedOptimizer:
 
     def _sgd(
         self,
-        p: torch.Tensor,
-        g: torch.Tensor,
-        s: dict[str, torch.Tensor],
+        p: list[torch.Tensor],
+        g: list[torch.Tensor],
+        s: dict[str, list[torch.Tensor]],
         step: int,
         lr: float,
         momentum: float,
@@ -332,21 +341,22 @@ class StackedOptimizer:
         nesterov: bool,
     ) -> None:
         if weight_decay:
-            g = g.add(p, alpha=weight_decay)
+            g = torch._foreach_add(g, p, alpha=weight_decay)
         if momentum:
             buf = s["momentum_buffer"]
             if step == 1:
-                buf.copy_(g)  # torch starts the buffer as the first gradient
+                torch._foreach_copy_(buf, g)  # torch starts the buffer as the first gradient
             else:
-                buf.mul_(momentum).add_(g, alpha=1 - dampening)
-            g = g.add(buf, alpha=momentum) if nesterov else buf
-        p.add_(g, alpha=-lr)
+                torch._foreach_mul_(buf, momentum)
+                torch._foreach_add_(buf, g, alpha=1 - dampening)
+            g = torch._foreach_add(g, buf, alpha=momentum) if nesterov else buf
+        torch._foreach_add_(p, g, alpha=-lr)
 
     def _adam(
         self,
-        p: torch.Tensor,
-        g: torch.Tensor,
-        s: dict[str, torch.Tensor],
+        p: list[torch.Tensor],
+        g: list[torch.Tensor],
+        s: dict[str, list[torch.Tensor]],
         step: int,
         lr: float,
         betas: tuple[float, float],
@@ -356,18 +366,22 @@ class StackedOptimizer:
         decoupled_weight_decay: bool,
     ) -> None:
         if weight_decay and decoupled_weight_decay:  # AdamW
-            p.mul_(1 - lr * weight_decay)
+            torch._foreach_mul_(p, 1 - lr * weight_decay)
         elif weight_decay:
-            g = g.add(p, alpha=weight_decay)
+            g = torch._foreach_add(g, p, alpha=weight_decay)
         b1, b2 = betas
         m, v = s["exp_avg"], s["exp_avg_sq"]
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        torch._foreach_lerp_(m, g, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - b2)
         if amsgrad:
-            v = torch.maximum(s["max_exp_avg_sq"], v, out=s["max_exp_avg_sq"])
+            torch._foreach_maximum_(s["max_exp_avg_sq"], v)
+            v = s["max_exp_avg_sq"]
         step_size = lr / (1 - b1**step)
-        denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(eps)  # as torch rounds it
-        p.addcdiv_(m, denom, value=-step_size)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, (1 - b2**step) ** 0.5)  # as torch rounds it
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, m, denom, value=-step_size)
 
     def member_state(
         self,
