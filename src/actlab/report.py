@@ -666,19 +666,22 @@ def contour(study: Any, params: list[str], metric: str) -> Any:
     norm = Normalize(values.min(), values.max() if np.ptp(values) else values.min() + 1)
     cmap = "Blues" if study.direction.name == "MAXIMIZE" else "Blues_r"  # the best darkest
 
+    dists = {k: next(t.distributions[k] for t in done if k in t.params) for k in params}
+    logs = {k: not isinstance(d, CategoricalDistribution) and d.log for k, d in dists.items()}
+
     def coordinates(name: str, trials: list) -> np.ndarray:
-        dist = trials[0].distributions[name]
+        dist = dists[name]
         if isinstance(dist, CategoricalDistribution):
             return np.array([dist.to_internal_repr(t.params[name]) for t in trials], float)
         x = np.array([t.params[name] for t in trials], float)
-        return np.log10(x) if dist.log else x
+        return np.log10(x) if logs[name] else x
 
-    def label(axis: Any, name: str, trials: list) -> None:
-        dist = trials[0].distributions[name]
-        axis.set_label_text(f"{name} (log scale)" if getattr(dist, "log", False) else name)
-        if isinstance(dist, CategoricalDistribution):
-            axis.set_ticks(range(len(dist.choices)), [str(c) for c in dist.choices])
-        elif dist.log:
+    def label(axis: Any, name: str) -> None:
+        axis.set_label_text(f"{name} (log scale)" if logs[name] else name)
+        if isinstance(dists[name], CategoricalDistribution):
+            choices = dists[name].choices
+            axis.set_ticks(range(len(choices)), [str(c) for c in choices])
+        elif logs[name]:
             axis.set_major_formatter(FuncFormatter(lambda v, _: f"{10**v:.3g}"))
 
     pairs = list(itertools.combinations(params, 2))
@@ -697,8 +700,8 @@ def contour(study: Any, params: list[str], metric: str) -> Any:
             ax.tricontourf(Triangulation(x, y), z, levels=12, cmap=cmap, norm=norm)
         ax.scatter(x, y, c=z, cmap=cmap, norm=norm, edgecolors="black", zorder=2)
         ax.margins(0.05)
-        label(ax.xaxis, a, trials)
-        label(ax.yaxis, b, trials)
+        label(ax.xaxis, a)
+        label(ax.yaxis, b)
     fig.colorbar(plt.cm.ScalarMappable(norm, cmap), ax=axes, label=metric)
     fig.suptitle(f"{metric} of the {len(done)} finished trials")
     return axes

@@ -305,19 +305,18 @@ class StackedOptimizer:
             if not state:
                 self._init_state(p, state)
         update = self._adam if self.adam else self._sgd
+        grads = [p.grad for p in self.params]
+        state = {k: [s[k] for s in self.state] for k in self.state[0]}
         # A run's members have taken as many steps (SGD's: all past their first, or none). Its
         # update is one _foreach_ call per operation over every parameter: on a CPU those apply
         # the single-tensor ops one tensor after another (the same numbers), with one Python
         # call, not one per tensor.
         for a, b, numbers in self.runs:
-            whole = (a, b) == (0, len(self.steps))
-
-            def part(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-                return ts if whole else [t[a:b] for t in ts]  # noqa: B023 (used at once)
-
-            s = {k: part([state[k] for state in self.state]) for k in self.state[0]}
-            ps = part(self.params)
-            update(ps, part([p.grad for p in self.params]), s, self.steps[a] + 1, **numbers)
+            tensors = [self.params, grads, *state.values()]
+            if (a, b) != (0, len(self.steps)):
+                tensors = [[t[a:b] for t in ts] for ts in tensors]
+            ps, gs, *kept = tensors
+            update(ps, gs, dict(zip(state, kept, strict=True)), self.steps[a] + 1, **numbers)
         self.steps = [n + on for n, on in zip(self.steps, self.active, strict=True)]
 
     def _init_state(self, p: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
