@@ -19,10 +19,26 @@ from benchmarks.bench import (
     main,
     measure_pack_sizes,
     measure_search,
+    paired_ratio,
     plain_epoch,
+    round_ratios,
     table,
     targets,
 )
+
+
+def test_the_main_jobs_ratio_is_taken_round_by_round() -> None:
+    """Each round's ratio pairs the two processes of that round (the slow third round is slow
+    for both); a round only one side ran in is left out; the headline is their median."""
+    job = [{"round": 0, "wall_s": 30.0}, {"round": 1, "wall_s": 33.0}, {"round": 2, "wall_s": 60.0}]
+    plain = [
+        {"round": 2, "wall_s": 50.0},
+        {"round": 0, "wall_s": 25.0},
+        {"round": 3, "wall_s": 9.0},
+    ]
+    plain.append({"round": 1, "wall_s": 30.0})
+    assert round_ratios(job, plain, "wall_s") == pytest.approx([1.2, 1.1, 1.2])
+    assert paired_ratio(job, plain, "wall_s") == pytest.approx(1.2)
 
 
 def _sgd(params):
