@@ -146,6 +146,26 @@ def test_slope_zero_is_relu_and_slope_one_is_no_activation_in_one_pack() -> None
         assert (p[0] - p[2]).abs().max() > 1e-2  # ReLU and no activation did train apart
 
 
+def test_each_run_of_activations_gets_its_members_output_and_gradient_bit_for_bit() -> None:
+    """The stack's activation over runs of unequal length (relu x2, leaky, none, leaky): each
+    member's output, and the gradient back to its pre-activation, as its own module gives
+    them alone."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    acts = [nn.ReLU(), nn.ReLU(), nn.LeakyReLU(0.1), nn.Identity(), nn.LeakyReLU(0.3)]
+    model = StackedMLP([net] * len(acts), acts)
+    assert model.runs == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    h = torch.randn(len(acts), 16, 5, requires_grad=True)
+    upstream = torch.randn(len(acts), 16, 5)
+    model.act(h, 0).backward(upstream)
+    for k, act in enumerate(acts):
+        alone = h.detach()[k].clone().requires_grad_()
+        out = act(alone)
+        out.backward(upstream[k])
+        assert torch.equal(model.act(h.detach(), 0)[k], out.detach())
+        assert torch.equal(h.grad[k], alone.grad)
+
+
 @pytest.mark.parametrize(
     ("target", "numbers"),
     [
