@@ -160,8 +160,8 @@ class StackedMLP(nn.Module):
 
     def act(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         # One split, not a slice per run: its backward is one cat, where each slice's would fill
-        # a stack-sized gradient with zeros and the runs' would be summed (relu, leaky, none:
-        # forward and backward 125 us a step against 190 on this CPU).
+        # a stack-sized gradient with zeros and the runs' would be summed (relu, leaky, none on
+        # [3, 64, 256]: forward and backward 117-155 us against 198-239 on this CPU).
         slices = [h] if len(self.runs) == 1 else h.split(self.run_sizes)
         if self.act_names:
             params = self.layer_act_params(layer)
