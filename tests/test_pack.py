@@ -27,7 +27,7 @@ from torch import nn
 
 from actlab import ROOT, pack, packing
 from actlab.results import read_results
-from actlab.stacked_nets import StackedMLP, StackedOptimizer
+from actlab.stacked_nets import MemberMatmuls, StackedMLP, StackedOptimizer, by_member
 
 GRID = ["model.act=relu,leaky,none", "seed=0,1", "optimizer.lr=0.01,0.03"]
 SWEEP = [*FAST, "trainer.max_epochs=2", "logger=csv"]
@@ -165,6 +165,43 @@ def test_each_run_of_activations_gets_its_members_output_and_gradient_bit_for_bi
         out.backward(upstream[k])
         assert torch.equal(stacked[k].detach(), out.detach())
         assert torch.equal(h.grad[k], alone.grad)
+
+
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_a_matmul_per_member_gives_baddbmms_output_and_gradients_bit_for_bit(
+    shared_input: bool,
+) -> None:
+    """MemberMatmuls is the stack's layer where baddbmm would leave threads idle: the same
+    output and the same gradients to the input (each member's, or one input shared by all),
+    the weights and the biases."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 784) if shared_input else torch.randn(3, 64, 784)
+    w, b = torch.randn(3, 784, 256), torch.randn(3, 1, 256)
+    upstream = torch.randn(3, 64, 256)
+    results = []
+    for layer in (torch.baddbmm, lambda b, h, w: MemberMatmuls.apply(h, w, b)):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        h = leaves[0].expand(3, 64, 784) if shared_input else leaves[0]
+        out = layer(leaves[2], h, leaves[1])
+        out.backward(upstream)
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for ours, theirs in zip(*results, strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_stacked_layer_is_a_matmul_per_member_only_where_baddbmm_would_leave_threads_idle() -> (
+    None
+):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        big = [torch.zeros(k, 784, 256) for k in (1, 2, 3, 4, 5, 7, 9)]
+        assert [by_member(w) for w in big] == [False, False, True, False, True, False, False]
+        assert not by_member(torch.zeros(3, 256, 10))  # too small a matmul to share
+        torch.set_num_threads(1)
+        assert not any(by_member(w) for w in big)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
