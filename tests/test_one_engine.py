@@ -3,10 +3,20 @@ written as a solo job; a job a pack cannot take trains under Lightning's loop an
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
-from conftest import FAST, LIGHTNING_LOOP, metric_rows, results, run_command, run_train
+import torch
+from conftest import (
+    FAST,
+    LIGHTNING_LOOP,
+    metric_rows,
+    net_weights,
+    results,
+    run_command,
+    run_train,
+)
 
 from actlab import ROOT
 
@@ -32,6 +42,39 @@ def test_a_run_is_a_pack_of_one_written_as_a_solo_job(tmp_path: Path) -> None:
     evaluated = run_command([sys.executable, ROOT / "eval.py", f"ckpt_path={best}"])
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
     assert f"{record['metrics']['test/acc']:.4f}" in evaluated.stdout + evaluated.stderr
+
+
+def test_a_run_continued_or_started_from_a_checkpoint_is_a_pack_of_one(tmp_path: Path) -> None:
+    """`ckpt_path=` in its run folder continues that run there; a checkpoint from elsewhere gives
+    only its weights to a new run from epoch 0. Both train on the packs' engine."""
+    run = tmp_path / "run"
+    proc = run_train(*RUN, f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = run / "checkpoints" / "last.ckpt"
+    proc = run_train(f"ckpt_path={last}", "trainer.max_epochs=3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "run: trains as a pack of one on cpu" in proc.stdout + proc.stderr
+    record = results(run)
+    assert record["status"] == "finished" and record["epochs"] == 3
+    assert record["pack"]["size"] == 1 and record["resumed_from"] == str(last)
+    assert [r["epoch"] for r in metric_rows(run) if r["val/acc"]] == ["0", "1", "2"]
+    assert [p.name for p in (run / "attempts").iterdir()] == ["1-finished"]
+
+    weights = tmp_path / "elsewhere" / "weights.ckpt"
+    weights.parent.mkdir()
+    shutil.copy(last, weights)
+    new = tmp_path / "new"
+    # A learning rate far below any weight's rounding step: the weights stay the checkpoint's.
+    overrides = [*RUN, "optimizer.lr=1e-30", f"ckpt_path={weights}", f"hydra.run.dir={new}"]
+    proc = run_train(*overrides)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "new: trains as a pack of one on cpu" in proc.stdout + proc.stderr
+    record = results(new)
+    assert record["status"] == "finished" and record["epochs"] == 2
+    assert record["pack"]["size"] == 1 and record["initialized_from"] == str(weights)
+    given, trained = net_weights(weights), net_weights(new / "checkpoints" / "last.ckpt")
+    assert given.keys() == trained.keys()
+    assert all(torch.equal(trained[k], given[k]) for k in given)
 
 
 def test_a_job_a_pack_cannot_take_trains_under_lightnings_loop_and_says_why(

@@ -197,7 +197,7 @@ def test_ckpt_path_continues_a_member_as_its_solo_job_would(
     configs: Path, net: str, tmp_path: Path
 ) -> None:
     """A torch.func member's last.ckpt, given to a single `python train.py ckpt_path=...` run,
-    continues under Lightning's Trainer to the solo job's numbers."""
+    continues as a pack of one to the solo job's numbers."""
     sweep = tmp_path / "sweep"
     here(
         "-m", *BASE, f"model.net={net}", "hydra/sweeper=packed", "model.act=relu,leaky",
@@ -212,7 +212,7 @@ def test_ckpt_path_continues_a_member_as_its_solo_job_would(
     here(*overrides, "trainer.max_epochs=2", path, f"hydra.run.dir={solo}")
     continued, fresh = read_results(member), read_results(solo)
     assert continued["status"] == fresh["status"] == "finished"
-    assert continued["epochs"] == fresh["epochs"] == 2 and "pack" not in continued
+    assert continued["epochs"] == fresh["epochs"] == 2 and continued["pack"]["size"] == 1
     assert continued["metrics"]["test/acc"] == pytest.approx(fresh["metrics"]["test/acc"], abs=1e-3)
     ws = net_weights(solo / "checkpoints" / "last.ckpt")
     wc = net_weights(member / "checkpoints" / "last.ckpt")

@@ -80,7 +80,14 @@ from actlab.results import (
     write_json,
     write_text,
 )
-from actlab.runs import drop_rows_after, keep_attempt, resumable, set_aside, trained_epochs
+from actlab.runs import (
+    Origin,
+    drop_rows_after,
+    load_weights,
+    nothing_to_train,
+    origin_of,
+    put_earlier_aside,
+)
 from actlab.stacked_nets import (
     StackedMLP,
     StackedNets,
@@ -122,7 +129,7 @@ class Member:
     best_path: Path | None = None
     last_path: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    resumed: Path | None = None  # the last.ckpt it continues from (`+resume=true`)
+    origin: Origin = field(default_factory=Origin)  # a checkpoint it continues or starts from
     first_epoch: int = 0
     early_stopping: EarlyStopping | None = None
     stopped: tuple[int, int] | None = None  # (epochs, global step) when it stopped early
@@ -514,6 +521,8 @@ class PackTrainer:
         for m in members:
             L.seed_everything(m.cfg.seed, workers=True, verbose=False)  # as the solo job does
             solo = instantiate(m.cfg.model)
+            if m.origin.weights:
+                load_weights(solo, m.origin.weights)
             if not nets:  # the members' networks differ only in their weights: one check
                 check_net(solo.net, m.cfg.data.in_features, m.cfg.data.num_classes)
             summary = (m.cfg.get("callbacks") or {}).get("model_summary")
@@ -568,7 +577,7 @@ class PackTrainer:
         """Each member's state at the end of its last.ckpt's epoch: weights, optimizer state and
         step count, scheduler, early stopping, best so far (value, checkpoint, weights), metrics."""
         for m in self.members:
-            ckpt = checkpoints.load(m.resumed)
+            ckpt = checkpoints.load(m.origin.ckpt)
             self.global_step = self.optimizer.steps[m.index] = int(ckpt["global_step"])
             opt = ckpt["optimizer_states"][0]["state"]
             # As Lightning restores a solo job's optimizer (its learning rate) and scheduler.
@@ -591,7 +600,7 @@ class PackTrainer:
             self._put_buffers(m, ckpt["state_dict"])
             m.best = float(ckpt["state_dict"]["val_acc_best.max_value"])
             m.metrics = dict(ckpt.get("metrics") or {})
-            m.last_path = m.resumed
+            m.last_path = m.origin.ckpt
             for key, cb in ckpt["callbacks"].items():
                 best_of = key.startswith("ModelCheckpoint") and "'monitor': None" not in key
                 if best_of and cb.get("best_model_path"):
@@ -1231,15 +1240,18 @@ def _start_member(
             raise
         log.error("%s: job failed: %s", m.out.name, e)
         return None
+    m.origin = origin_of(m.cfg.get("ckpt_path"), bool(resume), m.out, m.record)
+    if m.origin.here and (
+        done := nothing_to_train(m.out, m.origin.epoch, m.cfg.trainer.get("max_epochs"))
+    ):
+        log.info(done)
+        return None
     logs.add(m)
-    m.resumed = resumable(m.out, m.record) if resume else None
-    # Hydra's `.hydra/` of the member is this attempt's (member_from wrote it).
-    earlier = keep_attempt(m.out, m.resumed, hydra_written=True) if m.resumed else set_aside(m.out)
-    if earlier:
+    # A sweep's member's `.hydra/` is this attempt's (member_from wrote it).
+    if earlier := put_earlier_aside(m.out, m.origin):
         log.info("%s: the earlier attempt is kept in %s", m.out.name, earlier)
-    if m.resumed:
-        m.first_epoch = trained_epochs(m.resumed)
-        m.record["resumed_from"] = str(m.resumed)
+    m.first_epoch = m.origin.epoch
+    m.record.update(m.origin.record)
     m.record.update(started)
     m.write()
     try:
@@ -1440,7 +1452,7 @@ def _start_loggers(m: Member) -> None:
             else instantiate(c)
         )
         m.loggers.append(lg)
-        if m.resumed and isinstance(lg, CSVLogger):  # its later epochs come again
+        if m.origin.here and isinstance(lg, CSVLogger):  # its later epochs come again
             drop_rows_after(Path(lg.log_dir) / "metrics.csv", m.first_epoch - 1)
         if own_run:
             actlab_loggers.announce(lg)
@@ -1457,7 +1469,7 @@ def _end_unended(members: list[Member], e: BaseException, seconds: float) -> Int
         if stop is None:
             m.end("failed", f"{type(e).__name__}: {e}", seconds=seconds)
             continue
-        last = m.last_path or m.resumed
+        last = m.last_path or m.origin.ckpt
         last = str(last) if last else None
         m.end("interrupted", str(stop), last_checkpoint=last, seconds=seconds)
         if last:

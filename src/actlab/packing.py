@@ -74,8 +74,9 @@ CALLBACKS = {
 _PROBE_ROWS = 8
 
 
-def solo_reason(cfg: DictConfig) -> str | None:
-    """Why this job cannot be a pack member (it then runs as a solo job), or None."""
+def solo_reason(cfg: DictConfig, alone: bool = False) -> str | None:
+    """Why this job cannot be a pack member (it then runs as a solo job), or None. `alone`: why
+    it cannot be a pack of one, which may also start from a checkpoint (`ckpt_path=`)."""
     if reason := _data_reason(cfg):
         return reason
     if reason := _model(cfg)[0]:
@@ -86,7 +87,7 @@ def solo_reason(cfg: DictConfig) -> str | None:
             return "model.net.dropout on a GPU draws masks a pack cannot repeat per member"
         if (target := cfg.model.act.get("_target_")) and random_activation(get_object(target)):
             return f"model.act {target} on a GPU draws numbers a pack cannot repeat per member"
-    if cfg.get("ckpt_path"):
+    if cfg.get("ckpt_path") and not alone:
         return "ckpt_path is set"
     opt = cfg.optimizer
     if opt.get("_target_") not in OPTIMIZERS:

@@ -12,11 +12,14 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -134,6 +137,55 @@ def trained_epochs(ckpt: Path) -> int:
         return int(state["epoch"]) + 1
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{ckpt} is not a training checkpoint ({e!r}): give a .ckpt file.") from e
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a job's training starts. `ckpt` continues a run's whole state (weights, optimizer,
+    epochs, best so far) from its `epoch`: the job's own last.ckpt under `+resume=true`, or
+    `ckpt_path=` in a run folder. `weights`, a `ckpt_path=` from anywhere else, gives only its
+    network's weights to a run from epoch 0. `source` is what the record names."""
+
+    ckpt: Path | None = None
+    weights: Path | None = None
+    epoch: int = 0
+    here: bool = False  # continues in the checkpoint's own run folder
+    source: str | None = None
+    given: bool = False  # by `ckpt_path=`
+
+    @property
+    def record(self) -> dict[str, str]:
+        """The record's note of where the run started: resumed_from or initialized_from."""
+        if self.source is None:
+            return {}
+        return {("initialized_from" if self.weights else "resumed_from"): self.source}
+
+
+def origin_of(ckpt_path: str | None, resume: bool, out: Path, record: dict[str, Any]) -> Origin:
+    """Where a job in folder `out` (this attempt's `record`) starts training, given its
+    `ckpt_path=` and `+resume=true`."""
+    if ckpt_path:
+        given = Path(ckpt_path)
+        if run_dir(given) is None:
+            return Origin(weights=given, source=ckpt_path, given=True)
+        here = run_dir(given) == out.resolve()
+        epoch = trained_epochs(given)
+        return Origin(given, epoch=epoch, here=here, source=ckpt_path, given=True)
+    last = resumable(out, record) if resume else None
+    if last is None:
+        return Origin()
+    return Origin(last, epoch=trained_epochs(last), here=True, source=str(last))
+
+
+def put_earlier_aside(out: Path, origin: Origin) -> Path | None:
+    """Where the folder's earlier attempt went: its files set aside for a run that starts anew
+    there, its record and config kept for one that continues it (a single run's `ckpt_path=`
+    continuation was kept by train.main, before Hydra wrote `.hydra/`)."""
+    if not origin.here:
+        return set_aside(out)
+    if origin.given and HydraConfig.get().mode == RunMode.RUN:
+        return None
+    return keep_attempt(out, origin.ckpt, hydra_written=True)
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:

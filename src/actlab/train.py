@@ -56,13 +56,12 @@ from actlab.runs import (
     keep_attempt,
     load_weights,
     nothing_to_train,
+    origin_of,
+    put_earlier_aside,
     refuse_moved,
     require_checkpoint,
-    resumable,
     resume_args,
     resumed_here,
-    run_dir,
-    set_aside,
     trained_epochs,
 )
 from actlab.validation import check_net, validate
@@ -76,7 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return train_pack(cfg)
     hc = HydraConfig.get()
     out = Path(cfg.paths.output_dir)
-    if (reason := solo_reason(cfg)) is None:
+    if (reason := solo_reason(cfg, alone=True)) is None:
         return train_one(cfg)
     log.info("%s: trains under Lightning's loop alone, not as a pack of one: %s", out.name, reason)
     record = running_record(
@@ -90,16 +89,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("resume") and (done := finished_before(out, record)):
         log.info("%s: finished before, skipped (resume=true)", out.name)
         return done
-    ckpt = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
-    # `+resume=true`: a job that did not end continues from its last.ckpt, where it can.
-    continued = resumable(out, record) if cfg.get("resume") and ckpt is None else None
-    ckpt = continued or ckpt
-    # A checkpoint from a run folder resumes that run's whole state; one from elsewhere gives
-    # only its weights to a new run, which starts at epoch 0.
-    weights_only = ckpt is not None and run_dir(ckpt) is None
-    first_epoch = trained_epochs(ckpt) if ckpt and not weights_only else 0
-    continues = ckpt is not None and run_dir(ckpt) == out.resolve()
-    if continues and (done := _nothing_to_train(out, first_epoch, cfg)):
+    origin = origin_of(cfg.get("ckpt_path"), bool(cfg.get("resume")), out, record)
+    if origin.here and (done := _nothing_to_train(out, origin.epoch, cfg)):
         return done
     # Under DDP every rank runs this function; the job's folder and record are rank 0's alone.
     primary = rank_zero_only.rank == 0
@@ -108,18 +99,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if primary:
             write_json(out / RESULTS, record)
 
-    if primary and not continues and (earlier := set_aside(out)):
+    if primary and (earlier := put_earlier_aside(out, origin)):
         log.info("%s: the earlier attempt is kept in %s", out.name, earlier)
-    # A single run's `ckpt_path=` continuation was kept by main(), before Hydra wrote `.hydra/`;
-    # a sweep's job (`+resume=true`, a SLURM requeue) is kept here.
-    if primary and continues and (continued or hc.mode == RunMode.MULTIRUN):
-        earlier = keep_attempt(out, ckpt, hydra_written=True)
-        log.info("%s: the earlier attempt's record is kept in %s", out.name, earlier)
     # A continuation's record starts from the metrics its checkpoint was saved with.
-    metrics_before = checkpoint_metrics(ckpt) if ckpt and not weights_only else {}
-    record.update(provenance())
-    if ckpt:
-        record["initialized_from" if weights_only else "resumed_from"] = cfg.ckpt_path or str(ckpt)
+    metrics_before = checkpoint_metrics(origin.ckpt) if origin.ckpt else {}
+    record.update(provenance(), **origin.record)
     save()
     heartbeat = Heartbeat([out] if primary else [])
     heartbeat.start()
@@ -142,19 +126,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pruner = _Pruner(out) if (out / SEARCH).exists() else None  # a search's trial
         if pruner:
             trainer.callbacks.append(pruner)
-        if weights_only:
-            load_weights(model, ckpt)
+        if origin.weights:
+            load_weights(model, origin.weights)
         loggers = trainer.loggers
-        for lg in loggers if continues else []:
+        for lg in loggers if origin.here else []:
             if isinstance(lg, CSVLogger):  # the epochs after the checkpoint's are logged again
-                drop_rows_after(Path(lg.log_dir) / "metrics.csv", first_epoch - 1)
+                drop_rows_after(Path(lg.log_dir) / "metrics.csv", origin.epoch - 1)
         launch_info = {f"launch.{k}": v for k, v in record.get("launch", {}).items()}
         for lg in loggers:
             if isinstance(lg, WandbLogger):
                 actlab_loggers.announce(lg)  # starts the W&B run: fails here, not mid-training
             lg.log_hyperparams({**logged_config(cfg, hc.runtime.choices), **launch_info})
 
-        trainer.fit(model, datamodule=datamodule, ckpt_path=None if weights_only else ckpt)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=origin.ckpt)
         fit_seconds = time.perf_counter() - start
         metrics = {**metrics_before, **{k: v.item() for k, v in trainer.callback_metrics.items()}}
         ckpt = trainer.checkpoint_callback
@@ -170,7 +154,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             epochs=trainer.current_epoch,
             seconds=round(time.perf_counter() - start, 2),
             # This attempt's time over this attempt's epochs (a resumed run starts later).
-            seconds_per_epoch=round(fit_seconds / max(trainer.current_epoch - first_epoch, 1), 3),
+            seconds_per_epoch=round(fit_seconds / max(trainer.current_epoch - origin.epoch, 1), 3),
             best_checkpoint=best,
             device=str(trainer.strategy.root_device),
             threads=torch.get_num_threads(),
