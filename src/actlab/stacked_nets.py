@@ -1,6 +1,7 @@
 """A pack's K members' networks and optimizer, stacked: the math of actlab.pack's training loop.
 
-StackedMLP stacks Linear layers and activations by hand: weights [K, in, out], batched matmuls.
+StackedMLP stacks Linear layers and activations by hand: weights [K, in, out], batched matmuls
+(one per member where a CPU's threads would idle otherwise: `by_member`).
 StackedNets takes any other network that can (a CNN, a plain nn.Module of the user's own).
 StackedOptimizer is SGD / Adam / AdamW on the stacked tensors with each member's numbers.
 `to_solo` and `put_solo` read and set member k's slice as its solo job's tensor (checkpoints,
