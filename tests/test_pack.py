@@ -189,9 +189,7 @@ def test_a_matmul_per_member_gives_baddbmms_output_and_gradients_bit_for_bit(
         assert torch.equal(ours, theirs)
 
 
-def test_a_stacked_layer_is_a_matmul_per_member_only_where_baddbmm_would_leave_threads_idle() -> (
-    None
-):
+def test_a_layer_is_a_matmul_per_member_only_where_baddbmm_leaves_threads_idle() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
