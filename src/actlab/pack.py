@@ -380,8 +380,9 @@ def check_memory(
     peak, allowed = need.peak, HEADROOM * budget
     gib = 2**30
     log.info(
-        "pack of %d members: about %.2f GiB on %s, of the %.2f GiB it may take",
+        "pack of %d member%s: about %.2f GiB on %s, of the %.2f GiB it may take",
         members,
+        "" if members == 1 else "s",
         peak / gib,
         device,
         allowed / gib,
