@@ -496,19 +496,19 @@ def measure_main_job(rounds: int, epochs: int, workdir: Path, say: Callable) -> 
     # First one epoch of each, not measured: the first process in a while reads its libraries
     # and the data from disk (measured here: the plain script 21.7 s in its first round, then
     # 17.1-17.4 s), which would flatter whatever runs after it in the first round.
+    def run(cmd: list[str], sweep_dir: Path) -> dict[str, float]:
+        return run_process([*cmd, f"hydra.sweep.dir={sweep_dir}"] if "-m" in cmd else cmd, workdir)
+
     for i, (name, cmd) in enumerate(commands(1).items()):
         say(f"  warm-up: {name}, 1 epoch")
-        sweep = [f"hydra.sweep.dir={workdir / 'warm-up' / str(i)}"] if cmd[2] == "-m" else []
-        run_process([*cmd, *sweep], workdir)
+        run(cmd, workdir / "warm-up" / str(i))
     ways = commands(epochs)
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
     names = list(ways)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            cmd = [*ways[name]]
-            if cmd[2] == "-m":
-                cmd.append(f"hydra.sweep.dir={workdir / 'main_job' / f'{r}-{len(samples[name])}'}")
-            samples[name].append({**run_process(cmd, workdir), "round": r})
+            sweep_dir = workdir / "main_job" / f"{r}-{len(samples[name])}"
+            samples[name].append({**run(ways[name], sweep_dir), "round": r})
             say(f"  main job round {r + 1}/{rounds} {name:<30} {samples[name][-1]['wall_s']:.1f} s")
     plain = samples["plain PyTorch script"]
     out = {}

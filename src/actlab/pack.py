@@ -130,13 +130,16 @@ class Member:
     last_path: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     origin: Origin = field(default_factory=Origin)  # a checkpoint it continues or starts from
-    first_epoch: int = 0
     early_stopping: EarlyStopping | None = None
     stopped: tuple[int, int] | None = None  # (epochs, global step) when it stopped early
     # The pack's epoch and step when it joined the stack: a search's refilled slot (its own
     # epochs and steps count from there), else 0, 0.
     joined: tuple[int, int] = (0, 0)
     start: float | None = None  # when it joined a pack that had started (time.perf_counter)
+
+    @property
+    def first_epoch(self) -> int:
+        return self.origin.epoch
 
     def write(self) -> None:
         with contextlib.suppress(UserError):  # a full disk must not hide the original error
@@ -1248,10 +1251,8 @@ def _start_member(
         log.info(done)
         return None
     logs.add(m)
-    # A sweep's member's `.hydra/` is this attempt's (member_from wrote it).
     if earlier := put_earlier_aside(m.out, m.origin):
         log.info("%s: the earlier attempt is kept in %s", m.out.name, earlier)
-    m.first_epoch = m.origin.epoch
     m.record.update(m.origin.record)
     m.record.update(started)
     m.write()

@@ -165,11 +165,10 @@ def origin_of(ckpt_path: str | None, resume: bool, out: Path, record: dict[str, 
     """Where a job in folder `out` (this attempt's `record`) starts training, given its
     `ckpt_path=` and `+resume=true`."""
     if ckpt_path:
-        given = Path(ckpt_path)
-        if run_dir(given) is None:
+        given, folder = Path(ckpt_path), run_dir(Path(ckpt_path))
+        if folder is None:
             return Origin(weights=given, source=ckpt_path, given=True)
-        here = run_dir(given) == out.resolve()
-        epoch = trained_epochs(given)
+        epoch, here = trained_epochs(given), folder == out.resolve()
         return Origin(given, epoch=epoch, here=here, source=ckpt_path, given=True)
     last = resumable(out, record) if resume else None
     if last is None:
@@ -179,8 +178,9 @@ def origin_of(ckpt_path: str | None, resume: bool, out: Path, record: dict[str, 
 
 def put_earlier_aside(out: Path, origin: Origin) -> Path | None:
     """Where the folder's earlier attempt went: its files set aside for a run that starts anew
-    there, its record and config kept for one that continues it (a single run's `ckpt_path=`
-    continuation was kept by train.main, before Hydra wrote `.hydra/`)."""
+    there, its record and config kept for one that continues it. Called once the folder's
+    `.hydra/` is this attempt's (Hydra or, for a pack's member, member_from wrote it); a single
+    run's `ckpt_path=` continuation was kept by train.main before that."""
     if not origin.here:
         return set_aside(out)
     if origin.given and HydraConfig.get().mode == RunMode.RUN:
